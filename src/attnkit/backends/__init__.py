@@ -1,0 +1,111 @@
+"""Attention backends: each declares what it supports; :func:`select` picks one or explains why not.
+
+==============  ==================================================================  ==========
+backend         what                                                                auto picks
+==============  ==================================================================  ==========
+``sdpa``        torch's fused ``scaled_dot_product_attention``                      dense, causal, padding, small masks
+``tiled``       FlashAttention algorithm in eager torch, ``O(N)`` memory, any pattern  patterns, ``return_lse``
+``reference``   materialized float64 oracle; the only one returning weights         ``return_weights``
+==============  ==================================================================  ==========
+
+``register_backend`` adds a backend (a :class:`Backend` subclass) to the registry and, with
+``priority``, to the automatic choice.
+"""
+
+from __future__ import annotations
+
+from .base import AttentionInputs, AttentionResult, Backend
+from .reference import ReferenceBackend
+from .sdpa import SdpaBackend
+from .tiled import TiledBackend
+
+__all__ = [
+    "AttentionInputs",
+    "AttentionResult",
+    "Backend",
+    "available",
+    "get",
+    "register_backend",
+    "select",
+]
+
+_REGISTRY: dict[str, type[Backend]] = {}
+# The order ``backend="auto"`` tries; the first backend with no reasons to decline runs.
+_PRIORITY: list[str] = []
+
+
+def register_backend(cls: type[Backend], *, priority: int | None = None) -> type[Backend]:
+    """Add ``cls`` to the registry under ``cls.name``.
+
+    Args:
+        cls: A :class:`Backend` subclass.
+        priority: Position in the automatic order (0 = tried first); ``None`` appends it
+            before ``reference``, which always stays last.
+
+    Returns:
+        ``cls``, so this works as a class decorator.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"register_backend: expected a Backend subclass, but got {cls!r}.")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_backend: {cls.__name__} needs a non-empty str `name`.")
+    _REGISTRY[name] = cls
+    if name in _PRIORITY:
+        _PRIORITY.remove(name)
+    if name == "reference":
+        _PRIORITY.append(name)
+    else:
+        last = len(_PRIORITY) - (1 if "reference" in _PRIORITY else 0)
+        _PRIORITY.insert(last if priority is None else min(priority, last), name)
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered backends, in the order ``backend="auto"`` tries them."""
+    return list(_PRIORITY)
+
+
+def get(name: str) -> type[Backend]:
+    """The backend registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"attention(): expected backend to be 'auto' or one of {available()}, "
+            f"but got backend={name!r}."
+        ) from None
+
+
+def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
+    """The backend that will run ``inp``.
+
+    Raises:
+        ValueError: ``backend`` is not a registered name.
+        NotImplementedError: No backend (or not the forced one) can run ``inp``; the message
+            lists every backend's reasons.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"attention(): expected backend to be a str, but got {backend!r}.")
+    if backend != "auto":
+        chosen = get(backend)
+        if not chosen.unsupported_reasons(inp):
+            return chosen
+    else:
+        for name in _PRIORITY:
+            if not _REGISTRY[name].unsupported_reasons(inp):
+                return _REGISTRY[name]
+    report = "\n".join(
+        f"  {name}: "
+        + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
+        for name in _PRIORITY
+    )
+    what = "no backend" if backend == "auto" else f"backend {backend!r}"
+    raise NotImplementedError(
+        f"attention(): {what} can run these inputs:\n{inp.describe()}\nBackends:\n{report}"
+    )
+
+
+register_backend(ReferenceBackend)
+register_backend(SdpaBackend)
+register_backend(TiledBackend)
