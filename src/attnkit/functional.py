@@ -212,7 +212,7 @@ def build_inputs(
             )
         full = (B, H, N, S)
         shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-        if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(shape, full)):
+        if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(shape, full, strict=True)):
             raise ValueError(
                 f"attention(): expected mask to be broadcastable to (B, H, N, S)={full}, but "
                 f"got mask.shape={tuple(mask.shape)}."

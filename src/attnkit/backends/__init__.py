@@ -1,12 +1,12 @@
 """Attention backends: each declares what it supports; :func:`select` picks one or explains why not.
 
-==============  ==================================================================  ==========
-backend         what                                                                auto picks
-==============  ==================================================================  ==========
-``sdpa``        torch's fused ``scaled_dot_product_attention``                      dense, causal, padding, small masks
-``tiled``       FlashAttention algorithm in eager torch, ``O(N)`` memory, any pattern  patterns, ``return_lse``
-``reference``   materialized float64 oracle; the only one returning weights         ``return_weights``
-==============  ==================================================================  ==========
+=============  ==============================================  ================================
+backend        what                                            auto picks it for
+=============  ==============================================  ================================
+``sdpa``       torch's fused ``scaled_dot_product_attention``  dense, causal, padding, masks
+``tiled``      FlashAttention in eager torch, ``O(N)`` memory  other patterns, ``return_lse``
+``reference``  materialized float64 oracle, returns weights    ``return_weights``
+=============  ==============================================  ================================
 
 ``register_backend`` adds a backend (a :class:`Backend` subclass) to the registry and, with
 ``priority``, to the automatic choice.

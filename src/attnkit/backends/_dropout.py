@@ -46,5 +46,5 @@ def keep_mask(seed: int, b: Tensor, h: Tensor, i: Tensor, j: Tensor, dropout_p: 
     x = _hash32((b * 0x10001 + h + seed) & _MASK32)
     x = _hash32(x ^ (i & _MASK32))
     x = _hash32(x ^ (j & _MASK32))
-    threshold = int(round(dropout_p * (1 << 24)))
+    threshold = round(dropout_p * (1 << 24))
     return (x >> 8) >= threshold

@@ -58,5 +58,6 @@ def heads_as_groups(t: Tensor, hkv: int) -> Tensor:
 
 def reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``grad`` over the dims where ``shape`` is 1 (the inverse of broadcasting)."""
-    dims = tuple(d for d, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
+    pairs = enumerate(zip(grad.shape, shape, strict=True))
+    dims = tuple(d for d, (g, s) in pairs if s == 1 and g != 1)
     return grad.sum(dims, keepdim=True) if dims else grad

@@ -126,7 +126,7 @@ class Pattern:
         raise NotImplementedError
 
     def _block_states(self, grid: Grid) -> tuple[Tensor, Tensor | None]:
-        """Tile states ``(nqb, nkb)`` (or ``(B, nqb, nkb)``) and which ``PARTIAL`` ones are uncertain.
+        """Tile states ``(nqb, nkb)`` or ``(B, nqb, nkb)``, and which PARTIAL ones are uncertain.
 
         ``PARTIAL`` is always safe (kernels apply the element mask there). A state is
         *uncertain* when the tile might really be ``EMPTY`` or ``FULL``; :meth:`block_map`

@@ -91,7 +91,7 @@ class BlockMap:
         return out
 
     def visited_fraction(self) -> float:
-        """Fraction of the ``N x S`` matrix inside non-empty tiles (the work a block kernel does)."""
+        """Fraction of the ``N x S`` matrix inside non-empty tiles: the work a tile kernel does."""
         q_len = torch.full((self.num_q_blocks,), self.block_q, dtype=torch.float64)
         q_len[-1] = self.n - (self.num_q_blocks - 1) * self.block_q
         k_len = torch.full((self.num_k_blocks,), self.block_k, dtype=torch.float64)
