@@ -130,7 +130,10 @@ class _TiledAttention(torch.autograd.Function):
         q5 = q.view(B, Hkv, G, N, inp.D)
         bias5 = heads_as_groups(bias, Hkv) if bias.numel() else None
         out = torch.zeros(B, Hkv, G, N, Dv, dtype=ct, device=q.device)
-        lse = torch.full((B, Hkv, G, N), float("-inf"), dtype=ct, device=q.device)
+        # The backward recomputes p = exp((s - row_max) - log_l): keeping the two terms apart
+        # (rather than one lse) keeps p accurate to a few ulps when |lse| is large.
+        row_max = torch.zeros(B, Hkv, G, N, dtype=ct, device=q.device)
+        log_l = torch.full((B, Hkv, G, N), float("inf"), dtype=ct, device=q.device)
         dropping = inp.dropout_p > 0
         for r, row in enumerate(bm.rows):
             if not row:
@@ -155,18 +158,20 @@ class _TiledAttention(torch.autograd.Function):
                 m = m_new
             seen = l > 0
             out[:, :, :, i0:i1] = acc / torch.where(seen, l, torch.ones_like(l))[..., None]
-            shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-            lse[:, :, :, i0:i1] = torch.where(seen, shift + torch.log(l), lse[:, :, :, i0:i1])
+            row_max[:, :, :, i0:i1] = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            # Rows that saw nothing keep log_l = +inf: their recomputed p is exactly 0.
+            log_l[:, :, :, i0:i1] = torch.where(seen, torch.log(l), log_l[:, :, :, i0:i1])
         out = out.view(B, inp.H, N, Dv).to(q.dtype)
-        lse = lse.view(B, inp.H, N)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, row_max, log_l)
         ctx.plan = plan
+        lse = torch.where(torch.isinf(log_l), -log_l, row_max + log_l).view(B, inp.H, N)
+        lse = lse.to(lse_dtype(q.dtype))
         ctx.mark_non_differentiable(lse)
-        return out, lse.to(lse_dtype(q.dtype))
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, row_max, log_l = ctx.saved_tensors
         plan: _Plan = ctx.plan
         inp, bm = plan.inp, plan.blocks
         ct = compute_dtype(q.dtype)
@@ -175,9 +180,6 @@ class _TiledAttention(torch.autograd.Function):
         do5 = dout.reshape(B, Hkv, G, N, Dv)
         # rowsum(dO * O): the softmax Jacobian's correction term, (B, Hkv, G, N)
         delta = (do5.to(ct) * out.view(B, Hkv, G, N, Dv).to(ct)).sum(-1)
-        # Rows that saw nothing have lse = -inf; +inf makes their recomputed p exactly 0.
-        lse5 = lse.view(B, Hkv, G, N)
-        lse5 = torch.where(torch.isinf(lse5), torch.full_like(lse5, float("inf")), lse5)
         has_bias = bias.numel() > 0
         bias5 = heads_as_groups(bias, Hkv) if has_bias else None
         want_dbias = has_bias and ctx.needs_input_grad[3]
@@ -198,7 +200,8 @@ class _TiledAttention(torch.autograd.Function):
                 rows = G * (i1 - i0)
                 qt = _q_tile(q5, i0, i1, ct)
                 s = plan.scores(qt * inp.scale, kt, r, c, full, bias5)
-                p = torch.exp(s - lse5[:, :, :, i0:i1, None])  # (B, Hkv, G, bq, bk)
+                s = s - row_max[:, :, :, i0:i1, None]
+                p = torch.exp(s - log_l[:, :, :, i0:i1, None])  # (B, Hkv, G, bq, bk)
                 dot = _q_tile(do5, i0, i1, ct)  # (B, Hkv, G*bq, Dv)
                 dp = (dot @ vt.transpose(-1, -2)).view_as(p)
                 if inp.dropout_p > 0:

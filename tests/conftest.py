@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
+settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Make the tiled backend cut even small test inputs into many ragged, non-square tiles."""
+    from attnkit.backends.tiled import TiledBackend
+
+    monkeypatch.setattr(TiledBackend, "block", (16, 32))
