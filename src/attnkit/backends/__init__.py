@@ -100,9 +100,9 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
         + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
         for name in _PRIORITY
     )
-    what = "no backend" if backend == "auto" else f"backend {backend!r}"
+    what = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
     raise NotImplementedError(
-        f"attention(): {what} can run these inputs:\n{inp.describe()}\nBackends:\n{report}"
+        f"attention(): {what} run these inputs:\n{inp.describe()}\nBackends:\n{report}"
     )
 
 

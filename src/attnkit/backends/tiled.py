@@ -205,7 +205,7 @@ class _TiledAttention(torch.autograd.Function):
                 dot = _q_tile(do5, i0, i1, ct)  # (B, Hkv, G*bq, Dv)
                 dp = (dot @ vt.transpose(-1, -2)).view_as(p)
                 if inp.dropout_p > 0:
-                    keep = plan.tile_keep(r, c) * inv_keep
+                    keep = plan.tile_keep(r, c).to(ct) * inv_keep
                     dv_acc += (p * keep).view(B, Hkv, rows, -1).transpose(-1, -2) @ dot
                     dp = dp * keep
                 else:

@@ -42,8 +42,11 @@ class BlockLayout(Pattern):
                 f"BlockLayout: expected a 2-D layout, but got layout.shape={tuple(grid.shape)}."
             )
         if grid.dtype != torch.bool:
-            if grid.is_floating_point() or not ((grid == 0) | (grid == 1)).all():
-                raise ValueError("BlockLayout: expected a boolean (or 0/1 integer) layout.")
+            if not ((grid == 0) | (grid == 1)).all():
+                raise ValueError(
+                    f"BlockLayout: expected a boolean (or 0/1) layout, but got values other "
+                    f"than 0 and 1 (dtype={grid.dtype})."
+                )
             grid = grid.bool()
         object.__setattr__(self, "layout", grid)
         check_int("BlockLayout", "block", self.block, 1)
