@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
+settings.register_profile("default", deadline=None, max_examples=200, derandomize=True)
 settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

@@ -64,7 +64,9 @@ def test_huge_logits_stay_finite(backend, dtype, small_tiles):
     k = (k * 100).requires_grad_()
     out = attention(q, k, v, pattern=P.Causal(), backend=backend)
     out.float().sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert (
+        torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    )
     want = attention_ref(q.detach(), k.detach(), v, pattern=P.Causal())
     assert max_err(out, want) < (2e-5 if dtype == torch.float32 else 0.1)
 
@@ -145,7 +147,7 @@ def test_weights_sum_to_one_and_match_the_oracle():
     mask = torch.ones(19, 23, dtype=torch.bool)
     mask[2] = False
     out, w = attention(q, k, v, pattern=P.Causal(), mask=mask, return_weights=True)
-    assert w.shape == (2, 4, 19, 23)
+    assert out.shape == (2, 4, 19, 16) and w.shape == (2, 4, 19, 23)
     sums = w.sum(-1)
     assert torch.allclose(sums[:, :, 2], torch.zeros(())) and torch.allclose(
         sums[:, :, [i for i in range(19) if i != 2]], torch.ones(())
@@ -227,7 +229,9 @@ def test_auto_within_tolerance_of_forced_backends():
 def test_large_sparse_patterns_leave_sdpa():
     q = torch.randn(1, 1, 9000, 8)
     reasons = backends.get("sdpa").unsupported_reasons(
-        __import__("attnkit.functional", fromlist=["x"]).build_inputs(q, q, q, pattern=P.SlidingWindow(8))
+        __import__("attnkit.functional", fromlist=["x"]).build_inputs(
+            q, q, q, pattern=P.SlidingWindow(8)
+        )
     )
     assert any("dense mask" in r for r in reasons)
 
@@ -246,7 +250,9 @@ def test_forcing_an_unable_backend_lists_every_backends_reasons():
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"one of \['sdpa', 'tiled', 'reference'\], but got backend='flash'"):
+    with pytest.raises(
+        ValueError, match=r"one of \['sdpa', 'tiled', 'reference'\], but got backend='flash'"
+    ):
         attention(q, k, v, backend="flash")
 
 
@@ -286,13 +292,33 @@ def _err(**over):
     ("call", "exc", "match"),
     [
         (_err(q=[1.0]), TypeError, r"expected q to be a Tensor, but got list"),
-        (_err(q=torch.randn(4, 19, 16)), ValueError, r"q to be 4-D \(B, H, N, D\), but got q.shape=\(4, 19, 16\)"),
-        (_err(k=torch.randn(2, 2, 23, 16).long()), ValueError, r"k to be float16, .* k.dtype=torch.int64"),
+        (
+            _err(q=torch.randn(4, 19, 16)),
+            ValueError,
+            r"q to be 4-D \(B, H, N, D\), but got q.shape=\(4, 19, 16\)",
+        ),
+        (
+            _err(k=torch.randn(2, 2, 23, 16).long()),
+            ValueError,
+            r"k to be float16, .* k.dtype=torch.int64",
+        ),
         (_err(v=torch.randn(2, 2, 23, 16, dtype=torch.float64)), ValueError, r"share one dtype"),
         (_err(q=torch.randn(2, 4, 0, 16)), ValueError, r"every dimension of q to be >= 1"),
-        (_err(k=torch.randn(3, 2, 23, 16)), ValueError, r"the same batch size B \(q: 2, k: 3, v: 2\)"),
-        (_err(v=torch.randn(2, 2, 22, 16)), ValueError, r"k and v to have the same S \(k: 23, v: 22\)"),
-        (_err(k=torch.randn(2, 2, 23, 8)), ValueError, r"q and k to have the same D \(q: 16, k: 8\)"),
+        (
+            _err(k=torch.randn(3, 2, 23, 16)),
+            ValueError,
+            r"the same batch size B \(q: 2, k: 3, v: 2\)",
+        ),
+        (
+            _err(v=torch.randn(2, 2, 22, 16)),
+            ValueError,
+            r"k and v to have the same S \(k: 23, v: 22\)",
+        ),
+        (
+            _err(k=torch.randn(2, 2, 23, 8)),
+            ValueError,
+            r"q and k to have the same D \(q: 16, k: 8\)",
+        ),
         (
             _err(k=torch.randn(2, 3, 23, 16), v=torch.randn(2, 3, 23, 16)),
             ValueError,
@@ -303,14 +329,30 @@ def _err(**over):
         (_err(dropout_p=1.0), ValueError, r"0 <= dropout_p < 1, but got dropout_p=1.0"),
         (_err(dropout_p=-0.1), ValueError, r"dropout_p=-0.1"),
         (_err(return_lse=1), TypeError, r"return_lse to be a bool"),
-        (_err(pattern="causal"), TypeError, r"pattern to be an attnkit.patterns.Pattern, but got str"),
-        (_err(pattern=P.KeyPadding([1, 2, 3])), ValueError, r"batch size to equal B=2, but got .* 3 batch items"),
+        (
+            _err(pattern="causal"),
+            TypeError,
+            r"pattern to be an attnkit.patterns.Pattern, but got str",
+        ),
+        (
+            _err(pattern=P.KeyPadding([1, 2, 3])),
+            ValueError,
+            r"batch size to equal B=2, but got .* 3 batch items",
+        ),
         (_err(pattern=P.Document([10, 10])), ValueError, r"sum\(lengths\) == S"),
         (_err(mask=P.Causal()), TypeError, r"mask must be a Tensor; pass patterns as pattern="),
         (_err(mask=[[True]]), TypeError, r"mask to be a Tensor, but got list"),
-        (_err(mask=torch.ones(19, 22, dtype=torch.bool)), ValueError, r"broadcastable to \(B, H, N, S\)=\(2, 4, 19, 23\), but got mask.shape=\(19, 22\)"),
+        (
+            _err(mask=torch.ones(19, 22, dtype=torch.bool)),
+            ValueError,
+            r"broadcastable to \(B, H, N, S\)=\(2, 4, 19, 23\), but got mask.shape=\(19, 22\)",
+        ),
         (_err(mask=torch.ones(1, 1, 1, 19, 23, dtype=torch.bool)), ValueError, r"broadcastable"),
-        (_err(mask=torch.ones(19, 23, dtype=torch.int64)), ValueError, r"bool .* or floating .* mask.dtype=torch.int64"),
+        (
+            _err(mask=torch.ones(19, 23, dtype=torch.int64)),
+            ValueError,
+            r"bool .* or floating .* mask.dtype=torch.int64",
+        ),
         (_err(backend=3), TypeError, r"backend to be a str"),
     ],
 )

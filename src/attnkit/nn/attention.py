@@ -1,0 +1,280 @@
+"""``MultiHeadAttention``: ``Concat(head_1, ..., head_H) W^O`` on attnkit's backends.
+
+Each head ``h`` attends with its own projections, ``head_h = attention(x W_h^Q, c W_h^K,
+c W_h^V)``, where ``c`` is ``x`` itself (self-attention) or another sequence (cross-attention,
+a decoder attending to its encoder). With ``num_kv_heads < num_heads`` groups of query heads
+share one key/value head (GQA; MQA when ``num_kv_heads == 1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns import Pattern
+from .kv_cache import KVCache
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with GQA/MQA, patterns, masks and a KV cache.
+
+    Args:
+        embed_dim: Model width ``C`` of the queries and of the output.
+        num_heads: Query heads ``H``.
+        num_kv_heads: Key/value heads ``Hkv`` (must divide ``H``); default ``H``.
+        context_dim: Width of the context that keys and values are made from
+            (cross-attention); default ``embed_dim``.
+        head_dim: Per-head width ``D``; default ``embed_dim // num_heads``.
+        bias: Whether the four projections have biases.
+        dropout: Dropout on the attention weights while training.
+        batch_first: Inputs are ``(B, N, C)`` if True (default), ``(N, B, C)`` otherwise.
+        pattern: Default :class:`~attnkit.patterns.Pattern` (e.g. ``Causal()``), replaceable
+            per call.
+        backend: Attention backend, ``"auto"`` by default.
+        device, dtype: Factory arguments of the parameters.
+
+    Shape:
+        - ``x``: ``(B, N, C)`` (or ``(N, B, C)`` with ``batch_first=False``).
+        - ``context``: ``(B, S, context_dim)``; ``None`` for self-attention.
+        - output: ``(B, N, C)``; weights ``(B, H, N, S)`` per head when requested.
+
+    It loads ``torch.nn.MultiheadAttention`` state dicts (``load_state_dict`` translates the
+    packed ``in_proj_weight``) and :meth:`from_torch` builds one from such a module, with the
+    same outputs on the same inputs.
+
+    Example:
+        >>> mha = MultiHeadAttention(64, 8, num_kv_heads=2, pattern=patterns.Causal())
+        >>> mha(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        context_dim: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = True,
+        pattern: Pattern | None = None,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"MultiHeadAttention: expected {name} >= 1, but got {name}={value!r}."
+                )
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"MultiHeadAttention: expected num_heads to be a multiple of num_kv_heads, but got "
+                f"num_heads={num_heads}, num_kv_heads={num_kv_heads}."
+            )
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"MultiHeadAttention: expected embed_dim divisible by num_heads, but got "
+                    f"embed_dim={embed_dim}, num_heads={num_heads} (head dim would be "
+                    f"{embed_dim / num_heads:.2f}); pass head_dim= to choose it."
+                )
+            head_dim = embed_dim // num_heads
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"MultiHeadAttention: expected 0 <= dropout < 1, but got dropout={dropout}."
+            )
+        if pattern is not None and not isinstance(pattern, Pattern):
+            raise TypeError(
+                f"MultiHeadAttention: expected a Pattern, but got {type(pattern).__name__}."
+            )
+        context_dim = embed_dim if context_dim is None else context_dim
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim, self.context_dim = head_dim, context_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.pattern, self.backend = pattern, backend
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_translate_torch_state_dict, with_module=True)
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections and zero biases, as ``torch.nn.MultiheadAttention``."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        pattern: Pattern | None = None,
+        need_weights: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``x`` to itself or to ``context``.
+
+        Args:
+            x: Queries' input ``(B, N, C)``.
+            context: Keys' and values' input ``(B, S, context_dim)`` for cross-attention;
+                ``None`` for self-attention.
+            mask: Bool (``True`` = may attend) or float (added to the scores) tensor
+                broadcastable to ``(B, H, N, S)``, e.g. ``(N, S)``.
+            key_padding_mask: ``(B, S)`` bool, ``True`` for real keys that may be attended.
+                Note: the opposite of ``torch.nn.MultiheadAttention``, where ``True`` means
+                "ignore".
+            pattern: Replaces the module's default pattern for this call.
+            need_weights: Also return the per-head weights ``(B, H, N, S)`` (runs the
+                ``reference`` backend).
+            cache: A :class:`KVCache`. Self-attention appends this call's keys and values
+                and attends over everything cached (use a bottom-right ``Causal()`` pattern
+                so step-by-step decoding equals the full forward). Cross-attention computes
+                the context's keys and values on the first call and reuses them after
+                (``context`` may then be ``None``).
+
+        Returns:
+            ``out (B, N, C)``, or ``(out, weights)`` if ``need_weights``.
+        """
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+            context = None if context is None else context.transpose(0, 1)
+        self._check_input("x", x, self.embed_dim)
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
+        if cache is not None and cache.static:  # cross-attention, later steps: reuse
+            k, v = cache.keys, cache.values
+        else:
+            source = x if context is None else context
+            if context is not None:
+                self._check_input("context", context, self.context_dim, batch=x.shape[0])
+            k = rearrange(self.k_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
+            v = rearrange(self.v_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
+            if cache is not None:
+                k, v = cache.update(k, v) if context is None else cache.fill(k, v)
+        attn_mask = _merge_masks(mask, key_padding_mask, batch=x.shape[0], s=k.shape[2])
+        result = attention(
+            q, k, v,
+            pattern=self.pattern if pattern is None else pattern,
+            mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            return_weights=need_weights,
+            backend=self.backend,
+        )  # fmt: skip
+        out, weights = result if need_weights else (result, None)
+        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, weights) if need_weights else out
+
+    def _check_input(self, name: str, t: Tensor, width: int, batch: int | None = None) -> None:
+        layout = "(B, N, C)" if self.batch_first else "(N, B, C)"
+        if t.dim() != 3 or t.shape[-1] != width:
+            raise ValueError(
+                f"MultiHeadAttention: expected {name} of shape {layout} with C={width}, but got "
+                f"{name}.shape={tuple(t.shape)}."
+            )
+        if batch is not None and t.shape[0] != batch:
+            raise ValueError(
+                f"MultiHeadAttention: expected context with batch size B={batch}, but got "
+                f"{t.shape[0]}."
+            )
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention, **kwargs) -> MultiHeadAttention:
+        """Build from a ``torch.nn.MultiheadAttention`` with the same weights and outputs.
+
+        ``kwargs`` (``pattern``, ``backend``) go to the constructor.
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(
+                f"from_torch: expected nn.MultiheadAttention, but got {type(module).__name__}."
+            )
+        if module.bias_k is not None or module.add_zero_attn:
+            raise NotImplementedError(
+                "from_torch: add_bias_kv and add_zero_attn are not supported."
+            )
+        if module.kdim != module.vdim:
+            raise NotImplementedError(
+                f"from_torch: keys and values come from one context here, so kdim must equal vdim, "
+                f"but got kdim={module.kdim}, vdim={module.vdim}."
+            )
+        ref = module.out_proj.weight
+        mha = cls(
+            module.embed_dim, module.num_heads, context_dim=module.kdim,
+            bias=module.in_proj_bias is not None, dropout=module.dropout,
+            batch_first=module.batch_first, device=ref.device, dtype=ref.dtype, **kwargs,
+        )  # fmt: skip
+        mha.load_state_dict(module.state_dict())
+        return mha
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.embed_dim}, num_heads={self.num_heads}"]
+        if self.num_kv_heads != self.num_heads:
+            parts.append(f"num_kv_heads={self.num_kv_heads}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        if self.pattern is not None:
+            parts.append(f"pattern={self.pattern!r}")
+        if not self.batch_first:
+            parts.append("batch_first=False")
+        return ", ".join(parts)
+
+
+def _merge_masks(
+    mask: Tensor | None, key_padding_mask: Tensor | None, *, batch: int, s: int
+) -> Tensor | None:
+    """One ``attention()`` mask from an attention mask and a ``(B, S)`` key-padding mask."""
+    if key_padding_mask is None:
+        return mask
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, s):
+        raise ValueError(
+            f"MultiHeadAttention: expected key_padding_mask to be bool of shape (B, S)={(batch, s)} "
+            f"(True = may attend), but got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
+        )
+    keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
+def _translate_torch_state_dict(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` hook: accept ``torch.nn.MultiheadAttention``'s parameter names."""
+    packed = state_dict.pop(prefix + "in_proj_weight", None)
+    if packed is not None:
+        q, k, v = packed.chunk(3, dim=0)
+    else:
+        q, k, v = (state_dict.pop(prefix + f"{n}_proj_weight", None) for n in "qkv")
+    if q is None:
+        return  # already attnkit names
+    for name, w in zip("qkv", (q, k, v), strict=True):
+        state_dict[f"{prefix}{name}_proj.weight"] = w
+    packed_bias = state_dict.pop(prefix + "in_proj_bias", None)
+    if packed_bias is not None:
+        for name, b in zip("qkv", packed_bias.chunk(3), strict=True):
+            state_dict[f"{prefix}{name}_proj.bias"] = b
+    if prefix + "bias_k" in state_dict:
+        raise NotImplementedError("MultiHeadAttention: add_bias_kv state dicts are not supported.")

@@ -1,0 +1,199 @@
+"""``attnkit.nn.MultiHeadAttention`` against ``torch.nn.MultiheadAttention`` and itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit import patterns as P
+from attnkit.nn import KVCache, MultiHeadAttention
+
+TOL = 1e-6  # the issue's bound for float32 parity with torch
+
+
+def torch_pair(batch_first=True, kdim=None, bias=True):
+    ref = nn.MultiheadAttention(
+        32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias
+    ).eval()
+    mine = MultiHeadAttention(32, 4, context_dim=kdim, batch_first=batch_first, bias=bias).eval()
+    mine.load_state_dict(ref.state_dict())
+    return ref, mine
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "tiled", "reference"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_equals_torch(batch_first, backend):
+    ref, mine = torch_pair(batch_first)
+    mine.backend = backend
+    x = torch.randn(3, 11, 32) if batch_first else torch.randn(11, 3, 32)
+    want, _ = ref(x, x, x, need_weights=False)
+    assert (mine(x) - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cross_attention_with_other_width_equals_torch(bias):
+    ref, mine = torch_pair(kdim=20, bias=bias)
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 13, 20)
+    want, _ = ref(x, ctx, ctx, need_weights=False)
+    assert (mine(x, ctx) - want).abs().max() <= TOL
+
+
+def test_masks_equal_torch_with_its_inverted_convention():
+    ref, mine = torch_pair()
+    x = torch.randn(2, 9, 32)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    want, want_w = ref(
+        x, x, x, key_padding_mask=~keep, attn_mask=~causal, average_attn_weights=False
+    )
+    got, got_w = mine(x, mask=causal, key_padding_mask=keep, need_weights=True)
+    assert (got - want).abs().max() <= TOL
+    assert (got_w - want_w).abs().max() <= TOL
+    # the same through a pattern instead of a tensor
+    assert (mine(x, key_padding_mask=keep, pattern=P.Causal()) - want).abs().max() <= TOL
+
+
+def test_float_mask_equals_torch():
+    ref, mine = torch_pair()
+    x = torch.randn(2, 9, 32)
+    bias = torch.randn(9, 9)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, 7:] = False
+    torch_padding = torch.zeros(2, 9).masked_fill(~keep, float("-inf"))  # same type as bias
+    want, _ = ref(x, x, x, attn_mask=bias, key_padding_mask=torch_padding)
+    assert (mine(x, mask=bias, key_padding_mask=keep) - want).abs().max() <= TOL
+
+
+def test_from_torch_and_gradients_match():
+    ref = nn.MultiheadAttention(32, 8, batch_first=True)
+    mine = MultiHeadAttention.from_torch(ref)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    want, _ = ref(x, x, x, need_weights=False)
+    (gx_want,) = torch.autograd.grad(want.square().sum(), x)
+    got = mine(x)
+    (gx_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert (got - want).abs().max() <= TOL
+    assert (gx_got - gx_want).abs().max() <= 1e-5
+
+
+def test_from_torch_rejects_what_it_cannot_express():
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    with pytest.raises(NotImplementedError, match="kdim must equal vdim"):
+        MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, kdim=4, vdim=6))
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        MultiHeadAttention.from_torch(nn.Linear(2, 2))
+
+
+def test_gqa_equals_manual_heads():
+    mha = MultiHeadAttention(48, 6, num_kv_heads=2).eval()
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    mha.double()
+    q = mha.q_proj(x).view(2, 5, 6, 8).transpose(1, 2)
+    k = mha.k_proj(x).view(2, 5, 2, 8).transpose(1, 2).repeat_interleave(3, 1)
+    v = mha.v_proj(x).view(2, 5, 2, 8).transpose(1, 2).repeat_interleave(3, 1)
+    heads = torch.softmax(q @ k.mT / 8**0.5, -1) @ v
+    want = mha.out_proj(heads.transpose(1, 2).reshape(2, 5, 48))
+    assert (mha(x) - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("pattern", [P.Causal(), P.SlidingWindow(3) & P.Causal()], ids=repr)
+def test_kv_cache_decoding_equals_full_forward(num_kv_heads, pattern):
+    mha = MultiHeadAttention(32, 4, num_kv_heads=num_kv_heads, pattern=pattern).eval()
+    x = torch.randn(2, 12, 32)
+    full = mha(x)
+    cache = KVCache()
+    steps = [mha(x[:, :5], cache=cache)]  # prompt
+    steps += [mha(x[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.length == 12
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_cross_attention_cache_is_filled_once():
+    mha = MultiHeadAttention(32, 4, context_dim=16).eval()
+    ctx, x = torch.randn(2, 9, 16), torch.randn(2, 4, 32)
+    full = mha(x, ctx)
+    cache = KVCache()
+    first = mha(x[:, :1], ctx, cache=cache)
+    assert cache.static and cache.length == 9
+    rest = [mha(x[:, t : t + 1], cache=cache) for t in range(1, 4)]
+    assert cache.length == 9
+    assert (torch.cat([first, *rest], 1) - full).abs().max() < 1e-6
+
+
+def test_cache_reorder_and_growth():
+    cache = KVCache()
+    k = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 1, 2)
+    for _ in range(40):  # grows past the initial capacity several times
+        cache.update(k, k)
+    assert cache.length == 40 and torch.equal(
+        cache.keys[:, 0, 39, 0], torch.tensor([0.0, 1.0, 2.0])
+    )
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.keys[:, 0, 0, 0], torch.tensor([2.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match=r"expected \(B, Hkv, D\)=\(3, 1, 2\) as cached"):
+        cache.update(torch.zeros(3, 2, 1, 2), torch.zeros(3, 2, 1, 2))
+    cache.reset()
+    assert cache.is_empty
+    with pytest.raises(ValueError, match="cache is empty"):
+        _ = cache.keys
+
+
+def test_dropout_only_in_training_and_reproducible():
+    mha = MultiHeadAttention(32, 4, dropout=0.5)
+    x = torch.randn(2, 8, 32)
+    torch.manual_seed(3)
+    a = mha(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, mha(x))
+    mha.eval()
+    assert torch.equal(mha(x), mha(x))
+    assert not torch.equal(mha(x), a)
+
+
+def test_weights_shape_and_rows():
+    mha = MultiHeadAttention(32, 4, pattern=P.Causal()).eval()
+    out, w = mha(torch.randn(2, 6, 32), need_weights=True)
+    assert out.shape == (2, 6, 32) and w.shape == (2, 4, 6, 6)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4, 6))
+    assert torch.all(w.triu(1) == 0)
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (
+            lambda: MultiHeadAttention(30, 4),
+            ValueError,
+            r"embed_dim divisible by num_heads, but got embed_dim=30, num_heads=4",
+        ),
+        (
+            lambda: MultiHeadAttention(32, 4, num_kv_heads=3),
+            ValueError,
+            r"num_heads=4, num_kv_heads=3",
+        ),
+        (lambda: MultiHeadAttention(32, 0), ValueError, r"num_heads >= 1"),
+        (lambda: MultiHeadAttention(32, 4, dropout=1.0), ValueError, r"0 <= dropout < 1"),
+        (lambda: MultiHeadAttention(32, 4, pattern="causal"), TypeError, r"expected a Pattern"),
+    ],
+)
+def test_constructor_errors(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_forward_errors():
+    mha = MultiHeadAttention(32, 4)
+    with pytest.raises(
+        ValueError, match=r"x of shape \(B, N, C\) with C=32, but got x.shape=\(2, 5, 16\)"
+    ):
+        mha(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"context of shape .* C=32"):
+        mha(torch.randn(2, 5, 32), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"batch size B=2, but got 3"):
+        mha(torch.randn(2, 5, 32), torch.randn(3, 5, 32))
+    with pytest.raises(ValueError, match=r"key_padding_mask to be bool of shape \(B, S\)=\(2, 5\)"):
+        mha(torch.randn(2, 5, 32), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
