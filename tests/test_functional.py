@@ -126,7 +126,7 @@ def test_lse_is_the_log_sum_exp_of_the_masked_scores(backend, small_tiles):
     pattern = P.SlidingWindow(3) & P.Causal()
     mask = torch.ones(19, 23, dtype=torch.bool)
     mask[7] = False
-    out, lse = attention(q, k, v, pattern=pattern, mask=mask, return_lse=True, backend=backend)
+    _, lse = attention(q, k, v, pattern=pattern, mask=mask, return_lse=True, backend=backend)
     scores = q @ k.repeat_interleave(2, 1).mT * 16**-0.5
     allowed = pattern.to_dense(19, 23) & mask
     want = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)

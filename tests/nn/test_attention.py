@@ -83,7 +83,7 @@ def test_from_torch_rejects_what_it_cannot_express():
         MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     with pytest.raises(NotImplementedError, match="kdim must equal vdim"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, kdim=4, vdim=6))
-    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+    with pytest.raises(TypeError, match=r"nn\.MultiheadAttention"):
         MultiHeadAttention.from_torch(nn.Linear(2, 2))
 
 

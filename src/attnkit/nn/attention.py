@@ -250,8 +250,9 @@ def _merge_masks(
         return mask
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, s):
         raise ValueError(
-            f"MultiHeadAttention: expected key_padding_mask to be bool of shape (B, S)={(batch, s)} "
-            f"(True = may attend), but got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
+            f"MultiHeadAttention: expected key_padding_mask to be bool of shape "
+            f"(B, S)={(batch, s)} (True = may attend), but got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}."
         )
     keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
     if mask is None:

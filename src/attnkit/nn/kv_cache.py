@@ -49,7 +49,7 @@ class KVCache:
         return self._v[:, :, : self.length]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k (B, Hkv, n, D)`` and ``v (B, Hkv, n, Dv)``; return all cached keys and values."""
+        """Append ``k (B, Hkv, n, D)`` and ``v (B, Hkv, n, Dv)``; return everything cached."""
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(
                 f"KVCache.update: expected k (B, Hkv, n, D) and v (B, Hkv, n, Dv) with matching "
