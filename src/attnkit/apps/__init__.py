@@ -1,0 +1,1 @@
+"""Applications built on attnkit's layers; the CLI is a thin shell over these."""
