@@ -64,9 +64,7 @@ def test_huge_logits_stay_finite(backend, dtype, small_tiles):
     k = (k * 100).requires_grad_()
     out = attention(q, k, v, pattern=P.Causal(), backend=backend)
     out.float().sum().backward()
-    assert (
-        torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
-    )
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     want = attention_ref(q.detach(), k.detach(), v, pattern=P.Causal())
     assert max_err(out, want) < (2e-5 if dtype == torch.float32 else 0.1)
 
@@ -229,9 +227,7 @@ def test_auto_within_tolerance_of_forced_backends():
 def test_large_sparse_patterns_leave_sdpa():
     q = torch.randn(1, 1, 9000, 8)
     reasons = backends.get("sdpa").unsupported_reasons(
-        __import__("attnkit.functional", fromlist=["x"]).build_inputs(
-            q, q, q, pattern=P.SlidingWindow(8)
-        )
+        __import__("attnkit.functional", fromlist=["x"]).build_inputs(q, q, q, pattern=P.SlidingWindow(8))
     )
     assert any("dense mask" in r for r in reasons)
 
@@ -250,9 +246,7 @@ def test_forcing_an_unable_backend_lists_every_backends_reasons():
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(
-        ValueError, match=r"one of \['sdpa', 'tiled', 'reference'\], but got backend='flash'"
-    ):
+    with pytest.raises(ValueError, match=r"one of \['sdpa', 'tiled', 'reference'\], but got backend='flash'"):
         attention(q, k, v, backend="flash")
 
 

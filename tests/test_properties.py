@@ -49,9 +49,7 @@ def leaf_patterns(draw, n: int, s: int):
         return P.Fixed(block, draw(st.integers(0, block)), align=align)
     if kind == "global":
         limit = s if align == "bottom_right" else max(n, s)
-        return P.Global(
-            draw(st.lists(st.integers(0, limit - 1), min_size=1, max_size=3)), align=align
-        )
+        return P.Global(draw(st.lists(st.integers(0, limit - 1), min_size=1, max_size=3)), align=align)
     if kind == "random":
         return P.Random(
             draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(0, 99)), align=align
@@ -63,9 +61,7 @@ def leaf_patterns(draw, n: int, s: int):
     if kind == "layout":
         blk = draw(st.integers(1, 8))
         shape = (-(-n // blk), -(-s // blk))
-        bits = draw(
-            st.lists(st.booleans(), min_size=shape[0] * shape[1], max_size=shape[0] * shape[1])
-        )
+        bits = draw(st.lists(st.booleans(), min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
         return P.BlockLayout(torch.tensor(bits).view(shape), blk)
     return P.Full()
 
@@ -84,10 +80,7 @@ def problems(draw):
     mask = None
     mask_kind = draw(st.sampled_from(["none", "bool", "bias"]))
     if mask_kind == "bool":
-        mask = (
-            torch.rand(b, 1, n, s, generator=torch.Generator().manual_seed(draw(st.integers(0, 9))))
-            > 0.4
-        )
+        mask = torch.rand(b, 1, n, s, generator=torch.Generator().manual_seed(draw(st.integers(0, 9)))) > 0.4
     elif mask_kind == "bias":
         mask = torch.randn(1, h, 1, s, dtype=torch.float64)
     tiles = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))

@@ -13,9 +13,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .apps.demo import render, walkthrough
 
-    w = walkthrough(
-        args.text, d_model=args.d_model, d_k=args.d_k, seed=args.seed, causal=args.causal
-    )
+    w = walkthrough(args.text, d_model=args.d_model, d_k=args.d_k, seed=args.seed, causal=args.causal)
     print(render(w))
     return 0
 
@@ -40,33 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="Self-attention for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo", help="self-attention step by step on a sentence, with real numbers"
-    )
+    demo = sub.add_parser("demo", help="self-attention step by step on a sentence, with real numbers")
     demo.add_argument("text", nargs="?", default="The cat sat on the mat.")
-    demo.add_argument(
-        "--causal", action="store_true", help="each token sees only itself and earlier tokens"
-    )
-    demo.add_argument(
-        "--d-model", type=int, default=8, help="width of the token vectors (default 8)"
-    )
+    demo.add_argument("--causal", action="store_true", help="each token sees only itself and earlier tokens")
+    demo.add_argument("--d-model", type=int, default=8, help="width of the token vectors (default 8)")
     demo.add_argument("--d-k", type=int, default=4, help="width of queries/keys/values (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the projection matrices")
     demo.set_defaults(func=_demo)
 
-    pat = sub.add_parser(
-        "patterns", help="draw an attention pattern, e.g. 'SlidingWindow(64) & Causal()'"
-    )
+    pat = sub.add_parser("patterns", help="draw an attention pattern, e.g. 'SlidingWindow(64) & Causal()'")
     pat.add_argument("spec", help='pattern expression, e.g. "SlidingWindow(64) & Causal()"')
     pat.add_argument("-n", type=int, default=512, help="query length N (default 512)")
     pat.add_argument("-s", type=int, default=None, help="key length S (default N)")
-    pat.add_argument(
-        "--tile", type=int, default=None, help="positions per character (default: fit --width)"
-    )
+    pat.add_argument("--tile", type=int, default=None, help="positions per character (default: fit --width)")
     pat.add_argument("--width", type=int, default=64, help="characters per row (default 64)")
-    pat.add_argument(
-        "--block", type=int, default=64, help="kernel tile size for the statistics (default 64)"
-    )
+    pat.add_argument("--block", type=int, default=64, help="kernel tile size for the statistics (default 64)")
     pat.set_defaults(func=_patterns)
     return parser
 

@@ -114,9 +114,7 @@ def build_inputs(
     """Validate :func:`attention`'s arguments into :class:`AttentionInputs` (see there)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(
-                f"attention(): expected {name} to be a Tensor, but got {type(t).__name__}."
-            )
+            raise TypeError(f"attention(): expected {name} to be a Tensor, but got {type(t).__name__}.")
         if t.dim() != 4:
             want = {"q": "(B, H, N, D)", "k": "(B, Hkv, S, D)", "v": "(B, Hkv, S, Dv)"}[name]
             raise ValueError(
@@ -170,17 +168,9 @@ def build_inputs(
     if scale is None:
         scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(
-            f"attention(): expected scale to be a finite float or None, but got {scale!r}."
-        )
-    if (
-        isinstance(dropout_p, bool)
-        or not isinstance(dropout_p, numbers.Real)
-        or not 0 <= dropout_p < 1
-    ):
-        raise ValueError(
-            f"attention(): expected 0 <= dropout_p < 1, but got dropout_p={dropout_p!r}."
-        )
+        raise TypeError(f"attention(): expected scale to be a finite float or None, but got {scale!r}.")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"attention(): expected 0 <= dropout_p < 1, but got dropout_p={dropout_p!r}.")
     for name, flag in (("return_weights", return_weights), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"attention(): expected {name} to be a bool, but got {flag!r}.")
@@ -203,13 +193,9 @@ def build_inputs(
         if isinstance(mask, Pattern):
             raise TypeError("attention(): mask must be a Tensor; pass patterns as pattern=.")
         if not isinstance(mask, Tensor):
-            raise TypeError(
-                f"attention(): expected mask to be a Tensor, but got {type(mask).__name__}."
-            )
+            raise TypeError(f"attention(): expected mask to be a Tensor, but got {type(mask).__name__}.")
         if mask.device != q.device:
-            raise ValueError(
-                f"attention(): expected mask on {q.device}, but got it on {mask.device}."
-            )
+            raise ValueError(f"attention(): expected mask on {q.device}, but got it on {mask.device}.")
         full = (B, H, N, S)
         shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(shape, full, strict=True)):

@@ -63,19 +63,13 @@ def test_matches_oracle(backend, mask_case, shape, dtype, small_tiles):
         trainable = [t for t in (q_, k_, v_, m_) if t is not None and t.requires_grad]
         return grads(lambda: fn(q_, k_, v_, m_), trainable, dout)
 
-    want, want_g = run(
-        lambda q, k, v, m: attention_ref(q, k, v, pattern=pattern, mask=m), torch.float64
-    )
+    want, want_g = run(lambda q, k, v, m: attention_ref(q, k, v, pattern=pattern, mask=m), torch.float64)
     eager, eager_g = run(lambda q, k, v, m: naive_eager(q, k, v, pattern=pattern, mask=m))
-    got, got_g = run(
-        lambda q, k, v, m: attention(q, k, v, pattern=pattern, mask=m, backend=backend)
-    )
+    got, got_g = run(lambda q, k, v, m: attention(q, k, v, pattern=pattern, mask=m, backend=backend))
 
     assert got.dtype == dtype
     names = ["out", "dq", "dk", "dv", "dbias"]
-    for name, g, e, w in zip(
-        names, [got, *got_g], [eager, *eager_g], [want, *want_g], strict=False
-    ):
+    for name, g, e, w in zip(names, [got, *got_g], [eager, *eager_g], [want, *want_g], strict=False):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         bound = RATIO * max_err(e, w) + ATOL[dtype]
         assert max_err(g, w) <= bound, report(name, g, w, bound)
@@ -89,9 +83,7 @@ def test_float64_is_exact(backend, mask_case, small_tiles):
     dout = torch.randn(2, 4, 37, 24, dtype=torch.float64)
     q_, k_, v_, m_ = leaves([q, k, v, mask])
     trainable = [t for t in (q_, k_, v_, m_) if t is not None and t.requires_grad]
-    want, want_g = grads(
-        lambda: attention_ref(q_, k_, v_, pattern=pattern, mask=m_), trainable, dout
-    )
+    want, want_g = grads(lambda: attention_ref(q_, k_, v_, pattern=pattern, mask=m_), trainable, dout)
     got, got_g = grads(
         lambda: attention(q_, k_, v_, pattern=pattern, mask=m_, backend=backend), trainable, dout
     )

@@ -13,9 +13,7 @@ TOL = 1e-6  # the issue's bound for float32 parity with torch
 
 
 def torch_pair(batch_first=True, kdim=None, bias=True):
-    ref = nn.MultiheadAttention(
-        32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias
-    ).eval()
+    ref = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias).eval()
     mine = MultiHeadAttention(32, 4, context_dim=kdim, batch_first=batch_first, bias=bias).eval()
     mine.load_state_dict(ref.state_dict())
     return ref, mine
@@ -45,9 +43,7 @@ def test_masks_equal_torch_with_its_inverted_convention():
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, 6:] = False
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    want, want_w = ref(
-        x, x, x, key_padding_mask=~keep, attn_mask=~causal, average_attn_weights=False
-    )
+    want, want_w = ref(x, x, x, key_padding_mask=~keep, attn_mask=~causal, average_attn_weights=False)
     got, got_w = mine(x, mask=causal, key_padding_mask=keep, need_weights=True)
     assert (got - want).abs().max() <= TOL
     assert (got_w - want_w).abs().max() <= TOL
@@ -129,9 +125,7 @@ def test_cache_reorder_and_growth():
     k = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 1, 2)
     for _ in range(40):  # grows past the initial capacity several times
         cache.update(k, k)
-    assert cache.length == 40 and torch.equal(
-        cache.keys[:, 0, 39, 0], torch.tensor([0.0, 1.0, 2.0])
-    )
+    assert cache.length == 40 and torch.equal(cache.keys[:, 0, 39, 0], torch.tensor([0.0, 1.0, 2.0]))
     cache.reorder(torch.tensor([2, 2, 0]))
     assert torch.equal(cache.keys[:, 0, 0, 0], torch.tensor([2.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match=r"expected \(B, Hkv, D\)=\(3, 1, 2\) as cached"):
@@ -187,9 +181,7 @@ def test_constructor_errors(make, exc, match):
 
 def test_forward_errors():
     mha = MultiHeadAttention(32, 4)
-    with pytest.raises(
-        ValueError, match=r"x of shape \(B, N, C\) with C=32, but got x.shape=\(2, 5, 16\)"
-    ):
+    with pytest.raises(ValueError, match=r"x of shape \(B, N, C\) with C=32, but got x.shape=\(2, 5, 16\)"):
         mha(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match=r"context of shape .* C=32"):
         mha(torch.randn(2, 5, 32), torch.randn(2, 5, 8))

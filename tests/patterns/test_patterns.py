@@ -182,9 +182,9 @@ def test_repr_round_trips_through_the_parser(pattern):
 
 def test_parser_accepts_user_spellings():
     assert parse_pattern("SlidingWindow(64) & Causal()") == P.SlidingWindow(64) & P.Causal()
-    assert parse_pattern("Global(range(4)) | Random(3, 64, seed=1)") == P.Global(
-        range(4)
-    ) | P.Random(3, 64, 1)
+    assert parse_pattern("Global(range(4)) | Random(3, 64, seed=1)") == P.Global(range(4)) | P.Random(
+        3, 64, 1
+    )
     bl = parse_pattern("BlockLayout([[1, 0], [1, 1]], 4)")
     assert bl.to_dense(8, 8).sum() == 48
 

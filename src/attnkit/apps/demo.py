@@ -93,8 +93,7 @@ def walkthrough(
     x = torch.stack([_token_vector(t, d_model) for t in tokens]) + _positions(n, d_model)
     g = torch.Generator().manual_seed(seed)
     w_q, w_k, w_v = (
-        torch.randn(d_model, d_k, generator=g, dtype=torch.float64) / math.sqrt(d_model)
-        for _ in range(3)
+        torch.randn(d_model, d_k, generator=g, dtype=torch.float64) / math.sqrt(d_model) for _ in range(3)
     )
     q, k, v = x @ w_q, x @ w_k, x @ w_v
     scores = q @ k.T  # (N, N): how well query i matches key j
@@ -103,9 +102,7 @@ def walkthrough(
         scaled = scaled.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
     weights = scaled.softmax(-1)  # each row sums to 1
     out = weights @ v
-    check = attention(
-        q[None, None], k[None, None], v[None, None], pattern=Causal() if causal else None
-    )[0, 0]
+    check = attention(q[None, None], k[None, None], v[None, None], pattern=Causal() if causal else None)[0, 0]
     return Walkthrough(
         text=text, tokens=tokens, x=x, q=q, k=k, v=v, scores=scores, scaled=scaled, weights=weights,
         out=out, causal=causal, check_error=(out - check).abs().max().item(),
@@ -120,9 +117,7 @@ def _table(
     lines = [title + (f"  ({note})" if note else "")]
     lines.append(" " * head + "".join(c.rjust(width) for c in cols))
     for r, row in zip(rows, data.tolist(), strict=True):
-        cells = (
-            "-inf".rjust(width) if math.isinf(val) else f"{val:{width}.{digits}f}" for val in row
-        )
+        cells = ("-inf".rjust(width) if math.isinf(val) else f"{val:{width}.{digits}f}" for val in row)
         lines.append(r.ljust(head) + "".join(cells))
     return "\n".join(lines)
 

@@ -72,8 +72,7 @@ def get(name: str) -> type[Backend]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"attention(): expected backend to be 'auto' or one of {available()}, "
-            f"but got backend={name!r}."
+            f"attention(): expected backend to be 'auto' or one of {available()}, but got backend={name!r}."
         ) from None
 
 
@@ -96,14 +95,11 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
             if not _REGISTRY[name].unsupported_reasons(inp):
                 return _REGISTRY[name]
     report = "\n".join(
-        f"  {name}: "
-        + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
+        f"  {name}: " + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
         for name in _PRIORITY
     )
     what = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
-    raise NotImplementedError(
-        f"attention(): {what} run these inputs:\n{inp.describe()}\nBackends:\n{report}"
-    )
+    raise NotImplementedError(f"attention(): {what} run these inputs:\n{inp.describe()}\nBackends:\n{report}")
 
 
 register_backend(ReferenceBackend)

@@ -78,9 +78,7 @@ class MultiHeadAttention(nn.Module):
             ("num_kv_heads", num_kv_heads),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"MultiHeadAttention: expected {name} >= 1, but got {name}={value!r}."
-                )
+                raise ValueError(f"MultiHeadAttention: expected {name} >= 1, but got {name}={value!r}.")
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"MultiHeadAttention: expected num_heads to be a multiple of num_kv_heads, but got "
@@ -95,13 +93,9 @@ class MultiHeadAttention(nn.Module):
                 )
             head_dim = embed_dim // num_heads
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"MultiHeadAttention: expected 0 <= dropout < 1, but got dropout={dropout}."
-            )
+            raise ValueError(f"MultiHeadAttention: expected 0 <= dropout < 1, but got dropout={dropout}.")
         if pattern is not None and not isinstance(pattern, Pattern):
-            raise TypeError(
-                f"MultiHeadAttention: expected a Pattern, but got {type(pattern).__name__}."
-            )
+            raise TypeError(f"MultiHeadAttention: expected a Pattern, but got {type(pattern).__name__}.")
         context_dim = embed_dim if context_dim is None else context_dim
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
@@ -197,8 +191,7 @@ class MultiHeadAttention(nn.Module):
             )
         if batch is not None and t.shape[0] != batch:
             raise ValueError(
-                f"MultiHeadAttention: expected context with batch size B={batch}, but got "
-                f"{t.shape[0]}."
+                f"MultiHeadAttention: expected context with batch size B={batch}, but got {t.shape[0]}."
             )
 
     @classmethod
@@ -208,13 +201,9 @@ class MultiHeadAttention(nn.Module):
         ``kwargs`` (``pattern``, ``backend``) go to the constructor.
         """
         if not isinstance(module, nn.MultiheadAttention):
-            raise TypeError(
-                f"from_torch: expected nn.MultiheadAttention, but got {type(module).__name__}."
-            )
+            raise TypeError(f"from_torch: expected nn.MultiheadAttention, but got {type(module).__name__}.")
         if module.bias_k is not None or module.add_zero_attn:
-            raise NotImplementedError(
-                "from_torch: add_bias_kv and add_zero_attn are not supported."
-            )
+            raise NotImplementedError("from_torch: add_bias_kv and add_zero_attn are not supported.")
         if module.kdim != module.vdim:
             raise NotImplementedError(
                 f"from_torch: keys and values come from one context here, so kdim must equal vdim, "

@@ -101,9 +101,7 @@ class KVCache:
     def __repr__(self) -> str:
         if self._k is None:
             return "KVCache(empty)"
-        return (
-            f"KVCache(length={self.length}, keys={tuple(self.keys.shape)}, dtype={self._k.dtype})"
-        )
+        return f"KVCache(length={self.length}, keys={tuple(self.keys.shape)}, dtype={self._k.dtype})"
 
     def _check_filled(self, what: str) -> None:
         if self._k is None:

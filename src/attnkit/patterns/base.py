@@ -101,9 +101,7 @@ class Pattern:
     def check(self, n: int, s: int) -> None:
         """Raise ``ValueError`` if the pattern cannot describe an ``(n, s)`` attention matrix."""
 
-    def mask_mod(
-        self, q_idx: Tensor, kv_idx: Tensor, n: int, s: int, b: Tensor | None = None
-    ) -> Tensor:
+    def mask_mod(self, q_idx: Tensor, kv_idx: Tensor, n: int, s: int, b: Tensor | None = None) -> Tensor:
         """The element rule: ``True`` where query ``q_idx`` may see key ``kv_idx``.
 
         Args:
@@ -137,9 +135,7 @@ class Pattern:
         raise NotImplementedError(f"{type(self).__name__} must implement _block_states")
 
     # ----------------------------------------------------------------- public API
-    def to_dense(
-        self, n: int, s: int | None = None, device: torch.device | str | None = None
-    ) -> Tensor:
+    def to_dense(self, n: int, s: int | None = None, device: torch.device | str | None = None) -> Tensor:
         """Materialize the pattern: ``(N, S)`` bool, or ``(B, 1, N, S)`` for per-batch patterns.
 
         ``True`` means "may attend". Costs ``N * S`` bytes; meant for tests, pictures and the
@@ -156,9 +152,7 @@ class Pattern:
         dense = self.mask_mod(q_idx, kv_idx, n, s, b)
         return dense.expand(self.batch_size, n, s).unsqueeze(1).contiguous()
 
-    def block_map(
-        self, n: int, s: int | None = None, block: int | tuple[int, int] = 64
-    ) -> BlockMap:
+    def block_map(self, n: int, s: int | None = None, block: int | tuple[int, int] = 64) -> BlockMap:
         """Classify the ``block x block`` tiles of an ``(N, S)`` matrix as empty, partial or full.
 
         Computed from the pattern's structure and cached per ``(pattern, N, S, block)``. For
@@ -203,9 +197,7 @@ class Pattern:
         """Fraction of the ``N x S`` pairs that are masked out: ``1 - density``."""
         return 1.0 - self.density(n, s)
 
-    def to_string(
-        self, n: int, s: int | None = None, block: int | None = None, width: int = 64
-    ) -> str:
+    def to_string(self, n: int, s: int | None = None, block: int | None = None, width: int = 64) -> str:
         """Terminal art of the pattern: ``█`` full tile, ``░`` partial tile, ``·`` empty tile.
 
         Rows are queries (top to bottom), columns are keys (left to right). By default the tile
@@ -217,10 +209,7 @@ class Pattern:
             block = max(1, math.ceil(max(n, s) / width))
         bm = self.block_map(n, s, block)
         glyph = {EMPTY: "·", PARTIAL: "░", FULL: "█"}
-        lines = [
-            f"{self!r}   N={n} S={s}   tile={block}x{block}   "
-            f"density={100 * self.density(n, s):.2f}%"
-        ]
+        lines = [f"{self!r}   N={n} S={s}   tile={block}x{block}   density={100 * self.density(n, s):.2f}%"]
         for row in bm.states.tolist():
             lines.append("".join(glyph[v] for v in row))
         return "\n".join(lines)
@@ -269,9 +258,7 @@ def _sizes(n: int, s: int | None) -> tuple[int, int]:
     s = n if s is None else s
     for name, value in (("N", n), ("S", s)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"Pattern: expected {name} to be a positive int, but got {name}={value!r}."
-            )
+            raise ValueError(f"Pattern: expected {name} to be a positive int, but got {name}={value!r}.")
     return n, s
 
 
@@ -312,9 +299,7 @@ def _toeplitz_states(rule, grid: Grid) -> Tensor:
     return states
 
 
-def rect_states(
-    table: Tensor, row_lo: Tensor, row_hi: Tensor, col_lo: Tensor, col_hi: Tensor
-) -> Tensor:
+def rect_states(table: Tensor, row_lo: Tensor, row_hi: Tensor, col_lo: Tensor, col_hi: Tensor) -> Tensor:
     """Tile states of a pattern given as a boolean grid of cells (a coarser or finer grid).
 
     ``table`` is ``(R, C)``; tile row ``r`` covers cell rows ``row_lo[r]..row_hi[r]`` and tile
@@ -394,9 +379,7 @@ def _count_allowed(pattern: Pattern, bm: BlockMap) -> int:
 
 def check_align(owner: str, align: str) -> None:
     if align not in _ALIGNS:
-        raise ValueError(
-            f"{owner}: expected align to be one of {_ALIGNS}, but got align={align!r}."
-        )
+        raise ValueError(f"{owner}: expected align to be one of {_ALIGNS}, but got align={align!r}.")
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:
@@ -424,9 +407,7 @@ class _Composite(Pattern):
                 raise TypeError(f"{name}: expected Pattern operands, but got {type(p).__name__}.")
         sizes = {p.batch_size for p in parts} - {None}
         if len(sizes) > 1:
-            raise ValueError(
-                f"{name}: per-batch patterns disagree on the batch size: {sorted(sizes)}."
-            )
+            raise ValueError(f"{name}: per-batch patterns disagree on the batch size: {sorted(sizes)}.")
         object.__setattr__(self, "parts", tuple(parts))
 
     def __setattr__(self, key, value):
@@ -471,11 +452,7 @@ class _Composite(Pattern):
         others = [p for p in self.parts if not p.is_toeplitz]
         items: list[tuple[Tensor, Tensor | None]] = []
         if toeplitz:
-            rule = (
-                toeplitz[0]._offset_rule
-                if len(toeplitz) == 1
-                else type(self)(*toeplitz)._offset_rule
-            )
+            rule = toeplitz[0]._offset_rule if len(toeplitz) == 1 else type(self)(*toeplitz)._offset_rule
             items.append((_toeplitz_states(rule, grid), None))
         items.extend(p._block_states(grid) for p in others)
         states = items[0][0]

@@ -116,8 +116,7 @@ class KeyPadding(Pattern):
     def check(self, n: int, s: int) -> None:
         if max(self.lengths) > s:
             raise ValueError(
-                f"KeyPadding: expected every length <= S={s}, but got max(lengths)="
-                f"{max(self.lengths)}."
+                f"KeyPadding: expected every length <= S={s}, but got max(lengths)={max(self.lengths)}."
             )
 
     def mask_mod(self, q_idx, kv_idx, n, s, b=None):

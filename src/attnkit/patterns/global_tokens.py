@@ -49,9 +49,7 @@ class Global(Pattern):
             raise ValueError("Global: expected at least one index, but got an empty indices.")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(
-                    f"Global: expected every index to be an int >= 0, but got {v!r} in indices."
-                )
+                raise ValueError(f"Global: expected every index to be an int >= 0, but got {v!r} in indices.")
         object.__setattr__(self, "indices", tuple(sorted(set(values))))
         check_align("Global", self.align)
 

@@ -38,9 +38,7 @@ class BlockLayout(Pattern):
     def __post_init__(self) -> None:
         grid = torch.as_tensor(self.layout).detach().cpu()
         if grid.dim() != 2:
-            raise ValueError(
-                f"BlockLayout: expected a 2-D layout, but got layout.shape={tuple(grid.shape)}."
-            )
+            raise ValueError(f"BlockLayout: expected a 2-D layout, but got layout.shape={tuple(grid.shape)}.")
         if grid.dtype != torch.bool:
             if not ((grid == 0) | (grid == 1)).all():
                 raise ValueError(
@@ -53,9 +51,7 @@ class BlockLayout(Pattern):
 
     def __repr__(self) -> str:
         rows, cols = self.layout.shape
-        return (
-            f"BlockLayout(<{rows}x{cols} grid, {int(self.layout.sum())} set>, block={self.block})"
-        )
+        return f"BlockLayout(<{rows}x{cols} grid, {int(self.layout.sum())} set>, block={self.block})"
 
     def check(self, n: int, s: int) -> None:
         want = (-(-n // self.block), -(-s // self.block))

@@ -95,8 +95,7 @@ class Fixed(Pattern):
         check_int("Fixed", "summary", self.summary, 0)
         if self.summary > self.block:
             raise ValueError(
-                f"Fixed: expected summary <= block, but got summary={self.summary}, "
-                f"block={self.block}."
+                f"Fixed: expected summary <= block, but got summary={self.summary}, block={self.block}."
             )
         check_align("Fixed", self.align)
 
