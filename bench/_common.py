@@ -1,0 +1,171 @@
+"""Shared benchmark machinery (see ../shared/BENCHMARKS.md for the method).
+
+* ``alternate`` times the compared callables in one process, warm, each round in a fresh
+  seeded random order (a fixed or rotated order would let one method always follow the same
+  memory-hungry neighbour and pay for its cache and page-fault debris), and reports median,
+  min and max.
+* ``peak_memory`` runs one configuration in a fresh subprocess and reports how far the
+  process's resident memory rose above its level before the call, in MiB (Linux's resettable
+  high-water mark ``VmHWM``; ``ru_maxrss`` growth where that is unavailable).
+* ``environment`` records what the numbers depend on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "bench"
+
+
+def environment() -> dict:
+    cpu, flags = platform.processor(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")
+        )
+        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        commit += "+dirty" if dirty.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "avx512": " avx512f " in f" {flags} ",
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_tile" in flags,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "attnkit_commit": commit,
+        "machine": platform.machine(),
+    }
+
+
+def alternate(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 5, budget_s: float = 3.0, max_rounds: int = 25
+) -> dict:
+    """Warm each callable once, then run them in turn for at least ``rounds`` rounds.
+
+    More rounds (up to ``max_rounds``) are added while one round costs under ``budget_s / rounds``.
+    """
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    round_cost = sum(first.values())
+    total = max(rounds, min(max_rounds, int(budget_s / max(round_cost, 1e-9))))
+    names, order = list(fns), random.Random(0)
+    for _ in range(total):
+        order.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "rounds": len(ts),
+            "first_call_s": first[name],
+        }
+        for name, ts in times.items()
+    }
+
+
+def peak_memory(script: Path, probe: dict, timeout: float = 900) -> dict:
+    """Run ``script --probe JSON`` in a fresh interpreter; it prints ``{"extra_mib": ...}``."""
+    cmd = [sys.executable, str(script), "--probe", json.dumps(probe)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s"}
+    if res.returncode != 0:
+        why = (
+            "killed (out of memory?)"
+            if res.returncode < 0
+            else (res.stderr.strip().splitlines() or ["?"])[-1]
+        )
+        return {"status": f"failed: {why}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+class MaxRss:
+    """``with MaxRss() as m: ...`` then ``m.extra_mib``: peak resident memory above the start.
+
+    Resets Linux's high-water mark (``echo 5 > /proc/self/clear_refs``) so that peaks from
+    imports and set-up do not hide the measured call's; falls back to ``ru_maxrss`` growth.
+    """
+
+    def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.before, self.hwm = _status_kib("VmRSS"), True
+        except OSError:
+            self.before, self.hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+        return self
+
+    def __exit__(self, *exc):
+        after = _status_kib("VmHWM") if self.hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.extra_mib = max(0, after - self.before) / 1024  # KiB -> MiB
+        return False
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def env_line(env: dict) -> str:
+    isa = "AVX-512" if env["avx512"] else "no AVX-512"
+    isa += " + BF16" if env["avx512_bf16"] else ""
+    isa += " + AMX" if env["amx"] else ", no AMX"
+    return (
+        f"{env['cpu']} ({isa}), {env['threads']} threads, torch {env['torch']}, "
+        f"attnkit {env['attnkit_commit']}, {env['date'][:10]}"
+    )
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
