@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, MaxRss, alternate, env_line, environment, fmt_time, peak_memory, save  # noqa: E402
-
-from attnkit import attention  # noqa: E402
-from attnkit import patterns as P  # noqa: E402
+from _common import DOCS, MaxRss, alternate, env_line, environment, fmt_time, peak_memory, save
+from attnkit import attention
+from attnkit import patterns as P
 
 B, H, D = 1, 8, 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -117,9 +116,8 @@ def main() -> None:
                     for m in METHODS:
                         row = {"n": n, "dtype": dtype_name, "mode": mode, "mask": mask, "method": m}
                         if m not in timing:
-                            row["status"] = (
-                                f"skipped: naive eager would need {naive_bytes(n, dtype, mode) / 2**30:.1f} GiB"
-                            )
+                            need = naive_bytes(n, dtype, mode) / 2**30
+                            row["status"] = f"skipped: naive eager would need {need:.1f} GiB"
                         else:
                             row |= timing[m]
                             row["gflops"] = flops(n, mask == "causal", mode) / timing[m]["median_s"] / 1e9
@@ -149,12 +147,22 @@ def main() -> None:
         "env": env,
         "shape": {"B": B, "H": H, "D": D},
         "flop_model": "fwd: 4*B*H*D*pairs (pairs = N*N dense, N*(N+1)/2 causal); fwd+bwd: 3.5x fwd",
-        "memory_model": "peak resident memory above the level before one call, fresh subprocess (inputs excluded), MiB",
+        "memory_model": (
+            "peak resident memory above the level before one call, in a fresh subprocess "
+            "(inputs excluded), MiB"
+        ),
         "results": rows,
     }
     path = save(args.name, payload)
     write_markdown(payload, DOCS / f"{args.name}.md")
     print(f"wrote {path}")
+
+
+def speed_ratio(by: dict, method: str) -> str:
+    """time(sdpa) / time(method) at one N, as text."""
+    if by[method]["status"] != "ok":
+        return "—"
+    return f"{by['sdpa']['median_s'] / by[method]['median_s']:.3f}"
 
 
 def write_markdown(payload: dict, path: Path) -> None:
@@ -166,14 +174,15 @@ def write_markdown(payload: dict, path: Path) -> None:
         "",
         f"Machine: {env_line(payload['env'])}. Shape: B={B}, H={H}, D={D}, N = S.",
         f"FLOP model: {payload['flop_model']}. Memory: {payload['memory_model']}.",
-        "Ratios are speed relative to torch SDPA measured in the same run (time_sdpa / time); above 1 is faster.",
+        "Ratios are speeds relative to torch SDPA in the same run (time_sdpa / time); above 1 is faster.",
         "",
     ]
     key = lambda r: (r["dtype"], r["mode"], r["mask"])  # noqa: E731
     for group in dict.fromkeys(key(r) for r in rows):
         dtype, mode, mask = group
+        what = "forward" if mode == "fwd" else "forward + backward"
         out += [
-            f"## {dtype}, {'forward' if mode == 'fwd' else 'forward + backward'}, {'causal' if mask == 'causal' else 'no mask'}",
+            f"## {dtype}, {what}, {'causal' if mask == 'causal' else 'no mask'}",
             "",
             "| N | "
             + " | ".join(f"{m} time (GFLOP/s)" for m in METHODS)
@@ -191,15 +200,8 @@ def write_markdown(payload: dict, path: Path) -> None:
                     f"{fmt_time(r['median_s'])} ({r['gflops']:.0f})" if r["status"] == "ok" else "skipped"
                 )
                 mem.append(f"{r['extra_mib']:.0f}" if "extra_mib" in r else "—")
-            sdpa = by["sdpa"]["median_s"]
-            ratio = lambda m: f"{sdpa / by[m]['median_s']:.3f}" if by[m]["status"] == "ok" else "—"  # noqa: E731
-            out.append(
-                f"| {n} | "
-                + " | ".join(cells)
-                + f" | {ratio('auto')} | {ratio('tiled')} | "
-                + " | ".join(mem)
-                + " |"
-            )
+            ratios = [speed_ratio(by, m) for m in ("auto", "tiled")]
+            out.append(f"| {n} | " + " | ".join([*cells, *ratios, *mem]) + " |")
         out.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
