@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, MaxRss, alternate, env_line, environment, fmt_time, peak_memory, save
+from _common import DOCS, RESULTS, MaxRss, alternate, env_line, environment, fmt_time, peak_memory, save
 from attnkit import attention
 from attnkit import patterns as P
 
@@ -94,10 +94,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--name", default="dense", help="results file name (bench/results/NAME.json)")
+    ap.add_argument("--render", action="store_true", help="only rewrite docs/bench/NAME.md from the JSON")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         probe(json.loads(args.probe))
+        return
+    if args.render:
+        payload = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_markdown(payload, DOCS / f"{args.name}.md")
         return
     torch.set_num_threads(torch.get_num_threads())
     env = environment()
@@ -165,6 +170,43 @@ def speed_ratio(by: dict, method: str) -> str:
     return f"{by['sdpa']['median_s'] / by[method]['median_s']:.3f}"
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """The headline numbers, computed from the rows."""
+    by = {(r["dtype"], r["mode"], r["mask"], r["n"], r["method"]): r for r in rows}
+    auto = sorted(
+        (by[(*key[:4], "sdpa")]["median_s"] / r["median_s"], key)
+        for key, r in by.items()
+        if key[4] == "auto" and r["status"] == "ok"
+    )
+    lines = [
+        "## Summary",
+        "",
+        f"- `auto` / torch SDPA speed over {len(auto)} configurations: worst {auto[0][0]:.3f} "
+        f"({' '.join(map(str, auto[0][1][:4]))}), median {auto[len(auto) // 2][0]:.3f}.",
+    ]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            ratios = [
+                by[(dtype, mode, mask, n, "sdpa")]["median_s"] / r["median_s"]
+                for (d, mo, mask, n, m), r in by.items()
+                if (d, mo, m) == (dtype, mode, "tiled") and r["status"] == "ok"
+            ]
+            if ratios:
+                lines.append(
+                    f"- `tiled` / torch SDPA speed, {dtype} {mode}: {min(ratios):.2f}–{max(ratios):.2f}."
+                )
+    n_max = max(r["n"] for r in rows)
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            t, s = by.get((dtype, mode, "none", n_max, "tiled")), by.get((dtype, mode, "none", n_max, "sdpa"))
+            if t and s and "extra_mib" in t and "extra_mib" in s:
+                lines.append(
+                    f"- Peak memory at N={n_max}, {dtype} {mode}, no mask: `tiled` {t['extra_mib']:.0f} MiB, "
+                    f"torch SDPA {s['extra_mib']:.0f} MiB."
+                )
+    return lines
+
+
 def write_markdown(payload: dict, path: Path) -> None:
     rows = payload["results"]
     out = [
@@ -175,6 +217,8 @@ def write_markdown(payload: dict, path: Path) -> None:
         f"Machine: {env_line(payload['env'])}. Shape: B={B}, H={H}, D={D}, N = S.",
         f"FLOP model: {payload['flop_model']}. Memory: {payload['memory_model']}.",
         "Ratios are speeds relative to torch SDPA in the same run (time_sdpa / time); above 1 is faster.",
+        "",
+        *summary(rows),
         "",
     ]
     key = lambda r: (r["dtype"], r["mode"], r["mask"])  # noqa: E731

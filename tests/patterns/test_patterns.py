@@ -267,3 +267,12 @@ def test_docstring_pictures_are_current():
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_gallery_is_current():
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, str(root / "tools" / "pattern_gallery.py"), "--check"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
