@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from tests.backends.cases import MASKS, SHAPES, shape_id  # noqa: E402
+from tests.backends.cases import MASKS, SHAPES, make_inputs, shape_id  # noqa: E402
 from tests.reference import attention_ref, grads, max_err, naive_eager  # noqa: E402
 
 from _common import DOCS, env_line, environment, save  # noqa: E402
@@ -34,14 +34,8 @@ NAMES = ["out", "dq", "dk", "dv", "dbias"]
 
 
 def one_case(backend: str, mask_case: str, shape, dtype):
-    B, H, Hkv, N, S, D, Dv = shape
-    pattern, mask = MASKS[mask_case](B, H, N, S)
-    q = torch.randn(B, H, N, D, dtype=torch.float64).to(dtype)
-    k = torch.randn(B, Hkv, S, D, dtype=torch.float64).to(dtype)
-    v = torch.randn(B, Hkv, S, Dv, dtype=torch.float64).to(dtype)
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(dtype)
-    dout = torch.randn(B, H, N, Dv, dtype=torch.float64)
+    pattern, mask, q, k, v = make_inputs(shape, dtype, mask_case)
+    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=torch.float64)
 
     def run(fn, cast=None):
         ts = [None if t is None else t.detach().to(cast or t.dtype) for t in (q, k, v, mask)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.patterns import Pattern
+from attnkit.patterns import EMPTY, FULL, PARTIAL, Pattern
 
 
 def allowed_mask(pattern: Pattern | None, mask: Tensor | None, n: int, s: int) -> Tensor | None:
@@ -79,3 +79,18 @@ def grads(fn, leaves: list[Tensor], dout: Tensor) -> tuple[Tensor, list[Tensor]]
     out = fn()
     (out.double() * dout.double()).sum().backward()
     return out.detach(), [t.grad.detach().clone() for t in leaves]
+
+
+def assert_block_map_exact(pattern: Pattern, n: int, s: int, block: tuple[int, int]) -> None:
+    """Every tile's state is what the dense mask says: FULL and EMPTY exactly, never just "safe"."""
+    dense = pattern.to_dense(n, s).reshape(-1, n, s)
+    bm = pattern.block_map(n, s, block)
+    bq, bk = block
+    assert bm.states.shape == (-(-n // bq), -(-s // bk))
+    for r in range(bm.num_q_blocks):
+        for c in range(bm.num_k_blocks):
+            t = dense[:, r * bq : (r + 1) * bq, c * bk : (c + 1) * bk]
+            want = FULL if t.all() else EMPTY if not t.any() else PARTIAL
+            assert bm.states[r, c] == want, (
+                f"tile ({r}, {c}) of {pattern!r}: {int(bm.states[r, c])} != {want}"
+            )

@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from attnkit import attention
 from attnkit import patterns as P
 from attnkit.backends.tiled import TiledBackend
-from attnkit.patterns import EMPTY, FULL
 
-from .reference import attention_ref, max_err
+from .reference import assert_block_map_exact, attention_ref, max_err
 
 
 @st.composite
@@ -115,16 +114,8 @@ def test_block_maps_agree_with_dense(problem):
     (_, _, _, N, S, _), pattern, _, tiles = problem
     if pattern is None:
         return
-    dense = pattern.to_dense(N, S).reshape(-1, N, S)
-    bm = pattern.block_map(N, S, tiles)
-    bq, bk = tiles
-    for r in range(bm.num_q_blocks):
-        for c in range(bm.num_k_blocks):
-            t = dense[:, r * bq : (r + 1) * bq, c * bk : (c + 1) * bk]
-            state = int(bm.states[r, c])
-            assert (state == FULL) == bool(t.all())
-            assert (state == EMPTY) == (not t.any())
-    assert pattern.num_allowed(N, S) == int(dense.sum())
+    assert_block_map_exact(pattern, N, S, tiles)
+    assert pattern.num_allowed(N, S) == int(pattern.to_dense(N, S).sum())
 
 
 @given(problems(), problems())

@@ -74,3 +74,15 @@ MASKS = {
     "bias": lambda B, H, N, S: (None, _bias(B, H, N, S)),
     "alibi-window": lambda B, H, N, S: (P.SlidingWindow(11), _alibi_like(B, H, N, S)),
 }
+
+
+def make_inputs(shape, dtype, mask_case):
+    """``(pattern, mask, q, k, v)`` for one case; values drawn in float64, then rounded to ``dtype``."""
+    B, H, Hkv, N, S, D, Dv = shape
+    pattern, mask = MASKS[mask_case](B, H, N, S)
+    q = torch.randn(B, H, N, D, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, S, D, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, S, Dv, dtype=torch.float64).to(dtype)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
+    return pattern, mask, q, k, v

@@ -26,22 +26,11 @@ import torch
 from attnkit import attention, backends
 
 from ..reference import attention_ref, grads, max_err, naive_eager, report
-from .cases import MASKS, SHAPES, shape_id
+from .cases import MASKS, SHAPES, make_inputs, shape_id
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIO = 2.0
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def make_inputs(shape, dtype, mask_case):
-    B, H, Hkv, N, S, D, Dv = shape
-    pattern, mask = MASKS[mask_case](B, H, N, S)
-    q = torch.randn(B, H, N, D, dtype=torch.float64).to(dtype)
-    k = torch.randn(B, Hkv, S, D, dtype=torch.float64).to(dtype)
-    v = torch.randn(B, Hkv, S, Dv, dtype=torch.float64).to(dtype)
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(dtype)
-    return pattern, mask, q, k, v
 
 
 def leaves(tensors, dtype=None):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from attnkit import patterns as P
-from attnkit.patterns import EMPTY, FULL, PARTIAL, parse_pattern
+from attnkit.patterns import parse_pattern
+
+from ..reference import assert_block_map_exact
 
 SIZES = [(1, 1), (5, 5), (7, 13), (13, 7), (17, 17)]
 ALIGNS = ["bottom_right", "top_left"]
@@ -142,16 +144,7 @@ BLOCK_N, BLOCK_S = 45, 47  # ragged for every block size below; Document above s
 @pytest.mark.parametrize("block", [(8, 8), (16, 4), (5, 7), (64, 64)], ids=str)
 @pytest.mark.parametrize("pattern", BLOCK_CASES, ids=repr)
 def test_block_map_is_exact(pattern, block):
-    """Every tile's state equals what the dense mask says (EMPTY/FULL exact, never just safe)."""
-    n, s = BLOCK_N, BLOCK_S
-    dense = pattern.to_dense(n, s).reshape(-1, n, s)
-    bm = pattern.block_map(n, s, block)
-    bq, bk = block
-    for r in range(bm.num_q_blocks):
-        for c in range(bm.num_k_blocks):
-            t = dense[:, r * bq : (r + 1) * bq, c * bk : (c + 1) * bk]
-            want = FULL if t.all() else EMPTY if not t.any() else PARTIAL
-            assert bm.states[r, c] == want, (r, c)
+    assert_block_map_exact(pattern, BLOCK_N, BLOCK_S, block)
 
 
 @pytest.mark.parametrize("pattern", BLOCK_CASES, ids=repr)
@@ -260,19 +253,11 @@ def test_to_string_draws_tiles():
     assert lines[20][19] == "░" and lines[20][15] == "█" and lines[20][3] == "·"
 
 
-def test_docstring_pictures_are_current():
+@pytest.mark.parametrize("tool", ["pattern_pictures.py", "pattern_gallery.py"])
+def test_generated_pictures_are_current(tool):
+    """Docstring pictures and docs/patterns.md are drawn by the patterns themselves."""
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run(
-        [sys.executable, str(root / "tools" / "pattern_pictures.py"), "--check"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-def test_gallery_is_current():
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [sys.executable, str(root / "tools" / "pattern_gallery.py"), "--check"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [sys.executable, str(root / "tools" / tool), "--check"], capture_output=True, text=True, check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
