@@ -15,6 +15,7 @@ backend        what                                            auto picks it for
 from __future__ import annotations
 
 from .base import AttentionInputs, AttentionResult, Backend
+from .blocksparse import BlockSparseBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend
@@ -92,8 +93,9 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
             return chosen
     else:
         for name in _PRIORITY:
-            if not _REGISTRY[name].unsupported_reasons(inp):
-                return _REGISTRY[name]
+            cls = _REGISTRY[name]
+            if not cls.unsupported_reasons(inp) and not cls.auto_reasons(inp):
+                return cls
     report = "\n".join(
         f"  {name}: " + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
         for name in _PRIORITY
@@ -105,3 +107,4 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
 register_backend(ReferenceBackend)
 register_backend(SdpaBackend)
 register_backend(TiledBackend)
+register_backend(BlockSparseBackend, priority=0)

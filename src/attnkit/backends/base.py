@@ -158,6 +158,12 @@ class Backend:
         return reasons
 
     @classmethod
+    def auto_reasons(cls, inp: AttentionInputs) -> list[str]:
+        """Why ``backend="auto"`` should not pick this backend although it could run ``inp``
+        (another backend is faster there). Forcing the backend by name ignores these."""
+        return []
+
+    @classmethod
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
         raise NotImplementedError
 

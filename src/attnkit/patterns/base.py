@@ -177,6 +177,17 @@ class Pattern:
             _BLOCK_MAP_CACHE.popitem(last=False)
         return bm
 
+    def tile_masks(
+        self, n: int, s: int, block: tuple[int, int], rows: Tensor, cols: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Element masks of the tiles ``(rows[t], cols[t])`` of a ``block``-tiled ``(N, S)`` matrix.
+
+        Returns ``(masks, valid)``: ``masks`` is ``(T, bq, bk)`` bool (``(B, T, bq, bk)`` for
+        per-batch patterns), already False outside the matrix; ``valid`` ``(T, bq, bk)`` marks
+        the elements inside it (ragged last tiles). Indices are CPU int64 tensors.
+        """
+        return _tile_masks(self, Grid(n, s, *block), rows, cols)
+
     def num_allowed(self, n: int, s: int | None = None) -> int:
         """Number of allowed (query, key) pairs; summed over batch items for per-batch patterns."""
         n, s = _sizes(n, s)

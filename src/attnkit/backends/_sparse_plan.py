@@ -1,0 +1,251 @@
+"""Execution plans for block-sparse attention: which batched calls cover a pattern's tiles.
+
+A plan cuts the ``(N, S)`` matrix into ``b x b`` tiles (the pattern's :class:`BlockMap`) and
+covers every non-empty tile with *segments*. Each segment is a set of query-tile rows that all
+attend to ``L`` key tiles, so one batched attention call computes it:
+
+* the **band**: the diagonals ``c - r`` in ``[lo, hi]`` that most rows use (a sliding window,
+  the local part of BigBird, a causal Sparse Transformer...). Row ``r`` reads key tiles
+  ``r + lo .. r + hi`` of a zero-padded key buffer, so the keys of all rows are one strided view
+  of that buffer: nothing is copied;
+* **gathered** buckets: every other non-empty tile (global columns, random blocks, irregular
+  layouts), copied per row and grouped by how many each row has.
+
+The band is chosen by a cost model: a diagonal joins it when computing it for every row
+(wasted where empty) is cheaper than gathering its non-empty tiles (``GATHER_COST`` band tiles
+each); the best contiguous range is a maximum-sum subarray. Each segment stores the pattern's
+element mask over its keys (``allowed``); tiles outside the matrix and missing tiles are False.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..patterns import EMPTY, FULL, PARTIAL, Pattern
+
+__all__ = ["GATHER_COST", "Segment", "SparsePlan", "sparse_plan"]
+
+#: Cost of computing one gathered tile, in units of one band tile (copying its keys and values
+#: and running smaller batched calls).
+GATHER_COST = 1.5
+#: A gathered bucket admits rows with up to this many times the tiles of its smallest row.
+BUCKET_SLACK = 1.25
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """Query-tile rows that each attend to ``L`` key tiles, computed by one batched call.
+
+    Attributes:
+        rows: ``(R,)`` query-tile indices (increasing; consecutive for the band).
+        cols: ``(R, L)`` key-tile indices into the padded key buffer.
+        band: ``cols[i] == cols[0] + (rows[i] - rows[0])``: keys are a strided view.
+        allowed: ``(R, b, L * b)`` bool (``(B, R, b, L * b)`` for per-batch patterns), the
+            pattern's element mask, False outside the matrix.
+        query_index: ``(R, b)`` query position of each row element, clamped into ``[0, N)``.
+        key_index: ``(R, L * b)`` key position of each key element, clamped into ``[0, S)``.
+        same: ``(R,)`` bool, rows whose mask equals ``allowed[ref]`` (one shared mask).
+        ref: Index of the reference row for ``same``.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    band: bool
+    allowed: Tensor
+    query_index: Tensor
+    key_index: Tensor
+    same: Tensor
+    ref: int
+
+    @property
+    def length(self) -> int:
+        """Key tiles per row, ``L``."""
+        return self.cols.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class SparsePlan:
+    """How block-sparse attention covers one pattern at one ``(N, S)`` and tile size ``b``."""
+
+    n: int
+    s: int
+    block: int
+    num_q_tiles: int
+    pad_front: int  # zero tiles before key 0 in the key buffer
+    buffer_tiles: int  # tiles in the key buffer (>= 1 trailing zero tile for padding)
+    segments: tuple[Segment, ...]
+    visited_tiles: int  # tiles the segments compute (band padding and bucket padding included)
+    nonempty_tiles: int
+
+    @property
+    def merges(self) -> bool:
+        """Whether some query row is covered by more than one segment."""
+        seen = torch.zeros(self.num_q_tiles, dtype=torch.int64)
+        for seg in self.segments:
+            seen[seg.rows] += 1
+        return bool((seen > 1).any())
+
+
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def sparse_plan(pattern: Pattern, n: int, s: int, block: int) -> SparsePlan:
+    """The (cached) plan for ``pattern`` on an ``(n, s)`` matrix with ``block x block`` tiles."""
+    key = (pattern, n, s, block)
+    try:
+        plan = _PLAN_CACHE.get(key)
+    except TypeError:  # unhashable pattern
+        return _build(pattern, n, s, block)
+    if plan is None:
+        plan = _build(pattern, n, s, block)
+        _PLAN_CACHE[key] = plan
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    return plan
+
+
+def _choose_band(rows: Tensor, cols: Tensor, nqb: int, nkb: int) -> tuple[int, int] | None:
+    """Diagonal range ``[lo, hi]`` maximizing ``sum(GATHER_COST * occupancy - rows)``; None if < 0."""
+    occupancy = torch.bincount(cols - rows + (nqb - 1), minlength=nqb + nkb - 1).double()
+    gain = GATHER_COST * occupancy - nqb
+    best, best_range, run, start = 0.0, None, 0.0, 0
+    for d, g in enumerate(gain.tolist()):  # Kadane's maximum-sum subarray
+        if run <= 0:
+            run, start = g, d
+        else:
+            run += g
+        if run > best:
+            best, best_range = run, (start, d)
+    if best_range is None:
+        return None
+    return best_range[0] - (nqb - 1), best_range[1] - (nqb - 1)
+
+
+def _buckets(counts: Tensor) -> list[Tensor]:
+    """Group the rows with ``counts > 0`` so that no row pads its bucket by more than the slack."""
+    rows = counts.nonzero().flatten()
+    if rows.numel() == 0:
+        return []
+    order = rows[torch.argsort(counts[rows], stable=True)]
+    groups, current, low = [], [], None
+    for r, c in zip(order.tolist(), counts[order].tolist(), strict=True):
+        if current and c > BUCKET_SLACK * low:
+            groups.append(torch.tensor(sorted(current)))
+            current = []
+        if not current:
+            low = c
+        current.append(r)
+    groups.append(torch.tensor(sorted(current)))
+    return groups
+
+
+def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
+    bm = pattern.block_map(n, s, b)
+    states = bm.states
+    nqb, nkb = states.shape
+    nonempty = states != EMPTY
+    r_idx, c_idx = nonempty.nonzero(as_tuple=True)
+    covered = torch.zeros_like(nonempty)
+    pieces: list[tuple[Tensor, Tensor, bool]] = []  # (rows, cols in real tile units, band)
+
+    band = _choose_band(r_idx, c_idx, nqb, nkb) if r_idx.numel() else None
+    if band is not None:
+        lo, hi = band
+        offsets = torch.arange(lo, hi + 1)
+        cols = torch.arange(nqb)[:, None] + offsets  # (nqb, L), may leave [0, nkb)
+        inside = (cols >= 0) & (cols < nkb)
+        hits = inside & nonempty[torch.arange(nqb)[:, None], cols.clamp(0, nkb - 1)]
+        used = hits.any(1).nonzero().flatten()
+        first, last = int(used[0]), int(used[-1])
+        rows = torch.arange(first, last + 1)
+        cols = cols[first : last + 1]
+        keep = inside[first : last + 1]
+        covered[rows[:, None].expand_as(cols)[keep], cols[keep]] = True
+        pieces.append((rows, cols, True))
+
+    extra = nonempty & ~covered
+    for rows in _buckets(extra.sum(1)):
+        width = int(extra[rows].sum(1).max())
+        cols = torch.full((rows.numel(), width), -1, dtype=torch.int64)  # -1: a padding tile
+        for i, r in enumerate(rows.tolist()):
+            c = extra[r].nonzero().flatten()
+            cols[i, : c.numel()] = c
+        pieces.append((rows, cols, False))
+
+    lowest = min((int(c.min()) for _, c, _ in pieces), default=0)
+    highest = max((int(c.max()) for _, c, _ in pieces), default=0)
+    pad_front = max(0, -lowest)
+    buffer_tiles = pad_front + max(nkb, highest + 1) + 1  # +1: a zero tile that -1 points at
+    segments = tuple(
+        _segment(pattern, states, n, s, b, rows, cols, band_, pad_front, buffer_tiles)
+        for rows, cols, band_ in pieces
+    )
+    return SparsePlan(
+        n=n,
+        s=s,
+        block=b,
+        num_q_tiles=nqb,
+        pad_front=pad_front,
+        buffer_tiles=buffer_tiles,
+        segments=segments,
+        visited_tiles=sum(seg.rows.numel() * seg.length for seg in segments),
+        nonempty_tiles=int(nonempty.sum()),
+    )
+
+
+def _segment(
+    pattern: Pattern,
+    states: Tensor,
+    n: int,
+    s: int,
+    b: int,
+    rows: Tensor,
+    cols: Tensor,
+    band: bool,
+    pad_front: int,
+    buffer_tiles: int,
+) -> Segment:
+    """Element masks and index maps of one segment (``cols`` in real tile units, -1 = padding)."""
+    nqb, nkb = states.shape
+    R, L = cols.shape
+    real = (cols >= 0) & (cols < nkb)
+    tile_state = torch.where(real, states[rows[:, None], cols.clamp(0, nkb - 1)], EMPTY)
+    q_pos = rows[:, None] * b + torch.arange(b)  # (R, b)
+    k_pos = (cols[:, :, None] * b + torch.arange(b)).reshape(R, L * b)  # (R, L*b)
+    k_valid = (real[:, :, None].expand(R, L, b).reshape(R, L * b)) & (k_pos < s) & (k_pos >= 0)
+    valid = (q_pos < n)[:, :, None] & k_valid[:, None, :]  # (R, b, L*b)
+
+    full = (tile_state == FULL)[:, None, :, None].expand(R, b, L, b).reshape(R, b, L * b)
+    allowed = full & valid
+    batch = pattern.batch_size
+    if batch is not None:
+        allowed = allowed.expand(batch, R, b, L * b).clone()
+    partial = (tile_state == PARTIAL).nonzero()  # (T, 2): (row i, tile t)
+    if partial.numel():
+        masks, _ = pattern.tile_masks(n, s, (b, b), rows[partial[:, 0]], cols[partial[:, 0], partial[:, 1]])
+        view = allowed.view(*allowed.shape[:-1], L, b)  # (..., R, b, L, b)
+        if batch is None:
+            view[partial[:, 0], :, partial[:, 1], :] = masks
+        else:
+            view[:, partial[:, 0], :, partial[:, 1], :] = masks.transpose(0, 1)
+    ref = R // 2
+    flat = allowed.reshape(-1, R, b * L * b) if batch is not None else allowed.reshape(1, R, -1)
+    same = (flat == flat[:, ref : ref + 1]).all(-1).all(0)
+    return Segment(
+        rows=rows,
+        # Band columns left of key 0 are the zero tiles in front; a gathered -1 is padding.
+        cols=cols + pad_front if band else torch.where(cols >= 0, cols + pad_front, buffer_tiles - 1),
+        band=band,
+        allowed=allowed,
+        query_index=q_pos.clamp(max=n - 1),
+        key_index=k_pos.clamp(0, s - 1),
+        same=same,
+        ref=ref,
+    )

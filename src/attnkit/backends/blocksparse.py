@@ -1,0 +1,359 @@
+"""The ``blocksparse`` backend: attention whose cost follows the pattern, not ``N x S``.
+
+Algorithm. The pattern's tiles are covered by the segments of a :class:`SparsePlan`
+(see ``_sparse_plan.py``): a diagonal *band* whose keys are a strided, copy-free view of a
+zero-padded key buffer, plus *gathered* buckets for everything off the band. Each segment is
+computed by batched attention calls -- torch's fused CPU flash kernel when available -- with
+the pattern's element mask as an additive bias. Where a row is covered by several segments,
+their partial results are merged exactly through their log-sum-exps. The backward recomputes
+per segment from the final output and log-sum-exp (as ring attention does), adds ``dQ``, and
+folds the overlapping ``dK``/``dV`` of the band back onto the keys; no ``N x S`` tensor is ever
+formed. Forward and backward use different tile sizes (``block``, ``backward_block``): torch's
+kernel is fastest on short query tiles forward and longer ones backward.
+
+Supports: every pattern and composition, a boolean mask or float bias on top (gathered per
+tile), GQA/MQA (the query heads of a group share the gathered keys), dropout (the
+counter-based mask of ``reference``/``tiled``), fully masked rows (zeros), float16/bfloat16/
+float32/float64, the log-sum-exp. Engines: torch's fused CPU kernel (CPU, ``D == Dv``, no
+dropout, no gradient into a float bias) and an eager fallback for everything else.
+
+Known limitations: a tile-level method: a pattern that allows one key in each of many tiles
+(``Strided`` with a large stride) visits whole tiles for it. A float bias with gradients, or
+dropout, runs on the eager engine (slower). Auto picks this backend for sparse patterns only
+(``MAX_VISITED``); dense and causal attention stay on ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..patterns import Causal, Full, KeyPadding
+from ._dropout import keep_mask
+from ._engines import Eager, FusedCPU, fused_cpu_available
+from ._masks import reduce_to
+from ._sparse_plan import Segment, SparsePlan, sparse_plan
+from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
+
+__all__ = ["BlockSparseBackend"]
+
+
+class BlockSparseBackend(Backend):
+    name = "blocksparse"
+    supports_dropout = True
+    supports_lse = True
+
+    #: Tile size of the forward and of the backward (see bench/results/sparse-tiles.json).
+    block = 64
+    backward_block = 128
+    #: ``auto`` picks blocksparse when its plan computes at most this fraction of ``N x S``.
+    MAX_VISITED = 0.5
+    #: Memory one batched call may use for gathered keys, biases and gradients.
+    chunk_bytes = 64 * 2**20
+
+    @classmethod
+    def auto_reasons(cls, inp: AttentionInputs) -> list[str]:
+        p = inp.pattern
+        if p is None or isinstance(p, (Full, Causal, KeyPadding)):
+            return [f"pattern {p!r} runs natively on sdpa"]
+        visited = visited_fraction(p, inp.N, inp.S, cls.block)
+        if visited > cls.MAX_VISITED:
+            return [f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {100 * cls.MAX_VISITED:.0f}%)"]
+        return []
+
+    @classmethod
+    def forward(cls, inp: AttentionInputs) -> AttentionResult:
+        fused = (
+            inp.device.type == "cpu"
+            and inp.D == inp.Dv  # torch's CPU kernel needs one head size for q, k and v
+            and inp.dropout_p == 0
+            and not (inp.bias is not None and inp.bias.requires_grad and torch.is_grad_enabled())
+            and fused_cpu_available()
+        )
+        pattern = inp.pattern if inp.pattern is not None else Full()
+        fplan = sparse_plan(pattern, inp.N, inp.S, cls.block)
+        bplan = sparse_plan(pattern, inp.N, inp.S, cls.backward_block) if fused else fplan
+        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
+        bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
+        out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, fplan, bplan)
+        return AttentionResult(out, None, lse if inp.return_lse else None)
+
+
+def visited_fraction(pattern, n: int, s: int, block: int) -> float:
+    """Fraction of the ``N x S`` matrix that the block-sparse plan computes."""
+    plan = sparse_plan(pattern, n, s, block)
+    return plan.visited_tiles * block * block / (n * s)
+
+
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """One call's inputs and how to lay them out for the engines."""
+
+    inp: AttentionInputs
+    fused: bool
+    chunk_bytes: int
+
+    @property
+    def engine(self):
+        return FusedCPU if self.fused else Eager
+
+    # -- layouts: (B, H, N, E) <-> (B*Hkv, num_q_tiles, G*b, E), query heads of a group stacked
+    def to_rows(self, x: Tensor, plan: SparsePlan) -> Tensor:
+        inp, b = self.inp, plan.block
+        B, _, N, E = x.shape
+        x5 = x.reshape(B, inp.Hkv, inp.G, N, E)
+        pad = plan.num_q_tiles * b - N
+        if inp.G == 1 and pad == 0:
+            return x5.reshape(B * inp.Hkv, plan.num_q_tiles, b, E)
+        if pad:
+            x5 = F.pad(x5, (0, 0, 0, pad))
+        x6 = x5.view(B, inp.Hkv, inp.G, plan.num_q_tiles, b, E).permute(0, 1, 3, 2, 4, 5)
+        return x6.reshape(B * inp.Hkv, plan.num_q_tiles, inp.G * b, E)
+
+    def from_rows(self, y: Tensor, plan: SparsePlan) -> Tensor:
+        inp, b = self.inp, plan.block
+        trailing = y.shape[3:]
+        y = y.reshape(inp.B, inp.Hkv, plan.num_q_tiles, inp.G, b, *trailing).transpose(2, 3)
+        return y.reshape(inp.B, inp.H, plan.num_q_tiles * b, *trailing)[:, :, : inp.N]
+
+    def key_buffer(self, t: Tensor, plan: SparsePlan) -> Tensor:
+        """``(B, Hkv, S, E)`` -> zero-padded ``(B*Hkv, buffer_tiles * b, E)``."""
+        B, Hkv, S, E = t.shape
+        start = plan.pad_front * plan.block
+        buf = t.new_zeros(B * Hkv, plan.buffer_tiles * plan.block, E)
+        buf[:, start : start + S] = t.reshape(B * Hkv, S, E)
+        return buf
+
+    # -- per-chunk operands
+    def keys(self, buf: Tensor, seg: Segment, lo: int, hi: int, b: int) -> Tensor:
+        """Keys (or values) of rows ``lo:hi`` of ``seg``: ``(X, hi - lo, L * b, E)``."""
+        X, _, E = buf.shape
+        L = seg.length
+        if seg.band:  # row i+1's keys start one tile after row i's: a strided view, no copy
+            first = int(seg.cols[lo, 0])
+            return buf.as_strided(
+                (X, hi - lo, L * b, E),
+                (buf.stride(0), b * E, E, 1),
+                buf.storage_offset() + first * b * E,
+            )
+        tiles = buf.view(X, -1, b, E)
+        return tiles[:, seg.cols[lo:hi].flatten().to(buf.device)].view(X, hi - lo, L * b, E)
+
+    def rows_of(self, x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
+        if seg.band:
+            first = int(seg.rows[lo])
+            return x[:, first : first + hi - lo]
+        return x[:, seg.rows[lo:hi].to(x.device)]
+
+    def bias(self, seg: Segment, lo: int, hi: int, bias: Tensor | None) -> Tensor:
+        """Additive bias ``(1 or X, hi - lo, G*b, L*b)``: the pattern's mask, the user's mask/bias."""
+        inp = self.inp
+        dev = inp.device
+        ct = compute_dtype(inp.dtype)
+        shared = inp.mask is None and bias is None and seg.allowed.dim() == 3 and bool(seg.same[lo:hi].all())
+        allowed = seg.allowed[seg.ref : seg.ref + 1] if shared else seg.allowed[..., lo:hi, :, :]
+        allowed = allowed.to(dev)
+        if allowed.dim() == 3:  # (R', b, K) -> user layout (1, 1, R', b, K)
+            allowed = allowed[None, None]
+        else:  # per-batch (B, R', b, K)
+            allowed = allowed[:, None]
+        add = None
+        if inp.mask is not None or bias is not None:
+            q_idx = seg.query_index[lo:hi].to(dev)[:, :, None]  # (R', b, 1)
+            k_idx = seg.key_index[lo:hi].to(dev)[:, None, :]  # (R', 1, K)
+            if inp.mask is not None:
+                allowed = allowed & _gather(inp.mask, q_idx, k_idx)
+            if bias is not None:
+                add = _gather(bias, q_idx, k_idx).to(ct)
+        out = torch.zeros(allowed.shape, dtype=ct, device=dev).masked_fill_(~allowed, float("-inf"))
+        if add is not None:
+            out = out + add
+        return self._to_engine_layout(out)
+
+    def _to_engine_layout(self, t: Tensor) -> Tensor:
+        """``(Bx, Hx, R', b, K)`` with ``Bx in {1, B}``, ``Hx in {1, H}`` -> ``(1 or X, R', G*b, K)``."""
+        inp = self.inp
+        Bx, Hx, R, b, K = t.shape
+        if Hx == 1:
+            t = t[:, :, :, None].expand(Bx, 1, R, inp.G, b, K)
+            if Bx > 1:
+                t = t.expand(Bx, inp.Hkv, R, inp.G, b, K)
+        else:
+            t = t.view(Bx, inp.Hkv, inp.G, R, b, K).transpose(2, 3)
+            if Bx == 1 and inp.B > 1:  # per-head but not per-batch: every batch item alike
+                t = t.expand(inp.B, -1, -1, -1, -1, -1)
+        return t.reshape(-1, R, inp.G * b, K)
+
+    def keep(self, seg: Segment, lo: int, hi: int, b: int) -> Tensor | None:
+        """Dropout keep mask ``(X, R', G*b, K)`` from the true (batch, head, query, key) indices."""
+        inp = self.inp
+        if inp.dropout_p == 0:
+            return None
+        dev = inp.device
+        X = inp.B * inp.Hkv
+        bx = torch.arange(X, device=dev).view(X, 1, 1, 1)
+        g = (torch.arange(inp.G * b, device=dev) // b).view(1, 1, -1, 1)
+        q_idx = seg.query_index[lo:hi].to(dev)  # (R', b)
+        q_idx = q_idx[:, None, :].expand(-1, inp.G, -1).reshape(1, hi - lo, -1, 1)
+        k_idx = seg.key_index[lo:hi].to(dev)[None, :, None, :]
+        return keep_mask(inp.dropout_seed, bx // inp.Hkv, (bx % inp.Hkv) * inp.G + g, q_idx, k_idx, inp.dropout_p)
+
+    def chunks(self, seg: Segment, backward: bool) -> list[tuple[int, int]]:
+        """Row ranges of ``seg`` for one batched call each, within ``chunk_bytes``."""
+        inp, R = self.inp, seg.rows.numel()
+        K = seg.allowed.shape[-1]
+        width = max(4, inp.q.element_size())
+        X = inp.B * inp.Hkv
+        per_row = inp.G * seg.allowed.shape[-2] * K * 4 * (X if inp.mask is not None or inp.bias is not None else 1)
+        if not seg.band or backward:
+            per_row += 3 * X * K * (inp.D + inp.Dv) * width
+        if not self.fused:
+            per_row += 3 * X * inp.G * seg.allowed.shape[-2] * K * 4  # scores, probabilities, dS
+        step = max(1, self.chunk_bytes // max(1, per_row))
+        bounds, lo = [], 0
+        same = seg.same.tolist()
+        while lo < R:  # also split where rows stop sharing one mask, so shared runs stay shared
+            hi = min(R, lo + step)
+            hi = next((i for i in range(lo + 1, hi) if same[i] != same[lo]), hi)
+            bounds.append((lo, hi))
+            lo = hi
+        return bounds
+
+
+def _gather(t: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+    """``t[..., q_idx, k_idx]`` for a 4-D mask/bias broadcastable to (B, H, N, S): ``(Bx, Hx, R', b, K)``."""
+    qi = q_idx if t.shape[2] > 1 else torch.zeros_like(q_idx)
+    ki = k_idx if t.shape[3] > 1 else torch.zeros_like(k_idx)
+    return t[:, :, qi, ki]
+
+
+def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Fold a call's partial result for query tiles ``rows`` into the accumulators, exactly."""
+    fresh = ~written[rows]
+    dev_rows = rows.to(out_acc.device)
+    if bool(fresh.all()):
+        out_acc[:, dev_rows] = out.to(out_acc.dtype)
+        lse_acc[:, dev_rows] = lse.to(lse_acc.dtype)
+    else:
+        old_lse, old_out = lse_acc[:, dev_rows], out_acc[:, dev_rows]
+        new = torch.logaddexp(old_lse, lse.to(lse_acc.dtype))
+        safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+        w_old = torch.exp(old_lse - safe)[..., None]
+        w_new = torch.exp(lse.to(lse_acc.dtype) - safe)[..., None]
+        out_acc[:, dev_rows] = old_out * w_old + out.to(out_acc.dtype) * w_new
+        lse_acc[:, dev_rows] = new
+    written[rows] = True
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, job: _Job, fplan: SparsePlan, bplan: SparsePlan):
+        inp = job.inp
+        user_bias = bias if bias.numel() else None
+        ct = compute_dtype(q.dtype)
+        b = fplan.block
+        q_rows = job.to_rows(q, fplan)
+        k_buf, v_buf = job.key_buffer(k, fplan), job.key_buffer(v, fplan)
+        X, T, M = q_rows.shape[:3]
+        out_acc = torch.zeros(X, T, M, inp.Dv, dtype=ct, device=q.device)
+        lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
+        written = torch.zeros(T, dtype=torch.bool)
+        engine = job.engine
+        for seg in fplan.segments:
+            for lo, hi in job.chunks(seg, backward=False):
+                bias_c = job.bias(seg, lo, hi, user_bias)
+                args = (job.rows_of(q_rows, seg, lo, hi), job.keys(k_buf, seg, lo, hi, b), job.keys(v_buf, seg, lo, hi, b))
+                if job.fused:
+                    out_c, lse_c = engine.forward(*args, bias_c, inp.scale)
+                else:
+                    out_c, lse_c = engine.forward(*args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p)
+                seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
+                lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
+                _merge(out_acc, lse_acc, written, seg.rows[lo:hi], out_c, lse_c)
+        out = job.from_rows(out_acc, fplan).to(q.dtype)
+        lse = job.from_rows(lse_acc[..., None], fplan)[..., 0]
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.job, ctx.plan = job, bplan
+        ctx.mark_non_differentiable(lse)
+        return out, lse.to(lse_dtype(q.dtype))
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        job: _Job = ctx.job
+        plan: SparsePlan = ctx.plan
+        inp = job.inp
+        user_bias = bias if bias.numel() else None
+        ct = compute_dtype(q.dtype)
+        b = plan.block
+        q_rows, do_rows = job.to_rows(q, plan), job.to_rows(dout.contiguous(), plan)
+        out_rows = job.to_rows(out, plan)
+        lse_rows = job.to_rows(lse[..., None], plan)[..., 0]
+        k_buf, v_buf = job.key_buffer(k, plan), job.key_buffer(v, plan)
+        X, T, M, _ = q_rows.shape
+        dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
+        dk_tiles = torch.zeros(X, plan.buffer_tiles, b, inp.D, dtype=ct, device=q.device)
+        dv_tiles = torch.zeros(X, plan.buffer_tiles, b, inp.Dv, dtype=ct, device=q.device)
+        want_dbias = user_bias is not None and ctx.needs_input_grad[3]
+        dbias = torch.zeros(bias.shape, dtype=ct, device=bias.device) if want_dbias else None
+        engine = job.engine
+        for seg in plan.segments:
+            for lo, hi in job.chunks(seg, backward=True):
+                bias_c = job.bias(seg, lo, hi, user_bias)
+                rows = seg.rows[lo:hi]
+                args = (
+                    job.rows_of(do_rows, seg, lo, hi),
+                    job.rows_of(q_rows, seg, lo, hi),
+                    job.keys(k_buf, seg, lo, hi, b),
+                    job.keys(v_buf, seg, lo, hi, b),
+                    job.rows_of(out_rows, seg, lo, hi),
+                    job.rows_of(lse_rows, seg, lo, hi),
+                    bias_c,
+                    inp.scale,
+                )
+                if job.fused:
+                    dq_c, dk_c, dv_c, ds = engine.backward(*args)
+                else:
+                    dq_c, dk_c, dv_c, ds = engine.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
+                dq_rows[:, rows.to(q.device)] += dq_c.to(ct)
+                _fold(dk_tiles, seg, lo, hi, dk_c.to(ct))
+                _fold(dv_tiles, seg, lo, hi, dv_c.to(ct))
+                if dbias is not None:
+                    _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
+        start = plan.pad_front * b
+        dq = job.from_rows(dq_rows, plan).to(q.dtype)
+        dk = dk_tiles.view(X, -1, inp.D)[:, start : start + inp.S].reshape(k.shape).to(k.dtype)
+        dv = dv_tiles.view(X, -1, inp.Dv)[:, start : start + inp.S].reshape(v.shape).to(v.dtype)
+        return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), None, None, None
+
+
+def _fold(tiles: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor) -> None:
+    """Add per-row key gradients ``(X, R', L*b, E)`` back onto the key tiles ``(X, T, b, E)``."""
+    X, T, b, E = tiles.shape
+    L, R = seg.length, hi - lo
+    g = grad.view(X, R, L, b, E)
+    if seg.band:  # row i's tile t is buffer tile first + i + t: L shifted, non-overlapping adds
+        first = int(seg.cols[lo, 0])
+        for t in range(L):
+            tiles[:, first + t : first + t + R] += g[:, :, t]
+    else:
+        tiles.index_add_(1, seg.cols[lo:hi].flatten().to(tiles.device), g.reshape(X, R * L, b, E))
+
+
+def _scatter_bias_grad(dbias: Tensor, job: _Job, seg: Segment, lo: int, hi: int, ds: Tensor) -> None:
+    """Add ``dS`` (the gradient of the scores) into a broadcastable float bias's gradient."""
+    inp = job.inp
+    R, b, K = hi - lo, seg.allowed.shape[-2], seg.allowed.shape[-1]
+    # (X, R', G*b, K) -> (B, H, R', b, K), then sum over the dims the bias broadcasts
+    g = ds.view(inp.B, inp.Hkv, R, inp.G, b, K).transpose(2, 3).reshape(inp.B, inp.H, R, b, K)
+    g = reduce_to(g, (dbias.shape[0], dbias.shape[1], R, b, K))
+    # Masked and padding positions carry dS = 0, so clamped duplicate indices add nothing.
+    dev = dbias.device
+    qi = seg.query_index[lo:hi].to(dev)[:, :, None] if dbias.shape[2] > 1 else torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+    ki = seg.key_index[lo:hi].to(dev)[:, None, :] if dbias.shape[3] > 1 else torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+    i0 = torch.arange(dbias.shape[0], device=dev).view(-1, 1, 1, 1, 1)
+    i1 = torch.arange(dbias.shape[1], device=dev).view(1, -1, 1, 1, 1)
+    dbias.index_put_((i0, i1, qi, ki), g, accumulate=True)
