@@ -17,7 +17,10 @@ def _seed():
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Make the tiled backend cut even small test inputs into many ragged, non-square tiles."""
+    """Make the tile-based backends cut even small test inputs into many ragged tiles."""
+    from attnkit.backends.blocksparse import BlockSparseBackend
     from attnkit.backends.tiled import TiledBackend
 
     monkeypatch.setattr(TiledBackend, "block", (16, 32))
+    monkeypatch.setattr(BlockSparseBackend, "block", 8)
+    monkeypatch.setattr(BlockSparseBackend, "backward_block", 16)

@@ -11,7 +11,7 @@ from attnkit.backends import AttentionResult, Backend, register_backend
 
 from .reference import attention_ref, max_err
 
-ALL = ["reference", "sdpa", "tiled"]
+ALL = ["reference", "sdpa", "tiled", "blocksparse"]
 
 
 def qkv(B=2, H=4, Hkv=2, N=19, S=23, D=16, dtype=torch.float32, grad=False):
@@ -246,7 +246,9 @@ def test_forcing_an_unable_backend_lists_every_backends_reasons():
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"one of \['sdpa', 'tiled', 'reference'\], but got backend='flash'"):
+    with pytest.raises(
+        ValueError, match=r"one of \['blocksparse', 'sdpa', 'tiled', 'reference'\], but got backend='flash'"
+    ):
         attention(q, k, v, backend="flash")
 
 

@@ -99,7 +99,7 @@ def test_every_backend_matches_the_oracle(problem):
     old = TiledBackend.block
     TiledBackend.block = tiles
     try:
-        for backend in ("reference", "sdpa", "tiled"):
+        for backend in ("reference", "sdpa", "tiled", "blocksparse"):
             got = attention(q, k, v, pattern=pattern, mask=mask, backend=backend)
             got_g = torch.autograd.grad((got * dout).sum(), (q, k, v))
             assert max_err(got, want) < 1e-10, backend

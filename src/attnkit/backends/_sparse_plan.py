@@ -213,7 +213,7 @@ def _segment(
     buffer_tiles: int,
 ) -> Segment:
     """Element masks and index maps of one segment (``cols`` in real tile units, -1 = padding)."""
-    nqb, nkb = states.shape
+    nkb = states.shape[1]
     R, L = cols.shape
     real = (cols >= 0) & (cols < nkb)
     tile_state = torch.where(real, states[rows[:, None], cols.clamp(0, nkb - 1)], EMPTY)

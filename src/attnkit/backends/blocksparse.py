@@ -61,14 +61,16 @@ class BlockSparseBackend(Backend):
             return [f"pattern {p!r} runs natively on sdpa"]
         visited = visited_fraction(p, inp.N, inp.S, cls.block)
         if visited > cls.MAX_VISITED:
-            return [f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {100 * cls.MAX_VISITED:.0f}%)"]
+            return [
+                f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {100 * cls.MAX_VISITED:.0f}%)"
+            ]
         return []
 
     @classmethod
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
         fused = (
             inp.device.type == "cpu"
-            and inp.D == inp.Dv  # torch's CPU kernel needs one head size for q, k and v
+            and inp.Dv == inp.D  # torch's CPU kernel needs one head size for q, k and v
             and inp.dropout_p == 0
             and not (inp.bias is not None and inp.bias.requires_grad and torch.is_grad_enabled())
             and fused_cpu_available()
@@ -199,7 +201,9 @@ class _Job:
         q_idx = seg.query_index[lo:hi].to(dev)  # (R', b)
         q_idx = q_idx[:, None, :].expand(-1, inp.G, -1).reshape(1, hi - lo, -1, 1)
         k_idx = seg.key_index[lo:hi].to(dev)[None, :, None, :]
-        return keep_mask(inp.dropout_seed, bx // inp.Hkv, (bx % inp.Hkv) * inp.G + g, q_idx, k_idx, inp.dropout_p)
+        return keep_mask(
+            inp.dropout_seed, bx // inp.Hkv, (bx % inp.Hkv) * inp.G + g, q_idx, k_idx, inp.dropout_p
+        )
 
     def chunks(self, seg: Segment, backward: bool) -> list[tuple[int, int]]:
         """Row ranges of ``seg`` for one batched call each, within ``chunk_bytes``."""
@@ -207,7 +211,9 @@ class _Job:
         K = seg.allowed.shape[-1]
         width = max(4, inp.q.element_size())
         X = inp.B * inp.Hkv
-        per_row = inp.G * seg.allowed.shape[-2] * K * 4 * (X if inp.mask is not None or inp.bias is not None else 1)
+        per_row = (
+            inp.G * seg.allowed.shape[-2] * K * 4 * (X if inp.mask is not None or inp.bias is not None else 1)
+        )
         if not seg.band or backward:
             per_row += 3 * X * K * (inp.D + inp.Dv) * width
         if not self.fused:
@@ -265,11 +271,17 @@ class _BlockSparseAttention(torch.autograd.Function):
         for seg in fplan.segments:
             for lo, hi in job.chunks(seg, backward=False):
                 bias_c = job.bias(seg, lo, hi, user_bias)
-                args = (job.rows_of(q_rows, seg, lo, hi), job.keys(k_buf, seg, lo, hi, b), job.keys(v_buf, seg, lo, hi, b))
+                args = (
+                    job.rows_of(q_rows, seg, lo, hi),
+                    job.keys(k_buf, seg, lo, hi, b),
+                    job.keys(v_buf, seg, lo, hi, b),
+                )
                 if job.fused:
                     out_c, lse_c = engine.forward(*args, bias_c, inp.scale)
                 else:
-                    out_c, lse_c = engine.forward(*args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p)
+                    out_c, lse_c = engine.forward(
+                        *args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p
+                    )
                 seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
                 lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
                 _merge(out_acc, lse_acc, written, seg.rows[lo:hi], out_c, lse_c)
@@ -352,8 +364,10 @@ def _scatter_bias_grad(dbias: Tensor, job: _Job, seg: Segment, lo: int, hi: int,
     g = reduce_to(g, (dbias.shape[0], dbias.shape[1], R, b, K))
     # Masked and padding positions carry dS = 0, so clamped duplicate indices add nothing.
     dev = dbias.device
-    qi = seg.query_index[lo:hi].to(dev)[:, :, None] if dbias.shape[2] > 1 else torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
-    ki = seg.key_index[lo:hi].to(dev)[:, None, :] if dbias.shape[3] > 1 else torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+    qi = seg.query_index[lo:hi].to(dev)[:, :, None].expand(R, b, K)
+    ki = seg.key_index[lo:hi].to(dev)[:, None, :].expand(R, b, K)
+    qi = qi if dbias.shape[2] > 1 else torch.zeros_like(qi)  # a bias constant along N (or S)
+    ki = ki if dbias.shape[3] > 1 else torch.zeros_like(ki)  # collects every row's (column's) dS
     i0 = torch.arange(dbias.shape[0], device=dev).view(-1, 1, 1, 1, 1)
     i1 = torch.arange(dbias.shape[1], device=dev).view(1, -1, 1, 1, 1)
     dbias.index_put_((i0, i1, qi, ki), g, accumulate=True)

@@ -1,0 +1,158 @@
+"""The block-sparse backend: its plans, both engines, dispatch, and numerics at real tile sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import attention, backends
+from attnkit import patterns as P
+from attnkit.backends import _engines
+from attnkit.backends._sparse_plan import sparse_plan
+from attnkit.backends.blocksparse import BlockSparseBackend, visited_fraction
+from attnkit.functional import build_inputs
+
+from ..reference import attention_ref, grads, max_err
+
+BIGBIRD = P.SlidingWindow(48, 48) | P.Global(range(16)) | P.Random(2, 16, seed=0)
+
+
+def test_window_plan_is_one_copy_free_band():
+    plan = sparse_plan(P.SlidingWindow(256, 256), 4096, 4096, 64)
+    assert len(plan.segments) == 1
+    seg = plan.segments[0]
+    assert seg.band and seg.length == 9 and seg.rows.tolist() == list(range(64))
+    assert plan.visited_tiles == 64 * 9  # band padding at the edges included
+    assert bool(seg.same[4:-4].all())  # interior rows share one mask
+
+
+def test_bigbird_plan_gathers_global_and_random_tiles():
+    plan = sparse_plan(BIGBIRD, 1024, 1024, 16)
+    kinds = [(s.band, s.rows.numel()) for s in plan.segments]
+    assert kinds[0] == (True, 64)
+    assert all(not band for band, _ in kinds[1:])
+    # the global query row gathers every tile outside its band (clipped to 4 tiles at the edge)
+    assert any(s.rows.tolist() == [0] and s.length == 64 - 4 for s in plan.segments[1:])
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [P.SlidingWindow(40, 7), BIGBIRD, P.Strided(24) & P.Causal(), P.Document((100, 300, 112)) & P.Causal()],
+    ids=repr,
+)
+def test_plans_cover_each_nonempty_tile_exactly_once(pattern):
+    """The band may also compute empty tiles (masked): that is its trade-off; gathers never do."""
+    n = s = 512
+    plan = sparse_plan(pattern, n, s, 16)
+    bm = pattern.block_map(n, s, 16)
+    hits = torch.zeros(bm.states.shape, dtype=torch.int64)
+    for seg in plan.segments:
+        cols = seg.cols - plan.pad_front
+        inside = (cols >= 0) & (cols < bm.num_k_blocks) & (seg.cols != plan.buffer_tiles - 1)
+        rows = seg.rows[:, None].expand_as(cols)
+        hits.index_put_(
+            (rows[inside], cols[inside]), torch.ones(int(inside.sum()), dtype=torch.int64), accumulate=True
+        )
+    nonempty = bm.states != P.EMPTY
+    assert bool((hits[nonempty] == 1).all()) and int(hits.max()) == 1
+
+
+def test_fused_kernel_is_available_on_this_torch():
+    assert _engines.fused_cpu_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", [P.SlidingWindow(100, 30), BIGBIRD, P.Strided(32) & P.Causal()], ids=repr)
+def test_default_tiles_match_the_oracle(pattern, dtype):
+    """At the real tile sizes (64 forward, 128 backward), with GQA and ragged N != S."""
+    B, H, Hkv, N, S, D = 1, 4, 2, 555, 600, 32
+    q = torch.randn(B, H, N, D, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, S, D, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, S, D, dtype=torch.float64).to(dtype)
+    dout = torch.randn(B, H, N, D, dtype=torch.float64)
+
+    def run(fn, cast=None):
+        ts = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+        return grads(lambda: fn(*ts), ts, dout)
+
+    want = run(lambda *t: attention_ref(*t, pattern=pattern), torch.float64)
+    eager = run(lambda *t: attention_ref(*t, pattern=pattern, dtype=dtype))
+    got = run(lambda *t: attention(*t, pattern=pattern, backend="blocksparse"))
+    atol = {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+    for g, e, w in zip([got[0], *got[1]], [eager[0], *eager[1]], [want[0], *want[1]], strict=True):
+        assert max_err(g, w) <= 2 * max_err(e, w) + atol
+
+
+def test_eager_engine_equals_the_fused_engine(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 300, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pattern = P.SlidingWindow(50) | P.Global((0, 1))
+    fused = grads(
+        lambda: attention(q, k, v, pattern=pattern, backend="blocksparse"),
+        [q, k, v],
+        torch.ones(1, 2, 300, 32),
+    )
+    monkeypatch.setattr(_engines, "fused_cpu_available", lambda: False)
+    monkeypatch.setattr("attnkit.backends.blocksparse.fused_cpu_available", lambda: False)
+    eager = grads(
+        lambda: attention(q, k, v, pattern=pattern, backend="blocksparse"),
+        [q, k, v],
+        torch.ones(1, 2, 300, 32),
+    )
+    for a, b in zip([fused[0], *fused[1]], [eager[0], *eager[1]], strict=True):
+        assert max_err(a, b) < 1e-12
+
+
+def test_dropout_equals_reference_exactly(small_tiles):
+    q, k, v = (torch.randn(2, 4, 70, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pattern = P.SlidingWindow(20) & P.Causal()
+    runs = []
+    for backend in ("reference", "blocksparse"):
+        torch.manual_seed(9)
+        runs.append(
+            grads(
+                lambda b=backend: attention(q, k, v, pattern=pattern, dropout_p=0.2, backend=b),
+                [q, k, v],
+                torch.ones(2, 4, 70, 16),
+            )
+        )
+    for a, b in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]], strict=True):
+        assert max_err(a, b) < 1e-12
+
+
+def test_lse_matches_the_oracle(small_tiles):
+    q, k, v = (torch.randn(1, 2, 50, 16, dtype=torch.float64) for _ in range(3))
+    pattern = P.SlidingWindow(6) | P.Global((3,))
+    _, lse = attention(q, k, v, pattern=pattern, return_lse=True, backend="blocksparse")
+    _, want = attention(q, k, v, pattern=pattern, return_lse=True, backend="reference")
+    assert max_err(lse, want) < 1e-12
+
+
+def test_auto_picks_blocksparse_for_sparse_patterns_only():
+    q = torch.randn(1, 2, 2048, 32)
+
+    def chosen(pattern):
+        return backends.select(build_inputs(q, q, q, pattern=pattern)).name
+
+    assert chosen(P.SlidingWindow(128, 128)) == "blocksparse"
+    assert chosen(P.SlidingWindow(64) | P.Global((0,)) | P.Random(2, 64)) == "blocksparse"
+    assert chosen(None) == "sdpa"
+    assert chosen(P.Causal()) == "sdpa"
+    assert chosen(P.SlidingWindow(1500, 1500)) == "sdpa"  # dense: most tiles visited
+    assert (
+        visited_fraction(P.SlidingWindow(1500, 1500), 2048, 2048, BlockSparseBackend.block)
+        > BlockSparseBackend.MAX_VISITED
+    )
+
+
+def test_forced_blocksparse_runs_dense_attention():
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64) for _ in range(3))
+    assert max_err(attention(q, k, v, backend="blocksparse"), attention_ref(q, k, v)) < 1e-12
+
+
+def test_auto_reasons_say_why_blocksparse_was_passed_over():
+    q = torch.randn(1, 2, 2048, 32)
+    dense = BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.Causal()))
+    assert dense == ["pattern Causal() runs natively on sdpa"]
+    wide = BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(1500, 1500)))
+    assert "is dense: a plan computes" in wide[0]
+    assert BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(64))) == []
