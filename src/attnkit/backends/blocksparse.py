@@ -61,9 +61,8 @@ class BlockSparseBackend(Backend):
             return [f"pattern {p!r} runs natively on sdpa"]
         visited = visited_fraction(p, inp.N, inp.S, cls.block)
         if visited > cls.MAX_VISITED:
-            return [
-                f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {100 * cls.MAX_VISITED:.0f}%)"
-            ]
+            limit = 100 * cls.MAX_VISITED
+            return [f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {limit:.0f}%)"]
         return []
 
     @classmethod
@@ -158,10 +157,8 @@ class _Job:
         shared = inp.mask is None and bias is None and seg.allowed.dim() == 3 and bool(seg.same[lo:hi].all())
         allowed = seg.allowed[seg.ref : seg.ref + 1] if shared else seg.allowed[..., lo:hi, :, :]
         allowed = allowed.to(dev)
-        if allowed.dim() == 3:  # (R', b, K) -> user layout (1, 1, R', b, K)
-            allowed = allowed[None, None]
-        else:  # per-batch (B, R', b, K)
-            allowed = allowed[:, None]
+        # to the user layout (Bx, Hx, R', b, K): from (R', b, K), or per-batch (B, R', b, K)
+        allowed = allowed[None, None] if allowed.dim() == 3 else allowed[:, None]
         add = None
         if inp.mask is not None or bias is not None:
             q_idx = seg.query_index[lo:hi].to(dev)[:, :, None]  # (R', b, 1)
@@ -344,7 +341,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 def _fold(tiles: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor) -> None:
     """Add per-row key gradients ``(X, R', L*b, E)`` back onto the key tiles ``(X, T, b, E)``."""
-    X, T, b, E = tiles.shape
+    X, _, b, E = tiles.shape
     L, R = seg.length, hi - lo
     g = grad.view(X, R, L, b, E)
     if seg.band:  # row i's tile t is buffer tile first + i + t: L shifted, non-overlapping adds
