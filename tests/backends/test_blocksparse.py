@@ -8,7 +8,7 @@ import torch
 from attnkit import attention, backends
 from attnkit import patterns as P
 from attnkit.backends import _engines
-from attnkit.backends._sparse_plan import sparse_plan
+from attnkit.backends._sparse_plan import choose_block, sparse_plan
 from attnkit.backends.blocksparse import BlockSparseBackend, visited_fraction
 from attnkit.functional import build_inputs
 
@@ -17,20 +17,21 @@ from ..reference import attention_ref, grads, max_err
 BIGBIRD = P.SlidingWindow(48, 48) | P.Global(range(16)) | P.Random(2, 16, seed=0)
 
 
-def test_window_plan_is_one_copy_free_band():
+def test_window_plan_is_a_copy_free_band_with_gathered_ends():
     plan = sparse_plan(P.SlidingWindow(256, 256), 4096, 4096, 64)
-    assert len(plan.segments) == 1
-    seg = plan.segments[0]
-    assert seg.band and seg.length == 9 and seg.rows.tolist() == list(range(64))
-    assert plan.visited_tiles == 64 * 9  # band padding at the edges included
-    assert bool(seg.same[4:-4].all())  # interior rows share one mask
+    kinds = [(s.band, s.rows.tolist()) for s in plan.segments]
+    # rows 4..59 read a strided view of K; the 4 rows at each end stick out and gather
+    assert kinds == [(False, [0, 1, 2, 3]), (True, list(range(4, 60))), (False, [60, 61, 62, 63])]
+    assert all(s.length == 9 for s in plan.segments)
+    assert plan.visited_tiles == 64 * 9  # the ends' out-of-range tiles included
+    assert bool(plan.segments[1].same.all())  # interior rows share one mask
 
 
 def test_bigbird_plan_gathers_global_and_random_tiles():
     plan = sparse_plan(BIGBIRD, 1024, 1024, 16)
     kinds = [(s.band, s.rows.numel()) for s in plan.segments]
-    assert kinds[0] == (True, 64)
-    assert all(not band for band, _ in kinds[1:])
+    assert kinds[:3] == [(False, 3), (True, 58), (False, 3)]  # band: ends gathered
+    assert all(not band for band, _ in kinds[3:])
     # the global query row gathers every tile outside its band (clipped to 4 tiles at the edge)
     assert any(s.rows.tolist() == [0] and s.length == 64 - 4 for s in plan.segments[1:])
 
@@ -47,8 +48,8 @@ def test_plans_cover_each_nonempty_tile_exactly_once(pattern):
     bm = pattern.block_map(n, s, 16)
     hits = torch.zeros(bm.states.shape, dtype=torch.int64)
     for seg in plan.segments:
-        cols = seg.cols - plan.pad_front
-        inside = (cols >= 0) & (cols < bm.num_k_blocks) & (seg.cols != plan.buffer_tiles - 1)
+        cols = seg.cols
+        inside = (cols >= 0) & (cols < bm.num_k_blocks)
         rows = seg.rows[:, None].expand_as(cols)
         hits.index_put_(
             (rows[inside], cols[inside]), torch.ones(int(inside.sum()), dtype=torch.int64), accumulate=True
@@ -138,10 +139,8 @@ def test_auto_picks_blocksparse_for_sparse_patterns_only():
     assert chosen(None) == "sdpa"
     assert chosen(P.Causal()) == "sdpa"
     assert chosen(P.SlidingWindow(1500, 1500)) == "sdpa"  # dense: most tiles visited
-    assert (
-        visited_fraction(P.SlidingWindow(1500, 1500), 2048, 2048, BlockSparseBackend.block)
-        > BlockSparseBackend.MAX_VISITED
-    )
+    wide = P.SlidingWindow(1500, 1500)
+    assert visited_fraction(wide, 2048, 2048, choose_block(wide, 2048, 2048)) > BlockSparseBackend.MAX_VISITED
 
 
 def test_forced_blocksparse_runs_dense_attention():

@@ -6,8 +6,9 @@ attend to ``L`` key tiles, so one batched attention call computes it:
 
 * the **band**: the diagonals ``c - r`` in ``[lo, hi]`` that most rows use (a sliding window,
   the local part of BigBird, a causal Sparse Transformer...). Row ``r`` reads key tiles
-  ``r + lo .. r + hi`` of a zero-padded key buffer, so the keys of all rows are one strided view
-  of that buffer: nothing is copied;
+  ``r + lo .. r + hi``; where those lie inside the keys, the keys of all rows are one strided
+  view of ``K``: nothing is copied. The few rows at the ends, whose range sticks out, are
+  gathered instead;
 * **gathered** buckets: every other non-empty tile (global columns, random blocks, irregular
   layouts), copied per row and grouped by how many each row has.
 
@@ -15,6 +16,11 @@ The band is chosen by a cost model: a diagonal joins it when computing it for ev
 (wasted where empty) is cheaper than gathering its non-empty tiles (``GATHER_COST`` band tiles
 each); the best contiguous range is a maximum-sum subarray. Each segment stores the pattern's
 element mask over its keys (``allowed``); tiles outside the matrix and missing tiles are False.
+
+The tile size is chosen per pattern (:func:`choose_block`): each candidate's plan is priced
+with the measured speed of torch's kernel on band and gathered layouts (``KERNEL_RATES``).
+Small tiles waste less at a band's edges; large ones run the kernel faster, above all in the
+backward.
 """
 
 from __future__ import annotations
@@ -27,13 +33,27 @@ from torch import Tensor
 
 from ..patterns import EMPTY, FULL, PARTIAL, Pattern
 
-__all__ = ["GATHER_COST", "Segment", "SparsePlan", "sparse_plan"]
+__all__ = ["GATHER_COST", "KERNEL_RATES", "Segment", "SparsePlan", "choose_block", "sparse_plan"]
 
 #: Cost of computing one gathered tile, in units of one band tile (copying its keys and values
 #: and running smaller batched calls).
 GATHER_COST = 1.5
 #: A gathered bucket admits rows with up to this many times the tiles of its smallest row.
 BUCKET_SLACK = 1.25
+#: Computed GFLOP/s of torch's CPU kernel per tile size (bench/results/sparse-tiles.json, float32,
+#: 2 threads): band layout with 512 keys per tile, gathered layout with 256.
+KERNEL_RATES = {
+    "forward": {
+        "band": {32: 151, 64: 150, 128: 137, 256: 160},
+        "gather": {32: 99, 64: 106, 128: 103, 256: 126},
+    },
+    "backward": {
+        "band": {32: 38, 64: 104, 128: 124, 256: 155},
+        "gather": {32: 35, 64: 87, 128: 108, 256: 122},
+    },
+}
+#: Extra cost of a gathered tile for copying its keys and values, on top of its kernel time.
+GATHER_COPY = 1.2
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,8 +62,9 @@ class Segment:
 
     Attributes:
         rows: ``(R,)`` query-tile indices (increasing; consecutive for the band).
-        cols: ``(R, L)`` key-tile indices into the padded key buffer.
-        band: ``cols[i] == cols[0] + (rows[i] - rows[0])``: keys are a strided view.
+        cols: ``(R, L)`` key-tile indices (outside ``[0, S / b)`` or -1: padding, masked).
+        band: ``cols[i] == cols[0] + (rows[i] - rows[0])`` and every key exists: the keys are
+            a strided view of ``K``. Otherwise they are gathered through ``key_index``.
         allowed: ``(R, b, L * b)`` bool (``(B, R, b, L * b)`` for per-batch patterns), the
             pattern's element mask, False outside the matrix.
         query_index: ``(R, b)`` query position of each row element, clamped into ``[0, N)``.
@@ -75,8 +96,7 @@ class SparsePlan:
     s: int
     block: int
     num_q_tiles: int
-    pad_front: int  # zero tiles before key 0 in the key buffer
-    buffer_tiles: int  # tiles in the key buffer (>= 1 trailing zero tile for padding)
+    num_k_tiles: int
     segments: tuple[Segment, ...]
     visited_tiles: int  # tiles the segments compute (band padding and bucket padding included)
     nonempty_tiles: int
@@ -92,6 +112,33 @@ class SparsePlan:
 
 _PLAN_CACHE: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 16
+_BLOCK_CACHE: dict = {}
+
+
+def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -> int:
+    """The tile size whose plan ``KERNEL_RATES`` predicts to run fastest (cached)."""
+    key = (pattern, n, s, direction)
+    try:
+        hit = _BLOCK_CACHE.get(key)
+    except TypeError:
+        hit, key = None, None
+    if hit is not None:
+        return hit
+    rates = KERNEL_RATES[direction]
+    costs = {}
+    for b in rates["band"]:
+        pieces = _pieces(pattern.block_map(n, s, b), b, s)
+        band = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if strided)
+        gathered = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if not strided)
+        costs[b] = b * b * (band / rates["band"][b] + GATHER_COPY * gathered / rates["gather"][b])
+        if b >= max(n, s):  # one tile already covers everything: larger ones only add padding
+            break
+    best = min(costs, key=costs.get)
+    if key is not None:
+        if len(_BLOCK_CACHE) > 256:
+            _BLOCK_CACHE.clear()
+        _BLOCK_CACHE[key] = best
+    return best
 
 
 def sparse_plan(pattern: Pattern, n: int, s: int, block: int) -> SparsePlan:
@@ -150,6 +197,24 @@ def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
     bm = pattern.block_map(n, s, b)
     states = bm.states
     nqb, nkb = states.shape
+    pieces = _pieces(bm, b, s)
+    segments = tuple(_segment(pattern, states, n, s, b, rows, cols, band_) for rows, cols, band_ in pieces)
+    return SparsePlan(
+        n=n,
+        s=s,
+        block=b,
+        num_q_tiles=nqb,
+        num_k_tiles=nkb,
+        segments=segments,
+        visited_tiles=sum(seg.rows.numel() * seg.length for seg in segments),
+        nonempty_tiles=int((states != EMPTY).sum()),
+    )
+
+
+def _pieces(bm, b: int, s: int) -> list[tuple[Tensor, Tensor, bool]]:
+    """How a block map's non-empty tiles are covered: ``(rows, cols, strided)`` per segment."""
+    states = bm.states
+    nqb, nkb = states.shape
     nonempty = states != EMPTY
     r_idx, c_idx = nonempty.nonzero(as_tuple=True)
     covered = torch.zeros_like(nonempty)
@@ -164,11 +229,14 @@ def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
         hits = inside & nonempty[torch.arange(nqb)[:, None], cols.clamp(0, nkb - 1)]
         used = hits.any(1).nonzero().flatten()
         first, last = int(used[0]), int(used[-1])
+        keep = inside[first : last + 1]
         rows = torch.arange(first, last + 1)
         cols = cols[first : last + 1]
-        keep = inside[first : last + 1]
         covered[rows[:, None].expand_as(cols)[keep], cols[keep]] = True
-        pieces.append((rows, cols, True))
+        # Rows whose whole range holds real keys read a strided view of K; the ends gather.
+        whole = (cols[:, 0] >= 0) & ((cols[:, -1] + 1) * b <= s)
+        for run, strided in _runs(whole):
+            pieces.append((rows[run], cols[run], strided))
 
     extra = nonempty & ~covered
     for rows in _buckets(extra.sum(1)):
@@ -178,39 +246,22 @@ def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
             c = extra[r].nonzero().flatten()
             cols[i, : c.numel()] = c
         pieces.append((rows, cols, False))
+    return pieces
 
-    lowest = min((int(c.min()) for _, c, _ in pieces), default=0)
-    highest = max((int(c.max()) for _, c, _ in pieces), default=0)
-    pad_front = max(0, -lowest)
-    buffer_tiles = pad_front + max(nkb, highest + 1) + 1  # +1: a zero tile that -1 points at
-    segments = tuple(
-        _segment(pattern, states, n, s, b, rows, cols, band_, pad_front, buffer_tiles)
-        for rows, cols, band_ in pieces
-    )
-    return SparsePlan(
-        n=n,
-        s=s,
-        block=b,
-        num_q_tiles=nqb,
-        pad_front=pad_front,
-        buffer_tiles=buffer_tiles,
-        segments=segments,
-        visited_tiles=sum(seg.rows.numel() * seg.length for seg in segments),
-        nonempty_tiles=int(nonempty.sum()),
-    )
+
+def _runs(flags: Tensor) -> list[tuple[slice, bool]]:
+    """Maximal runs of equal values in a 1-D bool tensor, as ``(slice, value)``."""
+    values = flags.tolist()
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((slice(start, i), values[start]))
+            start = i
+    return runs
 
 
 def _segment(
-    pattern: Pattern,
-    states: Tensor,
-    n: int,
-    s: int,
-    b: int,
-    rows: Tensor,
-    cols: Tensor,
-    band: bool,
-    pad_front: int,
-    buffer_tiles: int,
+    pattern: Pattern, states: Tensor, n: int, s: int, b: int, rows: Tensor, cols: Tensor, band: bool
 ) -> Segment:
     """Element masks and index maps of one segment (``cols`` in real tile units, -1 = padding)."""
     nkb = states.shape[1]
@@ -240,8 +291,7 @@ def _segment(
     same = (flat == flat[:, ref : ref + 1]).all(-1).all(0)
     return Segment(
         rows=rows,
-        # Band columns left of key 0 are the zero tiles in front; a gathered -1 is padding.
-        cols=cols + pad_front if band else torch.where(cols >= 0, cols + pad_front, buffer_tiles - 1),
+        cols=cols,
         band=band,
         allowed=allowed,
         query_index=q_pos.clamp(max=n - 1),

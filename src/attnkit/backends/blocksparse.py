@@ -1,8 +1,8 @@
 """The ``blocksparse`` backend: attention whose cost follows the pattern, not ``N x S``.
 
 Algorithm. The pattern's tiles are covered by the segments of a :class:`SparsePlan`
-(see ``_sparse_plan.py``): a diagonal *band* whose keys are a strided, copy-free view of a
-zero-padded key buffer, plus *gathered* buckets for everything off the band. Each segment is
+(see ``_sparse_plan.py``): a diagonal *band* whose keys are a strided, copy-free view of
+``K`` and ``V``, plus *gathered* buckets for everything off the band (and the band's ends). Each segment is
 computed by batched attention calls -- torch's fused CPU flash kernel when available -- with
 the pattern's element mask as an additive bias. Where a row is covered by several segments,
 their partial results are merged exactly through their log-sum-exps. The backward recomputes
@@ -35,7 +35,7 @@ from ..patterns import Causal, Full, KeyPadding
 from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
-from ._sparse_plan import Segment, SparsePlan, sparse_plan
+from ._sparse_plan import Segment, SparsePlan, choose_block, sparse_plan
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
 __all__ = ["BlockSparseBackend"]
@@ -46,9 +46,10 @@ class BlockSparseBackend(Backend):
     supports_dropout = True
     supports_lse = True
 
-    #: Tile size of the forward and of the backward (see bench/results/sparse-tiles.json).
-    block = 64
-    backward_block = 128
+    #: Tile size of the forward and of the backward; ``None`` lets a cost model built on
+    #: bench/results/sparse-tiles.json pick it per pattern (``_sparse_plan.choose_block``).
+    block: int | None = None
+    backward_block: int | None = None
     #: ``auto`` picks blocksparse when its plan computes at most this fraction of ``N x S``.
     MAX_VISITED = 0.5
     #: Memory one batched call may use for gathered keys, biases and gradients.
@@ -59,7 +60,7 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
-        visited = visited_fraction(p, inp.N, inp.S, cls.block)
+        visited = visited_fraction(p, inp.N, inp.S, cls.block or choose_block(p, inp.N, inp.S))
         if visited > cls.MAX_VISITED:
             limit = 100 * cls.MAX_VISITED
             return [f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {limit:.0f}%)"]
@@ -75,8 +76,12 @@ class BlockSparseBackend(Backend):
             and fused_cpu_available()
         )
         pattern = inp.pattern if inp.pattern is not None else Full()
-        fplan = sparse_plan(pattern, inp.N, inp.S, cls.block)
-        bplan = sparse_plan(pattern, inp.N, inp.S, cls.backward_block) if fused else fplan
+        n, s = inp.N, inp.S
+        fblock = cls.block or choose_block(pattern, n, s, "forward")
+        fplan = sparse_plan(pattern, n, s, fblock)
+        bplan = fplan
+        if fused and inp.requires_grad:
+            bplan = sparse_plan(pattern, n, s, cls.backward_block or choose_block(pattern, n, s, "backward"))
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
         bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
         out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, fplan, bplan)
@@ -120,34 +125,28 @@ class _Job:
         y = y.reshape(inp.B, inp.Hkv, plan.num_q_tiles, inp.G, b, *trailing).transpose(2, 3)
         return y.reshape(inp.B, inp.H, plan.num_q_tiles * b, *trailing)[:, :, : inp.N]
 
-    def key_buffer(self, t: Tensor, plan: SparsePlan) -> Tensor:
-        """``(B, Hkv, S, E)`` -> zero-padded ``(B*Hkv, buffer_tiles * b, E)``."""
+    @staticmethod
+    def flat_keys(t: Tensor) -> Tensor:
+        """``(B, Hkv, S, E)`` -> contiguous ``(B*Hkv, S, E)`` (a view when already contiguous)."""
         B, Hkv, S, E = t.shape
-        start = plan.pad_front * plan.block
-        buf = t.new_zeros(B * Hkv, plan.buffer_tiles * plan.block, E)
-        buf[:, start : start + S] = t.reshape(B * Hkv, S, E)
-        return buf
+        return t.contiguous().view(B * Hkv, S, E)
 
     # -- per-chunk operands
-    def keys(self, buf: Tensor, seg: Segment, lo: int, hi: int, b: int) -> Tensor:
+    def keys(self, flat: Tensor, seg: Segment, lo: int, hi: int, b: int) -> Tensor:
         """Keys (or values) of rows ``lo:hi`` of ``seg``: ``(X, hi - lo, L * b, E)``."""
-        X, _, E = buf.shape
+        X, _, E = flat.shape
         L = seg.length
         if seg.band:  # row i+1's keys start one tile after row i's: a strided view, no copy
             first = int(seg.cols[lo, 0])
-            return buf.as_strided(
-                (X, hi - lo, L * b, E),
-                (buf.stride(0), b * E, E, 1),
-                buf.storage_offset() + first * b * E,
+            return flat.as_strided(
+                (X, hi - lo, L * b, E), (flat.stride(0), b * E, E, 1), flat.storage_offset() + first * b * E
             )
-        tiles = buf.view(X, -1, b, E)
-        return tiles[:, seg.cols[lo:hi].flatten().to(buf.device)].view(X, hi - lo, L * b, E)
+        idx = seg.key_index[lo:hi].flatten().to(flat.device)  # clamped: padding reads a masked key
+        return flat[:, idx].view(X, hi - lo, L * b, E)
 
-    def rows_of(self, x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
-        if seg.band:
-            first = int(seg.rows[lo])
-            return x[:, first : first + hi - lo]
-        return x[:, seg.rows[lo:hi].to(x.device)]
+    @staticmethod
+    def rows_of(x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
+        return x[:, _row_selector(seg, lo, hi, x.device)]
 
     def bias(self, seg: Segment, lo: int, hi: int, bias: Tensor | None) -> Tensor:
         """Additive bias ``(1 or X, hi - lo, G*b, L*b)``: the pattern's mask, the user's mask/bias."""
@@ -226,6 +225,15 @@ class _Job:
         return bounds
 
 
+def _row_selector(seg: Segment, lo: int, hi: int, device) -> slice | Tensor:
+    """Rows ``lo:hi`` of a segment as a slice when consecutive (cheap views), else an index."""
+    rows = seg.rows[lo:hi]
+    first = int(rows[0])
+    if int(rows[-1]) - first == hi - lo - 1:
+        return slice(first, first + hi - lo)
+    return rows.to(device)
+
+
 def _gather(t: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
     """``t[..., q_idx, k_idx]`` for a 4-D mask/bias broadcastable to (B, H, N, S): ``(Bx, Hx, R', b, K)``."""
     qi = q_idx if t.shape[2] > 1 else torch.zeros_like(q_idx)
@@ -233,22 +241,21 @@ def _gather(t: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
     return t[:, :, qi, ki]
 
 
-def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows: Tensor, out: Tensor, lse: Tensor) -> None:
-    """Fold a call's partial result for query tiles ``rows`` into the accumulators, exactly."""
-    fresh = ~written[rows]
-    dev_rows = rows.to(out_acc.device)
-    if bool(fresh.all()):
-        out_acc[:, dev_rows] = out.to(out_acc.dtype)
-        lse_acc[:, dev_rows] = lse.to(lse_acc.dtype)
-    else:
-        old_lse, old_out = lse_acc[:, dev_rows], out_acc[:, dev_rows]
+def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows, out: Tensor, lse: Tensor) -> None:
+    """Fold a call's partial result for query tiles ``rows`` (slice or index) into the accumulators."""
+    cpu_rows = rows if isinstance(rows, slice) else rows.cpu()
+    if bool((~written[cpu_rows]).all()):
+        out_acc[:, rows] = out.to(out_acc.dtype)
+        lse_acc[:, rows] = lse.to(lse_acc.dtype)
+    else:  # the same row seen through several key sets: combine through the log-sum-exps
+        old_lse, old_out = lse_acc[:, rows], out_acc[:, rows]
         new = torch.logaddexp(old_lse, lse.to(lse_acc.dtype))
         safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
         w_old = torch.exp(old_lse - safe)[..., None]
         w_new = torch.exp(lse.to(lse_acc.dtype) - safe)[..., None]
-        out_acc[:, dev_rows] = old_out * w_old + out.to(out_acc.dtype) * w_new
-        lse_acc[:, dev_rows] = new
-    written[rows] = True
+        out_acc[:, rows] = old_out * w_old + out.to(out_acc.dtype) * w_new
+        lse_acc[:, rows] = new
+    written[cpu_rows] = True
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -259,9 +266,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         b = fplan.block
         q_rows = job.to_rows(q, fplan)
-        k_buf, v_buf = job.key_buffer(k, fplan), job.key_buffer(v, fplan)
+        k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
         X, T, M = q_rows.shape[:3]
-        out_acc = torch.zeros(X, T, M, inp.Dv, dtype=ct, device=q.device)
+        out_acc = torch.empty(X, T, M, inp.Dv, dtype=ct, device=q.device)  # every row is written below
         lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
         written = torch.zeros(T, dtype=torch.bool)
         engine = job.engine
@@ -270,8 +277,8 @@ class _BlockSparseAttention(torch.autograd.Function):
                 bias_c = job.bias(seg, lo, hi, user_bias)
                 args = (
                     job.rows_of(q_rows, seg, lo, hi),
-                    job.keys(k_buf, seg, lo, hi, b),
-                    job.keys(v_buf, seg, lo, hi, b),
+                    job.keys(k_flat, seg, lo, hi, b),
+                    job.keys(v_flat, seg, lo, hi, b),
                 )
                 if job.fused:
                     out_c, lse_c = engine.forward(*args, bias_c, inp.scale)
@@ -281,7 +288,9 @@ class _BlockSparseAttention(torch.autograd.Function):
                     )
                 seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
                 lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
-                _merge(out_acc, lse_acc, written, seg.rows[lo:hi], out_c, lse_c)
+                _merge(out_acc, lse_acc, written, _row_selector(seg, lo, hi, q.device), out_c, lse_c)
+        if not bool(written.all()):  # query tiles that see no key at all
+            out_acc[:, (~written).nonzero().flatten().to(q.device)] = 0
         out = job.from_rows(out_acc, fplan).to(q.dtype)
         lse = job.from_rows(lse_acc[..., None], fplan)[..., 0]
         ctx.save_for_backward(q, k, v, bias, out, lse)
@@ -301,23 +310,23 @@ class _BlockSparseAttention(torch.autograd.Function):
         q_rows, do_rows = job.to_rows(q, plan), job.to_rows(dout.contiguous(), plan)
         out_rows = job.to_rows(out, plan)
         lse_rows = job.to_rows(lse[..., None], plan)[..., 0]
-        k_buf, v_buf = job.key_buffer(k, plan), job.key_buffer(v, plan)
+        k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
         X, T, M, _ = q_rows.shape
         dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
-        dk_tiles = torch.zeros(X, plan.buffer_tiles, b, inp.D, dtype=ct, device=q.device)
-        dv_tiles = torch.zeros(X, plan.buffer_tiles, b, inp.Dv, dtype=ct, device=q.device)
+        # key gradients, padded to whole tiles so the band can add tile-shifted slabs
+        dk_acc = torch.zeros(X, plan.num_k_tiles * b, inp.D, dtype=ct, device=q.device)
+        dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
         want_dbias = user_bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros(bias.shape, dtype=ct, device=bias.device) if want_dbias else None
         engine = job.engine
         for seg in plan.segments:
             for lo, hi in job.chunks(seg, backward=True):
                 bias_c = job.bias(seg, lo, hi, user_bias)
-                rows = seg.rows[lo:hi]
                 args = (
                     job.rows_of(do_rows, seg, lo, hi),
                     job.rows_of(q_rows, seg, lo, hi),
-                    job.keys(k_buf, seg, lo, hi, b),
-                    job.keys(v_buf, seg, lo, hi, b),
+                    job.keys(k_flat, seg, lo, hi, b),
+                    job.keys(v_flat, seg, lo, hi, b),
                     job.rows_of(out_rows, seg, lo, hi),
                     job.rows_of(lse_rows, seg, lo, hi),
                     bias_c,
@@ -327,29 +336,28 @@ class _BlockSparseAttention(torch.autograd.Function):
                     dq_c, dk_c, dv_c, ds = engine.backward(*args)
                 else:
                     dq_c, dk_c, dv_c, ds = engine.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
-                dq_rows[:, rows.to(q.device)] += dq_c.to(ct)
-                _fold(dk_tiles, seg, lo, hi, dk_c.to(ct))
-                _fold(dv_tiles, seg, lo, hi, dv_c.to(ct))
+                dq_rows[:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
+                _fold(dk_acc, seg, lo, hi, dk_c.to(ct), b)
+                _fold(dv_acc, seg, lo, hi, dv_c.to(ct), b)
                 if dbias is not None:
                     _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
-        start = plan.pad_front * b
         dq = job.from_rows(dq_rows, plan).to(q.dtype)
-        dk = dk_tiles.view(X, -1, inp.D)[:, start : start + inp.S].reshape(k.shape).to(k.dtype)
-        dv = dv_tiles.view(X, -1, inp.Dv)[:, start : start + inp.S].reshape(v.shape).to(v.dtype)
+        dk = dk_acc[:, : inp.S].reshape(k.shape).to(k.dtype)
+        dv = dv_acc[:, : inp.S].reshape(v.shape).to(v.dtype)
         return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), None, None, None
 
 
-def _fold(tiles: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor) -> None:
-    """Add per-row key gradients ``(X, R', L*b, E)`` back onto the key tiles ``(X, T, b, E)``."""
-    X, _, b, E = tiles.shape
+def _fold(acc: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor, b: int) -> None:
+    """Add per-row key gradients ``(X, R', L*b, E)`` back onto the keys ``(X, tiles * b, E)``."""
+    X, _, E = acc.shape
     L, R = seg.length, hi - lo
-    g = grad.view(X, R, L, b, E)
-    if seg.band:  # row i's tile t is buffer tile first + i + t: L shifted, non-overlapping adds
+    if seg.band:  # row i's tile t is key tile first + i + t: L shifted, non-overlapping adds
+        tiles, g = acc.view(X, -1, b, E), grad.view(X, R, L, b, E)
         first = int(seg.cols[lo, 0])
         for t in range(L):
             tiles[:, first + t : first + t + R] += g[:, :, t]
-    else:
-        tiles.index_add_(1, seg.cols[lo:hi].flatten().to(tiles.device), g.reshape(X, R * L, b, E))
+    else:  # padding positions point at clamped keys but carry exactly zero gradient
+        acc.index_add_(1, seg.key_index[lo:hi].flatten().to(acc.device), grad.reshape(X, R * L * b, E))
 
 
 def _scatter_bias_grad(dbias: Tensor, job: _Job, seg: Segment, lo: int, hi: int, ds: Tensor) -> None:
