@@ -8,6 +8,7 @@ import torch
 from attnkit import attention, backends
 from attnkit import patterns as P
 from attnkit.backends import _engines
+from attnkit.backends._residue import residue_split
 from attnkit.backends._sparse_plan import choose_block, sparse_plan
 from attnkit.backends.blocksparse import BlockSparseBackend, visited_fraction
 from attnkit.functional import build_inputs
@@ -155,3 +156,49 @@ def test_auto_reasons_say_why_blocksparse_was_passed_over():
     wide = BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(1500, 1500)))
     assert "is dense: a plan computes" in wide[0]
     assert BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(64))) == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "stride"),
+    [(P.Strided(16) & P.Causal(), 16), (P.Strided(16), 16), (P.Dilated(60, 4), 4), (P.Dilated(30, 3, 12), 3)],
+    ids=repr,
+)
+def test_periodic_patterns_split_into_rest_and_regrouped_classes(pattern, stride):
+    n = 192
+    rest, regrouped, s = residue_split(pattern, n, n)
+    assert s == stride
+    # the two pieces partition the pattern: regrouping the second back gives the periodic part
+    perm = torch.arange(n).view(n // s, s).T.reshape(-1)  # position at each regrouped index
+    periodic = torch.zeros(n, n, dtype=torch.bool)
+    periodic[perm[:, None], perm[None, :]] = regrouped.to_dense(n, n)
+    dense = pattern.to_dense(n, n)
+    assert torch.equal(rest.to_dense(n, n) | periodic, dense)
+    assert not bool((rest.to_dense(n, n) & periodic).any())
+    assert residue_split(pattern, n, n + 1) is None  # N != S: plain tiles
+    assert residue_split(P.SlidingWindow(5), n, n) is None  # nothing periodic
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", [P.Strided(32) & P.Causal(), P.Dilated(200, 8, 40)], ids=repr)
+def test_regrouped_computation_matches_the_oracle(pattern, dtype):
+    B, H, Hkv, N, D = 1, 4, 2, 512, 32
+    q = torch.randn(B, H, N, D, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, N, D, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, N, D, dtype=torch.float64).to(dtype)
+    inp = build_inputs(q, k, v, pattern=pattern)
+    assert [stride for _, stride in BlockSparseBackend._pieces_of(pattern, inp)][-1] is not None
+    dout = torch.randn(B, H, N, D, dtype=torch.float64)
+
+    def run(fn, cast=None):
+        ts = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+        return grads(lambda: fn(*ts), ts, dout)
+
+    want = run(lambda *t: attention_ref(*t, pattern=pattern), torch.float64)
+    got = run(lambda *t: attention(*t, pattern=pattern, backend="blocksparse"))
+    if dtype == torch.float64:
+        for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
+            assert max_err(g, w) < 1e-12
+    else:
+        eager = run(lambda *t: attention_ref(*t, pattern=pattern, dtype=dtype))
+        for g, e, w in zip([got[0], *got[1]], [eager[0], *eager[1]], [want[0], *want[1]], strict=True):
+            assert max_err(g, w) <= 2 * max_err(e, w) + 8e-3

@@ -33,7 +33,15 @@ from torch import Tensor
 
 from ..patterns import EMPTY, FULL, PARTIAL, Pattern
 
-__all__ = ["GATHER_COST", "KERNEL_RATES", "Segment", "SparsePlan", "choose_block", "sparse_plan"]
+__all__ = [
+    "GATHER_COST",
+    "KERNEL_RATES",
+    "Segment",
+    "SparsePlan",
+    "block_and_cost",
+    "choose_block",
+    "sparse_plan",
+]
 
 #: Cost of computing one gathered tile, in units of one band tile (copying its keys and values
 #: and running smaller batched calls).
@@ -117,6 +125,11 @@ _BLOCK_CACHE: dict = {}
 
 def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -> int:
     """The tile size whose plan ``KERNEL_RATES`` predicts to run fastest (cached)."""
+    return block_and_cost(pattern, n, s, direction)[0]
+
+
+def block_and_cost(pattern: Pattern, n: int, s: int, direction: str = "forward") -> tuple[int, float]:
+    """The best tile size and its predicted cost (GFLOP / (GFLOP/s) units, i.e. relative time)."""
     key = (pattern, n, s, direction)
     try:
         hit = _BLOCK_CACHE.get(key)
@@ -134,11 +147,12 @@ def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -
         if b >= max(n, s):  # one tile already covers everything: larger ones only add padding
             break
     best = min(costs, key=costs.get)
+    result = (best, costs[best])
     if key is not None:
         if len(_BLOCK_CACHE) > 256:
             _BLOCK_CACHE.clear()
-        _BLOCK_CACHE[key] = best
-    return best
+        _BLOCK_CACHE[key] = result
+    return result
 
 
 def sparse_plan(pattern: Pattern, n: int, s: int, block: int) -> SparsePlan:

@@ -35,7 +35,8 @@ from ..patterns import Causal, Full, KeyPadding
 from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
-from ._sparse_plan import Segment, SparsePlan, choose_block, sparse_plan
+from ._residue import regroup, residue_split, ungroup
+from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
 __all__ = ["BlockSparseBackend"]
@@ -76,16 +77,46 @@ class BlockSparseBackend(Backend):
             and fused_cpu_available()
         )
         pattern = inp.pattern if inp.pattern is not None else Full()
+        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
+        parts = tuple(cls._part(p, inp, fused, stride) for p, stride in cls._pieces_of(pattern, inp))
+        bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
+        out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
+        return AttentionResult(out, None, lse if inp.return_lse else None)
+
+    @classmethod
+    def _pieces_of(cls, pattern, inp: AttentionInputs) -> list[tuple]:
+        """``[(pattern, regroup stride or None)]``: a periodic pattern splits in two when the
+        regrouped computation is predicted (``KERNEL_RATES``) to cost under 80% of plain tiles."""
+        if inp.mask is None and inp.bias is None and inp.dropout_p == 0:
+            split = residue_split(pattern, inp.N, inp.S)
+            if split is not None:
+                rest, regrouped, stride = split
+                whole = block_and_cost(pattern, inp.N, inp.S)[1]
+                pieces = [(rest, None), (regrouped, stride)]
+                if rest.num_allowed(inp.N, inp.S) == 0:
+                    pieces = pieces[1:]
+                cost = sum(block_and_cost(p, inp.N, inp.S)[1] for p, _ in pieces)
+                if cost < 0.8 * whole:
+                    return pieces
+        return [(pattern, None)]
+
+    @classmethod
+    def _part(cls, pattern, inp: AttentionInputs, fused: bool, stride: int | None) -> _Part:
         n, s = inp.N, inp.S
-        fblock = cls.block or choose_block(pattern, n, s, "forward")
-        fplan = sparse_plan(pattern, n, s, fblock)
+        fplan = sparse_plan(pattern, n, s, cls.block or choose_block(pattern, n, s, "forward"))
         bplan = fplan
         if fused and inp.requires_grad:
             bplan = sparse_plan(pattern, n, s, cls.backward_block or choose_block(pattern, n, s, "backward"))
-        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
-        bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
-        out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, fplan, bplan)
-        return AttentionResult(out, None, lse if inp.return_lse else None)
+        return _Part(fplan, bplan, stride)
+
+
+@dataclass(frozen=True, eq=False)
+class _Part:
+    """One pattern piece: its forward and backward plans, on regrouped positions if ``stride``."""
+
+    forward_plan: SparsePlan
+    backward_plan: SparsePlan
+    stride: int | None = None
 
 
 def visited_fraction(pattern, n: int, s: int, block: int) -> float:
@@ -258,43 +289,103 @@ def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows, out: Tensor,
     written[cpu_rows] = True
 
 
+def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tensor, Tensor]:
+    """Run one plan's segments: ``out (B, H, N, Dv)`` and ``lse (B, H, N)`` in the compute dtype."""
+    inp = job.inp
+    ct = compute_dtype(q.dtype)
+    b = plan.block
+    q_rows = job.to_rows(q, plan)
+    k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
+    X, T, M = q_rows.shape[:3]
+    out_acc = torch.empty(X, T, M, inp.Dv, dtype=ct, device=q.device)  # every row is written below
+    lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
+    written = torch.zeros(T, dtype=torch.bool)
+    for seg in plan.segments:
+        for lo, hi in job.chunks(seg, backward=False):
+            bias_c = job.bias(seg, lo, hi, user_bias)
+            args = (
+                job.rows_of(q_rows, seg, lo, hi),
+                job.keys(k_flat, seg, lo, hi, b),
+                job.keys(v_flat, seg, lo, hi, b),
+            )
+            if job.fused:
+                out_c, lse_c = FusedCPU.forward(*args, bias_c, inp.scale)
+            else:
+                out_c, lse_c = Eager.forward(
+                    *args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p
+                )
+            seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
+            lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
+            _merge(out_acc, lse_acc, written, _row_selector(seg, lo, hi, q.device), out_c, lse_c)
+    if not bool(written.all()):  # query tiles that see no key at all
+        out_acc[:, (~written).nonzero().flatten().to(q.device)] = 0
+    return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
+
+
+def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bias, want_dbias: bool):
+    """Gradients of one plan's keys, given the final ``out`` and ``lse``, in the compute dtype."""
+    inp = job.inp
+    ct = compute_dtype(q.dtype)
+    b = plan.block
+    q_rows, do_rows = job.to_rows(q, plan), job.to_rows(dout, plan)
+    out_rows = job.to_rows(out, plan)
+    lse_rows = job.to_rows(lse[..., None], plan)[..., 0]
+    k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
+    X, T, M, _ = q_rows.shape
+    dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
+    # key gradients, padded to whole tiles so the band can add tile-shifted slabs
+    dk_acc = torch.zeros(X, plan.num_k_tiles * b, inp.D, dtype=ct, device=q.device)
+    dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
+    dbias = torch.zeros(user_bias.shape, dtype=ct, device=q.device) if want_dbias else None
+    for seg in plan.segments:
+        for lo, hi in job.chunks(seg, backward=True):
+            bias_c = job.bias(seg, lo, hi, user_bias)
+            args = (
+                job.rows_of(do_rows, seg, lo, hi),
+                job.rows_of(q_rows, seg, lo, hi),
+                job.keys(k_flat, seg, lo, hi, b),
+                job.keys(v_flat, seg, lo, hi, b),
+                job.rows_of(out_rows, seg, lo, hi),
+                job.rows_of(lse_rows, seg, lo, hi),
+                bias_c,
+                inp.scale,
+            )
+            if job.fused:
+                dq_c, dk_c, dv_c, ds = FusedCPU.backward(*args)
+            else:
+                dq_c, dk_c, dv_c, ds = Eager.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
+            dq_rows[:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
+            _fold(dk_acc, seg, lo, hi, dk_c.to(ct), b)
+            _fold(dv_acc, seg, lo, hi, dv_c.to(ct), b)
+            if dbias is not None:
+                _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
+    dq = job.from_rows(dq_rows, plan)
+    return dq, dk_acc[:, : inp.S].reshape(k.shape), dv_acc[:, : inp.S].reshape(v.shape), dbias
+
+
+def _combine(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact union of two attentions over disjoint key sets, through their log-sum-exps."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
+    return out, lse
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, job: _Job, fplan: SparsePlan, bplan: SparsePlan):
-        inp = job.inp
+    def forward(ctx, q, k, v, bias, job: _Job, parts: tuple[_Part, ...]):
         user_bias = bias if bias.numel() else None
-        ct = compute_dtype(q.dtype)
-        b = fplan.block
-        q_rows = job.to_rows(q, fplan)
-        k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
-        X, T, M = q_rows.shape[:3]
-        out_acc = torch.empty(X, T, M, inp.Dv, dtype=ct, device=q.device)  # every row is written below
-        lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
-        written = torch.zeros(T, dtype=torch.bool)
-        engine = job.engine
-        for seg in fplan.segments:
-            for lo, hi in job.chunks(seg, backward=False):
-                bias_c = job.bias(seg, lo, hi, user_bias)
-                args = (
-                    job.rows_of(q_rows, seg, lo, hi),
-                    job.keys(k_flat, seg, lo, hi, b),
-                    job.keys(v_flat, seg, lo, hi, b),
-                )
-                if job.fused:
-                    out_c, lse_c = engine.forward(*args, bias_c, inp.scale)
-                else:
-                    out_c, lse_c = engine.forward(
-                        *args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p
-                    )
-                seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
-                lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
-                _merge(out_acc, lse_acc, written, _row_selector(seg, lo, hi, q.device), out_c, lse_c)
-        if not bool(written.all()):  # query tiles that see no key at all
-            out_acc[:, (~written).nonzero().flatten().to(q.device)] = 0
-        out = job.from_rows(out_acc, fplan).to(q.dtype)
-        lse = job.from_rows(lse_acc[..., None], fplan)[..., 0]
+        out = lse = None
+        for part in parts:
+            s = part.stride
+            args = (q, k, v) if s is None else (regroup(q, s), regroup(k, s), regroup(v, s))
+            out_p, lse_p = _forward_plan(job, part.forward_plan, *args, user_bias)
+            if s is not None:
+                out_p, lse_p = ungroup(out_p, s), ungroup(lse_p, s)
+            out, lse = (out_p, lse_p) if out is None else _combine(out, lse, out_p, lse_p)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.job, ctx.plan = job, bplan
+        ctx.job, ctx.parts = job, parts
         ctx.mark_non_differentiable(lse)
         return out, lse.to(lse_dtype(q.dtype))
 
@@ -302,49 +393,26 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, bias, out, lse = ctx.saved_tensors
         job: _Job = ctx.job
-        plan: SparsePlan = ctx.plan
-        inp = job.inp
         user_bias = bias if bias.numel() else None
-        ct = compute_dtype(q.dtype)
-        b = plan.block
-        q_rows, do_rows = job.to_rows(q, plan), job.to_rows(dout.contiguous(), plan)
-        out_rows = job.to_rows(out, plan)
-        lse_rows = job.to_rows(lse[..., None], plan)[..., 0]
-        k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
-        X, T, M, _ = q_rows.shape
-        dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
-        # key gradients, padded to whole tiles so the band can add tile-shifted slabs
-        dk_acc = torch.zeros(X, plan.num_k_tiles * b, inp.D, dtype=ct, device=q.device)
-        dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
         want_dbias = user_bias is not None and ctx.needs_input_grad[3]
-        dbias = torch.zeros(bias.shape, dtype=ct, device=bias.device) if want_dbias else None
-        engine = job.engine
-        for seg in plan.segments:
-            for lo, hi in job.chunks(seg, backward=True):
-                bias_c = job.bias(seg, lo, hi, user_bias)
-                args = (
-                    job.rows_of(do_rows, seg, lo, hi),
-                    job.rows_of(q_rows, seg, lo, hi),
-                    job.keys(k_flat, seg, lo, hi, b),
-                    job.keys(v_flat, seg, lo, hi, b),
-                    job.rows_of(out_rows, seg, lo, hi),
-                    job.rows_of(lse_rows, seg, lo, hi),
-                    bias_c,
-                    inp.scale,
-                )
-                if job.fused:
-                    dq_c, dk_c, dv_c, ds = engine.backward(*args)
-                else:
-                    dq_c, dk_c, dv_c, ds = engine.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
-                dq_rows[:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
-                _fold(dk_acc, seg, lo, hi, dk_c.to(ct), b)
-                _fold(dv_acc, seg, lo, hi, dv_c.to(ct), b)
-                if dbias is not None:
-                    _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
-        dq = job.from_rows(dq_rows, plan).to(q.dtype)
-        dk = dk_acc[:, : inp.S].reshape(k.shape).to(k.dtype)
-        dv = dv_acc[:, : inp.S].reshape(v.shape).to(v.dtype)
-        return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), None, None, None
+        dout = dout.contiguous()
+        grads = None
+        for part in ctx.parts:
+            s = part.stride
+            tensors = (q, k, v, dout, out, lse)
+            if s is not None:
+                tensors = tuple(regroup(t, s) for t in tensors)
+            g = _backward_plan(job, part.backward_plan, *tensors, user_bias, want_dbias)
+            if s is not None:
+                g = (ungroup(g[0], s), ungroup(g[1], s), ungroup(g[2], s), g[3])
+            grads = (
+                g
+                if grads is None
+                else tuple(a if b_ is None else a + b_ for a, b_ in zip(grads, g, strict=True))
+            )
+        dq, dk, dv, dbias = grads
+        db = dbias.to(bias.dtype) if dbias is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db, None, None
 
 
 def _fold(acc: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor, b: int) -> None:

@@ -123,6 +123,11 @@ class Pattern:
         """Toeplitz patterns: ``True`` where offset ``t = i - j`` is allowed."""
         raise NotImplementedError
 
+    def _periods(self) -> tuple[int, ...]:
+        """Periods of the offsets this pattern allows (``Strided``, ``Dilated``): a hint that
+        kernels may regroup positions by residue (see ``backends/_residue.py``)."""
+        return ()
+
     def _block_states(self, grid: Grid) -> tuple[Tensor, Tensor | None]:
         """Tile states ``(nqb, nkb)`` or ``(B, nqb, nkb)``, and which PARTIAL ones are uncertain.
 
@@ -452,6 +457,9 @@ class _Composite(Pattern):
 
     def _offset_rule(self, t: Tensor, n: int, s: int) -> Tensor:
         return self._combine([p._offset_rule(t, n, s) for p in self.parts])
+
+    def _periods(self) -> tuple[int, ...]:
+        return tuple(period for p in self.parts for period in p._periods())
 
     def mask_mod(self, q_idx, kv_idx, n, s, b=None):
         return self._combine([p.mask_mod(q_idx, kv_idx, n, s, b) for p in self.parts])

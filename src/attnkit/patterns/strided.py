@@ -59,6 +59,9 @@ class Strided(Pattern):
         d = t + _offset(self.align, n, s)
         return (d.abs() < self.stride) | (torch.remainder(d, self.stride) == 0)
 
+    def _periods(self) -> tuple[int, ...]:
+        return (self.stride,)
+
 
 @dataclass(frozen=True, repr=False)
 class Fixed(Pattern):

@@ -105,3 +105,6 @@ class Dilated(Pattern):
     def _offset_rule(self, t: Tensor, n: int, s: int) -> Tensor:
         d = t + _offset(self.align, n, s)
         return (d <= self.before) & (d >= -self.after) & (torch.remainder(d, self.dilation) == 0)
+
+    def _periods(self) -> tuple[int, ...]:
+        return (self.dilation,)
