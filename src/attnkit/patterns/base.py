@@ -193,6 +193,12 @@ class Pattern:
         """
         return _tile_masks(self, Grid(n, s, *block), rows, cols)
 
+    def to_flex(self, n: int, s: int | None = None, *, block: int = 128, device=None):
+        """This pattern as a FlexAttention ``BlockMask`` (see :mod:`attnkit.integrations.flex`)."""
+        from ..integrations.flex import block_mask
+
+        return block_mask(self, n, s, block=block, device=device)
+
     def num_allowed(self, n: int, s: int | None = None) -> int:
         """Number of allowed (query, key) pairs; summed over batch items for per-batch patterns."""
         n, s = _sizes(n, s)

@@ -1,0 +1,113 @@
+"""attnkit patterns on PyTorch's FlexAttention (``torch.nn.attention.flex_attention``).
+
+    from attnkit.integrations.flex import block_mask
+    bm = block_mask(pattern, N, S)                 # a flex_attention BlockMask
+    out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+
+:func:`block_mask` builds FlexAttention's ``BlockMask`` directly from the pattern's
+:meth:`~attnkit.patterns.Pattern.block_map` (full tiles run without a mask, partial ones with
+the element rule), so no ``N x S`` evaluation and no compile step are spent on the mask.
+:func:`mask_mod` is the element rule in FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``
+form. It reads precomputed tables (tile states and the partial tiles' element masks) and never
+calls back into Python pattern code, so FlexAttention can trace and compile it for any
+pattern, compositions and per-batch patterns included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..patterns import FULL, PARTIAL, Pattern
+
+__all__ = ["block_mask", "mask_mod"]
+
+
+def mask_mod(pattern: Pattern, n: int, s: int, *, block: int = 128, device=None) -> Callable:
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` equal to ``pattern`` on ``(n, s)``.
+
+    Args:
+        pattern: Any attnkit pattern.
+        n: Query length ``N``; s: key length ``S``.
+        block: Tile size of the lookup tables (memory: one int8 per tile plus ``block**2``
+            booleans per partial tile).
+        device: Device of the tables (that of the attention inputs).
+    """
+    bm = pattern.block_map(n, s, block)
+    states = bm.states
+    partial = (states == PARTIAL).nonzero()
+    tile_id = torch.full(states.shape, -1, dtype=torch.int64)
+    tile_id[partial[:, 0], partial[:, 1]] = torch.arange(partial.shape[0])
+    if partial.shape[0]:
+        masks, _ = pattern.tile_masks(n, s, (block, block), partial[:, 0], partial[:, 1])
+    else:
+        masks = torch.zeros((1, block, block), dtype=torch.bool)
+    if pattern.batch_size is None:
+        masks = masks[None]  # a batch dimension of one, read by every b
+    states, tile_id, masks = (t.to(device) for t in (states, tile_id, masks))
+    per_batch = pattern.batch_size is not None
+
+    def rule(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        inside = (q_idx < n) & (kv_idx < s)
+        qi, ki = q_idx.clamp(max=n - 1), kv_idx.clamp(max=s - 1)
+        state = states[qi // block, ki // block]
+        tid = tile_id[qi // block, ki // block].clamp(min=0)
+        elem = masks[b if per_batch else 0, tid, qi % block, ki % block]
+        return inside & ((state == FULL) | ((state == PARTIAL) & elem))
+
+    rule.__name__ = f"attnkit_{type(pattern).__name__.lower()}"
+    return rule
+
+
+def block_mask(
+    pattern: Pattern,
+    n: int,
+    s: int | None = None,
+    *,
+    block: int = 128,
+    num_heads: int | None = None,
+    device=None,
+):
+    """FlexAttention ``BlockMask`` for ``pattern`` on an ``(n, s)`` attention, built from its block map.
+
+    Args:
+        pattern: Any attnkit pattern (per-batch patterns give one mask per batch item).
+        n, s: Query and key lengths (``s`` defaults to ``n``).
+        block: FlexAttention's ``BLOCK_SIZE`` (128 by default, as FlexAttention's).
+        num_heads: Heads of the mask (``None``: one, broadcast to every head).
+        device: Device of the mask.
+
+    Raises:
+        ImportError: This torch has no FlexAttention.
+    """
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError as e:  # pragma: no cover - depends on the torch build
+        raise ImportError("attnkit.integrations.flex needs torch >= 2.5 with FlexAttention") from e
+    s = n if s is None else s
+    states = pattern.block_map(n, s, block).states.to(device)
+    partial, full = states == PARTIAL, states == FULL
+
+    def blocks(sel: Tensor) -> tuple[Tensor, Tensor]:
+        count = sel.sum(1, dtype=torch.int32)
+        # each row lists its selected tile columns first (stable: in increasing order)
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return count, order
+
+    (kv_num, kv_idx), (full_num, full_idx) = blocks(partial), blocks(full)
+    B, H = pattern.batch_size or 1, num_heads or 1
+
+    def shaped(t: Tensor) -> Tensor:
+        return t.expand(B, H, *t.shape).contiguous()
+
+    return BlockMask.from_kv_blocks(
+        shaped(kv_num),
+        shaped(kv_idx),
+        shaped(full_num),
+        shaped(full_idx),
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod(pattern, n, s, block=block, device=device),
+        seq_lengths=(n, s),
+    )
