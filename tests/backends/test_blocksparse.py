@@ -141,7 +141,7 @@ def test_auto_picks_blocksparse_for_sparse_patterns_only():
     assert chosen(P.Causal()) == "sdpa"
     assert chosen(P.SlidingWindow(1500, 1500)) == "sdpa"  # dense: most tiles visited
     wide = P.SlidingWindow(1500, 1500)
-    assert visited_fraction(wide, 2048, 2048, choose_block(wide, 2048, 2048)) > BlockSparseBackend.MAX_VISITED
+    assert visited_fraction(wide, 2048, 2048, choose_block(wide, 2048, 2048)) > 0.7
 
 
 def test_forced_blocksparse_runs_dense_attention():
@@ -154,7 +154,7 @@ def test_auto_reasons_say_why_blocksparse_was_passed_over():
     dense = BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.Causal()))
     assert dense == ["pattern Causal() runs natively on sdpa"]
     wide = BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(1500, 1500)))
-    assert "is dense: a plan computes" in wide[0]
+    assert "is too dense: predicted" in wide[0]
     assert BlockSparseBackend.auto_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(64))) == []
 
 
@@ -186,7 +186,7 @@ def test_regrouped_computation_matches_the_oracle(pattern, dtype):
     k = torch.randn(B, Hkv, N, D, dtype=torch.float64).to(dtype)
     v = torch.randn(B, Hkv, N, D, dtype=torch.float64).to(dtype)
     inp = build_inputs(q, k, v, pattern=pattern)
-    assert [stride for _, stride in BlockSparseBackend._pieces_of(pattern, inp)][-1] is not None
+    assert [stride for _, stride in BlockSparseBackend._pieces_of(pattern, inp)[0]][-1] is not None
     dout = torch.randn(B, H, N, D, dtype=torch.float64)
 
     def run(fn, cast=None):

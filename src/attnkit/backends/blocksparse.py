@@ -17,10 +17,16 @@ counter-based mask of ``reference``/``tiled``), fully masked rows (zeros), float
 float32/float64, the log-sum-exp. Engines: torch's fused CPU kernel (CPU, ``D == Dv``, no
 dropout, no gradient into a float bias) and an eager fallback for everything else.
 
-Known limitations: a tile-level method: a pattern that allows one key in each of many tiles
-(``Strided`` with a large stride) visits whole tiles for it. A float bias with gradients, or
-dropout, runs on the eager engine (slower). Auto picks this backend for sparse patterns only
-(``MAX_VISITED``); dense and causal attention stay on ``sdpa``.
+Periodic patterns (``Strided``, ``Dilated``) on ``N = S`` divisible by the period are split:
+their periodic offsets run on positions regrouped by residue, where they form dense classes
+(``_residue.py``), the rest as usual; the two merge through their log-sum-exps.
+
+Known limitations: a tile-level method, so a pattern whose allowed keys are scattered one per
+tile (and not periodic, or with a user mask or dropout that prevents regrouping) visits whole
+tiles for them. Rows with few keys (a ~100-key window) run torch's kernel on short calls, at a
+fraction of its dense speed. A float bias with gradients, or dropout, runs on the eager engine
+(slower). ``auto`` picks this backend when the cost model predicts it faster than SDPA with the
+pattern as a mask (``SDPA_MASK_RATE``); dense and causal attention stay on ``sdpa``.
 """
 
 from __future__ import annotations
@@ -51,8 +57,11 @@ class BlockSparseBackend(Backend):
     #: bench/results/sparse-tiles.json pick it per pattern (``_sparse_plan.choose_block``).
     block: int | None = None
     backward_block: int | None = None
-    #: ``auto`` picks blocksparse when its plan computes at most this fraction of ``N x S``.
-    MAX_VISITED = 0.5
+    #: Forward GFLOP/s of torch SDPA with a boolean mask (what ``auto`` runs otherwise): median
+    #: of bench/results/dispatch.json (N = 4096 and 8192, float32). ``auto`` picks blocksparse
+    #: when the cost model predicts it faster than that; the predictions track the measured
+    #: speed-ups within about 15% near the crossover (docs/bench/dispatch.md).
+    SDPA_MASK_RATE = 157.5
     #: Memory one batched call may use for gathered keys, biases and gradients.
     chunk_bytes = 64 * 2**20
 
@@ -61,10 +70,12 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
-        visited = visited_fraction(p, inp.N, inp.S, cls.block or choose_block(p, inp.N, inp.S))
-        if visited > cls.MAX_VISITED:
-            limit = 100 * cls.MAX_VISITED
-            return [f"pattern {p!r} is dense: a plan computes {100 * visited:.0f}% of N x S (> {limit:.0f}%)"]
+        cost = cls._pieces_of(p, inp)[1]
+        dense = inp.N * inp.S / cls.SDPA_MASK_RATE
+        if cost >= dense:
+            return [
+                f"pattern {p!r} is too dense: predicted {dense / cost:.2f}x the speed of sdpa with its mask"
+            ]
         return []
 
     @classmethod
@@ -78,27 +89,28 @@ class BlockSparseBackend(Backend):
         )
         pattern = inp.pattern if inp.pattern is not None else Full()
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
-        parts = tuple(cls._part(p, inp, fused, stride) for p, stride in cls._pieces_of(pattern, inp))
+        parts = tuple(cls._part(p, inp, fused, stride) for p, stride in cls._pieces_of(pattern, inp)[0])
         bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
         out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
         return AttentionResult(out, None, lse if inp.return_lse else None)
 
     @classmethod
-    def _pieces_of(cls, pattern, inp: AttentionInputs) -> list[tuple]:
-        """``[(pattern, regroup stride or None)]``: a periodic pattern splits in two when the
-        regrouped computation is predicted (``KERNEL_RATES``) to cost under 80% of plain tiles."""
+    def _pieces_of(cls, pattern, inp: AttentionInputs) -> tuple[list[tuple], float]:
+        """``([(pattern, regroup stride or None)], predicted forward cost)``. A periodic pattern
+        splits in two when the regrouped computation is predicted to cost under 80% of plain
+        tiles (``_sparse_plan.KERNEL_RATES``)."""
+        whole = block_and_cost(pattern, inp.N, inp.S)[1]
         if inp.mask is None and inp.bias is None and inp.dropout_p == 0:
             split = residue_split(pattern, inp.N, inp.S)
             if split is not None:
                 rest, regrouped, stride = split
-                whole = block_and_cost(pattern, inp.N, inp.S)[1]
                 pieces = [(rest, None), (regrouped, stride)]
                 if rest.num_allowed(inp.N, inp.S) == 0:
                     pieces = pieces[1:]
                 cost = sum(block_and_cost(p, inp.N, inp.S)[1] for p, _ in pieces)
                 if cost < 0.8 * whole:
-                    return pieces
-        return [(pattern, None)]
+                    return pieces, cost
+        return [(pattern, None)], whole
 
     @classmethod
     def _part(cls, pattern, inp: AttentionInputs, fused: bool, stride: int | None) -> _Part:
