@@ -7,7 +7,8 @@ Patterns (B=1, H=8, D=64, N = S): ``SlidingWindow(256, 256)``, ``SlidingWindow(5
 BigBird ``SlidingWindow(192, 192) | Global(range(64)) | Random(3, 64, seed=0)`` and
 ``Strided(128) & Causal()``. Methods, timed alternately in one process per configuration:
 
-* ``blocksparse`` and ``tiled``: attnkit, forced by name;
+* ``blocksparse`` and ``tiled``: attnkit, forced by name (``tiled``, a baseline, for
+  N <= ``--tiled-max``: on ``Strided`` it visits every strided tile, ~17 s per forward at 32k);
 * ``sdpa``: torch SDPA without any mask (the dense work the pattern avoids; pattern-free, so
   timed once per N and dtype), and ``sdpa_mask``: torch SDPA with the pattern as a boolean
   mask. Both for N <= ``--dense-max`` (each dense call at 64k takes minutes);
@@ -151,6 +152,10 @@ def main() -> None:
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--dense-max", type=int, default=16384, help="largest N for sdpa and sdpa_mask")
+    ap.add_argument(
+        "--tiled-max", type=int, default=16384, help="largest N for tiled (a baseline; slow on strided)"
+    )
+    ap.add_argument("--resume", action="store_true", help="keep the configurations already in the JSON")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--memory", nargs="*", default=["float32"], help="dtypes that get memory probes")
     ap.add_argument("--rounds", type=int, default=5)
@@ -168,6 +173,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     env = environment()
     rows, flex_info = [], []
+    if args.resume and (RESULTS / f"{args.name}.json").exists():
+        done = json.loads((RESULTS / f"{args.name}.json").read_text())
+        rows, flex_info = done["results"], done.get("flex", [])
+    finished = {(r["dtype"], r["n"], r["pattern"], r["mode"]) for r in rows}
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for n in args.n:
@@ -175,6 +184,8 @@ def main() -> None:
                 pattern = PATTERNS[name]
                 allowed = pattern.num_allowed(n)
                 base = inputs(n, dtype, False)
+                if all((dtype_name, n, name, mode) in finished for mode in args.modes):
+                    continue
                 flex = bm = None
                 if not args.no_flex:
                     flex, bm, info = flex_setup(name, n, dtype, base)
@@ -186,7 +197,9 @@ def main() -> None:
                 mask = pattern.to_dense(n, n) if n <= args.dense_max else None
                 for mode in args.modes:
                     tensors = inputs(n, dtype, mode == "fwdbwd")
-                    methods = ["blocksparse", "tiled"]
+                    if (dtype_name, n, name, mode) in finished:
+                        continue
+                    methods = ["blocksparse"] + (["tiled"] if n <= args.tiled_max else [])
                     if n <= args.dense_max:
                         methods += ["sdpa", "sdpa_mask"]
                     if mode == "fwd" and flex is not None:
@@ -224,6 +237,7 @@ def main() -> None:
         "flop_model": "useful: 4*B*H*D*allowed_pairs forward; x3.5 forward+backward",
         "memory_model": "peak resident memory above the level before one call, fresh subprocess, MiB",
         "dense_max": args.dense_max,
+        "tiled_max": args.tiled_max,
         "results": rows,
         "flex": flex_info,
     }
@@ -250,7 +264,7 @@ def write_docs(payload: dict, name: str) -> None:
         f"FLOP model: {payload.get('flop_model', '')}. Memory: {payload.get('memory_model', '')}.",
         "*eff* = useful GFLOP/s of `blocksparse` / GFLOP/s of dense SDPA (no mask) in the same run. "
         f"Dense and masked SDPA run for N <= {payload.get('dense_max', 16384)} only "
-        "(one dense call at 64k takes minutes).",
+        f"(one dense call at 64k takes minutes), `tiled` for N <= {payload.get('tiled_max', 16384)}.",
         "",
         *_summary(by, rows),
     ]
