@@ -109,14 +109,6 @@ class SparsePlan:
     visited_tiles: int  # tiles the segments compute (band padding and bucket padding included)
     nonempty_tiles: int
 
-    @property
-    def merges(self) -> bool:
-        """Whether some query row is covered by more than one segment."""
-        seen = torch.zeros(self.num_q_tiles, dtype=torch.int64)
-        for seg in self.segments:
-            seen[seg.rows] += 1
-        return bool((seen > 1).any())
-
 
 _PLAN_CACHE: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 16

@@ -145,10 +145,6 @@ class _Job:
     fused: bool
     chunk_bytes: int
 
-    @property
-    def engine(self):
-        return FusedCPU if self.fused else Eager
-
     # -- layouts: (B, H, N, E) <-> (B*Hkv, num_q_tiles, G*b, E), query heads of a group stacked
     def to_rows(self, x: Tensor, plan: SparsePlan) -> Tensor:
         inp, b = self.inp, plan.block
@@ -291,13 +287,9 @@ def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows, out: Tensor,
         out_acc[:, rows] = out.to(out_acc.dtype)
         lse_acc[:, rows] = lse.to(lse_acc.dtype)
     else:  # the same row seen through several key sets: combine through the log-sum-exps
-        old_lse, old_out = lse_acc[:, rows], out_acc[:, rows]
-        new = torch.logaddexp(old_lse, lse.to(lse_acc.dtype))
-        safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
-        w_old = torch.exp(old_lse - safe)[..., None]
-        w_new = torch.exp(lse.to(lse_acc.dtype) - safe)[..., None]
-        out_acc[:, rows] = old_out * w_old + out.to(out_acc.dtype) * w_new
-        lse_acc[:, rows] = new
+        out_acc[:, rows], lse_acc[:, rows] = _combine(
+            out_acc[:, rows], lse_acc[:, rows], out.to(out_acc.dtype), lse.to(lse_acc.dtype)
+        )
     written[cpu_rows] = True
 
 
