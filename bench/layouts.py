@@ -3,8 +3,10 @@
     python bench/layouts.py
 
 For each pattern: the time to build its block map (64 x 64 tiles, cold cache), the map's
-size, the time to build the block-sparse plan (with the element masks of partial tiles) and
-its size, and the peak memory the build needs. A structured pattern's map is computed from
+size, the time to build what the ``blocksparse`` backend plans for a forward + backward call
+(``BlockSparseBackend.plan``: per piece -- Strided is regrouped by residue -- the forward and
+backward plans at their own tile sizes, with the element masks of partial tiles) and its size,
+and the peak memory of the whole build. A structured pattern's map is computed from
 its structure, never from an ``N x S`` matrix (which would be 16 GiB of booleans here).
 Writes ``bench/results/layouts.json`` and ``docs/bench/layouts.md``.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, MaxRss, env_line, environment, save
 from attnkit import patterns as P
-from attnkit.backends._sparse_plan import sparse_plan
+from attnkit.backends.blocksparse import BlockSparseBackend
 
 N = 131072
 PATTERNS = {
@@ -39,10 +41,12 @@ def measure(spec: str) -> dict:
         bm = pattern.block_map(N, N, 64)
         t_map = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plan = sparse_plan(pattern, N, N, 64)
+        parts = BlockSparseBackend.plan(pattern, N, N, backward=True)
         t_plan = time.perf_counter() - t0
+    plans = {id(p): p for part in parts for p in (part.forward_plan, part.backward_plan)}.values()
     plan_bytes = sum(
         t.numel() * t.element_size()
+        for plan in plans
         for seg in plan.segments
         for t in (seg.rows, seg.cols, seg.allowed, seg.query_index, seg.key_index, seg.same)
     )
@@ -51,6 +55,7 @@ def measure(spec: str) -> dict:
         "block_map_mib": bm.states.numel() * bm.states.element_size() / 2**20,
         "plan_s": t_plan,
         "plan_mib": plan_bytes / 2**20,
+        "plans": [(p.block, len(p.segments)) for p in plans],
         "peak_extra_mib": mem.extra_mib,
         "tiles": bm.counts,
     }
@@ -77,7 +82,7 @@ def main() -> None:
         f"Machine: {env_line(env)}. 64 x 64 tiles (2048 x 2048 of them); each pattern in a fresh process. "
         "A dense boolean mask would be 16 GiB.",
         "",
-        "| pattern | block map | map size | plan (with masks) | plan size | peak memory |",
+        "| pattern | block map | map size | forward + backward plans | plan size | peak memory |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -70,7 +70,7 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
-        cost = cls._pieces_of(p, inp)[1]
+        cost = cls._pieces_of(p, inp.N, inp.S, _splittable(inp))[1]
         dense = inp.N * inp.S / cls.SDPA_MASK_RATE
         if cost >= dense:
             return [
@@ -89,37 +89,50 @@ class BlockSparseBackend(Backend):
         )
         pattern = inp.pattern if inp.pattern is not None else Full()
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
-        parts = tuple(cls._part(p, inp, fused, stride) for p, stride in cls._pieces_of(pattern, inp)[0])
+        parts = cls.plan(
+            pattern, inp.N, inp.S, splittable=_splittable(inp), backward=fused and inp.requires_grad
+        )
         bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
         out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
         return AttentionResult(out, None, lse if inp.return_lse else None)
 
     @classmethod
-    def _pieces_of(cls, pattern, inp: AttentionInputs) -> tuple[list[tuple], float]:
+    def plan(
+        cls, pattern, n: int, s: int, *, splittable: bool = True, backward: bool = False
+    ) -> tuple[_Part, ...]:
+        """The parts a call computes: per pattern piece, its forward plan and (with
+        ``backward``, for the fused kernel's own tile size) its backward plan. ``splittable``:
+        the call has no mask, bias or dropout, so periodic patterns may be regrouped."""
+        parts = []
+        for piece, stride in cls._pieces_of(pattern, n, s, splittable)[0]:
+            fplan = sparse_plan(piece, n, s, cls.block or choose_block(piece, n, s, "forward"))
+            bplan = fplan
+            if backward:
+                bplan = sparse_plan(piece, n, s, cls.backward_block or choose_block(piece, n, s, "backward"))
+            parts.append(_Part(fplan, bplan, stride))
+        return tuple(parts)
+
+    @classmethod
+    def _pieces_of(cls, pattern, n: int, s: int, splittable: bool) -> tuple[list[tuple], float]:
         """``([(pattern, regroup stride or None)], predicted forward cost)``. A periodic pattern
         splits in two when the regrouped computation is predicted to cost under 80% of plain
         tiles (``_sparse_plan.KERNEL_RATES``)."""
-        whole = block_and_cost(pattern, inp.N, inp.S)[1]
-        if inp.mask is None and inp.bias is None and inp.dropout_p == 0:
-            split = residue_split(pattern, inp.N, inp.S)
+        whole = block_and_cost(pattern, n, s)[1]
+        if splittable:
+            split = residue_split(pattern, n, s)
             if split is not None:
                 rest, regrouped, stride = split
                 pieces = [(rest, None), (regrouped, stride)]
-                if rest.num_allowed(inp.N, inp.S) == 0:
+                if rest.num_allowed(n, s) == 0:
                     pieces = pieces[1:]
-                cost = sum(block_and_cost(p, inp.N, inp.S)[1] for p, _ in pieces)
+                cost = sum(block_and_cost(p, n, s)[1] for p, _ in pieces)
                 if cost < 0.8 * whole:
                     return pieces, cost
         return [(pattern, None)], whole
 
-    @classmethod
-    def _part(cls, pattern, inp: AttentionInputs, fused: bool, stride: int | None) -> _Part:
-        n, s = inp.N, inp.S
-        fplan = sparse_plan(pattern, n, s, cls.block or choose_block(pattern, n, s, "forward"))
-        bplan = fplan
-        if fused and inp.requires_grad:
-            bplan = sparse_plan(pattern, n, s, cls.backward_block or choose_block(pattern, n, s, "backward"))
-        return _Part(fplan, bplan, stride)
+
+def _splittable(inp: AttentionInputs) -> bool:
+    return inp.mask is None and inp.bias is None and inp.dropout_p == 0
 
 
 @dataclass(frozen=True, eq=False)
