@@ -2,5 +2,33 @@
 
 from .attention import MultiHeadAttention
 from .kv_cache import KVCache
+from .layers import (
+    Decoder,
+    DecoderCache,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+    LayerCache,
+    RMSNorm,
+    make_norm,
+)
+from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
 
-__all__ = ["KVCache", "MultiHeadAttention"]
+__all__ = [
+    "ALiBi",
+    "Decoder",
+    "DecoderCache",
+    "DecoderLayer",
+    "Encoder",
+    "EncoderLayer",
+    "FeedForward",
+    "KVCache",
+    "LayerCache",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "make_norm",
+]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern
 from .kv_cache import KVCache
+from .positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention"]
 
@@ -37,6 +38,8 @@ class MultiHeadAttention(nn.Module):
         pattern: Default :class:`~attnkit.patterns.Pattern` (e.g. ``Causal()``), replaceable
             per call.
         backend: Attention backend, ``"auto"`` by default.
+        rotary: A :class:`~attnkit.nn.RotaryEmbedding` applied to queries and keys of
+            self-attention (keys are cached rotated, as Llama-family models do).
         device, dtype: Factory arguments of the parameters.
 
     Shape:
@@ -67,6 +70,7 @@ class MultiHeadAttention(nn.Module):
         batch_first: bool = True,
         pattern: Pattern | None = None,
         backend: str = "auto",
+        rotary: RotaryEmbedding | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -102,6 +106,11 @@ class MultiHeadAttention(nn.Module):
         self.head_dim, self.context_dim = head_dim, context_dim
         self.dropout, self.batch_first = dropout, batch_first
         self.pattern, self.backend = pattern, backend
+        if rotary is not None and not isinstance(rotary, RotaryEmbedding):
+            raise TypeError(
+                f"MultiHeadAttention: expected a RotaryEmbedding, but got {type(rotary).__name__}."
+            )
+        self.rotary = rotary
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
@@ -128,6 +137,7 @@ class MultiHeadAttention(nn.Module):
         pattern: Pattern | None = None,
         need_weights: bool = False,
         cache: KVCache | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``x`` to itself or to ``context``.
 
@@ -148,6 +158,9 @@ class MultiHeadAttention(nn.Module):
                 so step-by-step decoding equals the full forward). Cross-attention computes
                 the context's keys and values on the first call and reuses them after
                 (``context`` may then be ``None``).
+            positions: Integer positions ``(N,)`` or ``(B, N)`` of ``x``'s tokens for the rotary
+                embedding; default ``L, ..., L + N - 1`` where ``L`` is the cache's length
+                (0 without a cache). Left-padded batches pass their own.
 
         Returns:
             ``out (B, N, C)``, or ``(out, weights)`` if ``need_weights``.
@@ -165,6 +178,11 @@ class MultiHeadAttention(nn.Module):
                 self._check_input("context", context, self.context_dim, batch=x.shape[0])
             k = rearrange(self.k_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
             v = rearrange(self.v_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
+            if self.rotary is not None and context is None:
+                offset = 0 if cache is None else cache.length
+                if positions is None:
+                    positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
             if cache is not None:
                 k, v = cache.update(k, v) if context is None else cache.fill(k, v)
         attn_mask = _merge_masks(mask, key_padding_mask, batch=x.shape[0], s=k.shape[2])
@@ -226,6 +244,8 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"dropout={self.dropout}")
         if self.pattern is not None:
             parts.append(f"pattern={self.pattern!r}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
         if not self.batch_first:
             parts.append("batch_first=False")
         return ", ".join(parts)

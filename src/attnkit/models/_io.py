@@ -1,0 +1,152 @@
+"""Checkpoint files: configs as frozen dataclasses, safetensors weights, atomic writes.
+
+attnkit's own checkpoints are a directory with ``config.json`` (``{"attnkit_model": NAME,
+"config": {...}}``) and ``model.safetensors``. Hugging Face directories (``config.json`` with a
+``model_type``, ``model.safetensors`` or sharded ``model-0000x-of-0000y.safetensors`` with an
+index) are read by the same loader, and each model translates their parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["ModelConfig", "atomic_write", "load_weights", "read_json", "save_checkpoint"]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base of model configs: frozen, validated on construction, JSON round trip."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for values out of range; subclasses extend."""
+
+    def _require(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}: expected {name} {expected}, but got {name}={getattr(self, name)!r}."
+            )
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._require(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, ">= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config fields {unknown}; known: {sorted(names)}.")
+        return cls(**data)
+
+    def replace(self: C, **changes) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"expected a JSON file at {str(path)!r}, but it does not exist.") from None
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory holding ``config.json``, or a clear error."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"expected a checkpoint directory, but {str(p)!r} is not a directory.")
+    if not (p / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"expected {CONFIG_NAME} in the checkpoint directory {str(p)!r}.")
+    return p
+
+
+def load_weights(directory: Path) -> dict[str, Tensor]:
+    """All tensors of ``model.safetensors`` (or of the shards its index lists)."""
+    from safetensors.torch import load_file
+
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        weights: dict[str, Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(str(directory / shard)))
+        return weights
+    raise FileNotFoundError(
+        f"expected {WEIGHTS_NAME} or {INDEX_NAME} in {str(directory)!r}; found "
+        f"{sorted(p.name for p in directory.iterdir())}."
+    )
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the file into place: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, name: str, config: ModelConfig, state: dict[str, Tensor]
+) -> Path:
+    """Write ``model.safetensors`` then ``config.json`` atomically; returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    text = json.dumps({"attnkit_model": name, "config": config.to_dict()}, indent=2, sort_keys=True)
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    return directory
+
+
+def own_config(directory: Path, name: str) -> dict | None:
+    """The config dict of an attnkit checkpoint of model ``name``, or None for a foreign one."""
+    data = read_json(directory / CONFIG_NAME)
+    if "attnkit_model" not in data:
+        return None
+    if data["attnkit_model"] != name:
+        raise ValueError(
+            f"expected an attnkit {name} checkpoint in {str(directory)!r}, but it holds "
+            f"{data['attnkit_model']}."
+        )
+    return data["config"]
+
+
+def load_state(module: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what did not match."""
+    result = module.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{type(module).__name__}: the weights in {source} do not match the model: "
+            f"missing {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
+            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}."
+        )

@@ -1,0 +1,328 @@
+"""``DecoderLM``: Llama-family decoder-only language models on attnkit.
+
+Pre-norm blocks with RMSNorm, rotary embeddings in the half layout, grouped-query attention
+and SwiGLU feed-forwards (Touvron et al. 2023, https://arxiv.org/abs/2302.13971); Mistral's
+sliding window (Jiang et al. 2023, https://arxiv.org/abs/2310.06825) is an attnkit
+``SlidingWindow`` pattern, so long inputs run block-sparse. Loads Hugging Face ``llama`` and
+``mistral`` checkpoints (``config.json`` + safetensors) and generates with a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import Decoder, DecoderCache, DecoderLayer, RMSNorm, RotaryEmbedding
+from ..patterns import Causal, Pattern, SlidingWindow, parse_pattern
+from ._io import ModelConfig, checkpoint_dir, load_state, load_weights, own_config, read_json, save_checkpoint
+from .generation import SamplingConfig, next_token
+
+__all__ = ["DecoderLM", "DecoderLMConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLMConfig(ModelConfig):
+    """Shape of a :class:`DecoderLM`; field names follow the Llama papers' hyper-parameters.
+
+    ``sliding_window``: Mistral's window ``W`` (each token sees itself and the ``W - 1``
+    before it), or None for full causal attention. ``pattern``: any other attnkit pattern
+    expression for the self-attention (it replaces the causal/sliding one; keep it causal).
+    ``rope_scaling``: ``transformers``' dict for ``linear`` or ``llama3`` scaling.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    intermediate_size: int = 11008
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    pattern: str | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def validate(self) -> None:
+        self._positive("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        self._positive("intermediate_size", "max_position_embeddings")
+        self._require("num_kv_heads", self.num_heads % self.num_kv_heads == 0,
+                      f"to divide num_heads={self.num_heads}")  # fmt: skip
+        if self.head_dim is None:
+            self._require("hidden_size", self.hidden_size % self.num_heads == 0,
+                          f"divisible by num_heads={self.num_heads} (or set head_dim)")  # fmt: skip
+        else:
+            self._positive("head_dim")
+        self._require("resolved head_dim", self.resolved_head_dim % 2 == 0, "even (rotary pairs)")
+        if self.sliding_window is not None:
+            self._positive("sliding_window")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> DecoderLMConfig:
+        """From a Hugging Face ``config.json`` of model_type ``llama`` or ``mistral``."""
+        kind = hf.get("model_type")
+        if kind not in ("llama", "mistral"):
+            raise ValueError(f"DecoderLMConfig: expected model_type 'llama' or 'mistral', but got {kind!r}.")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"DecoderLMConfig: expected hidden_act 'silu', but got {hf['hidden_act']!r}.")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        kind_rope = rope.get("rope_type", rope.get("type", "default"))
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=None if kind_rope == "default" else rope,
+            attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            sliding_window=hf.get("sliding_window") if kind == "mistral" else None,
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )  # fmt: skip
+
+
+class DecoderLM(nn.Module):
+    """A Llama-family causal language model.
+
+    Args:
+        config: A :class:`DecoderLMConfig`.
+        backend: attnkit backend for every layer.
+
+    Shape:
+        ``forward(input_ids (B, T))`` -> logits ``(B, T, V)``.
+
+    Example:
+        >>> lm = DecoderLM(DecoderLMConfig(vocab_size=100, hidden_size=64, num_layers=2,
+        ...                                num_heads=4, num_kv_heads=2, intermediate_size=128))
+        >>> lm.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4).shape
+        torch.Size([1, 7])
+    """
+
+    model_name = "DecoderLM"
+
+    def __init__(self, config: DecoderLMConfig, *, backend: str = "auto") -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        rotary = RotaryEmbedding(c.resolved_head_dim, c.rope_theta, scaling=c.rope_scaling)
+        layer = DecoderLayer(
+            c.hidden_size, c.num_heads, c.intermediate_size, cross_attention=False,
+            num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, activation="swiglu", norm="rms",
+            norm_eps=c.rms_norm_eps, norm_first=True, bias=c.attention_bias, ffn_bias=c.mlp_bias,
+            pattern=self._pattern(c), rotary=rotary, backend=backend,
+        )  # fmt: skip
+        self.decoder = Decoder(layer, c.num_layers, norm=RMSNorm(c.hidden_size, c.rms_norm_eps))
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def _pattern(c: DecoderLMConfig) -> Pattern:
+        if c.pattern is not None:
+            return parse_pattern(c.pattern)
+        return Causal() if c.sliding_window is None else SlidingWindow(c.sliding_window - 1)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty KV cache for :meth:`forward`'s ``cache=``."""
+        return self.decoder.new_cache()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        cache: DecoderCache | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, list]:
+        """Logits ``(B, T, V)`` for ``input_ids (B, T)``.
+
+        Args:
+            attention_mask: ``(B, L + T)`` 1/True for real tokens over everything the cache
+                holds plus these tokens (left padding for batched prompts); None = all real.
+            position_ids: ``(B, T)`` or ``(T,)``; default counts on from the cache length.
+            cache: A :meth:`new_cache`; these tokens' keys and values are appended to it.
+            need_weights: Also return per-layer self-attention weights.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"DecoderLM: expected input_ids int64 of shape (B, T), but got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}."
+            )
+        past = 0 if cache is None else cache.length
+        kpm = None
+        if attention_mask is not None:
+            want = (input_ids.shape[0], past + input_ids.shape[1])
+            if tuple(attention_mask.shape) != want:
+                raise ValueError(
+                    f"DecoderLM: expected attention_mask of shape (B, cached + T)={want}, but got "
+                    f"{tuple(attention_mask.shape)}."
+                )
+            kpm = attention_mask.bool()
+        out = self.decoder(
+            self.embed(input_ids), key_padding_mask=kpm, positions=position_ids, cache=cache,
+            need_weights=need_weights,
+        )  # fmt: skip
+        if need_weights:
+            hidden, weights = out
+            return self.lm_head(hidden), [w[0] for w in weights]
+        return self.lm_head(out)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The prompt followed by up to ``max_new_tokens`` new tokens: ``(B, T + new)``.
+
+        Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` samples
+        (reproducibly with ``generator``). Batched prompts of different lengths are left-padded
+        with ``attention_mask`` 0 on the padding. A row stops at an end-of-sequence token
+        (``eos_token_id``, default the config's) and is filled with ``pad_token_id`` after;
+        generation stops when every row has ended. Runs with a KV cache: the prompt once,
+        then one token per step.
+        """
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: expected max_new_tokens >= 0, but got {max_new_tokens!r}.")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"generate: expected input_ids (B, T) with T >= 1, but got {tuple(input_ids.shape)}."
+            )
+        eos = self.config.eos_ids if eos_token_id is None else tuple(
+            eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        )  # fmt: skip
+        pad = (
+            pad_token_id if pad_token_id is not None else (self.config.pad_token_id or (eos[0] if eos else 0))
+        )
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache()
+        try:
+            logits = self(input_ids, mask, position_ids=positions, cache=cache)[:, -1]
+            tokens = [input_ids]
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
+            last_pos = positions[:, -1]
+            for step in range(max_new_tokens):
+                nxt = next_token(logits, sampling, generator)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                tokens.append(nxt[:, None])
+                done |= torch.isin(nxt, eos_t)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                last_pos = last_pos + 1
+                logits = self(nxt[:, None], mask, position_ids=last_pos[:, None], cache=cache)[:, -1]
+        finally:
+            self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, backend: str = "auto", dtype: torch.dtype | None = None
+    ) -> DecoderLM:
+        """Load an attnkit checkpoint or a Hugging Face ``llama``/``mistral`` directory."""
+        directory = checkpoint_dir(path)
+        own = own_config(directory, cls.model_name)
+        config = (
+            DecoderLMConfig.from_dict(own) if own is not None
+            else DecoderLMConfig.from_hf(read_json(directory / "config.json"))
+        )  # fmt: skip
+        model = cls(config, backend=backend)
+        weights = load_weights(directory)
+        if own is None:
+            weights = _from_hf_names(weights)
+        if config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            weights["lm_head.weight"] = weights["embed.weight"]
+        load_state(model, weights, str(directory))
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write an attnkit checkpoint (``config.json`` + ``model.safetensors``), atomically."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        return save_checkpoint(path, self.model_name, self.config, state)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def extra_repr(self) -> str:
+        return f"parameters={self.num_parameters() / 1e6:.1f}M, layers={self.config.num_layers}"
+
+
+_HF_RULES = [
+    (r"model\.embed_tokens\.", "embed."),
+    (r"model\.norm\.", "decoder.norm."),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (r"model\.layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
+    (r"model\.layers\.(\d+)\.mlp\.", r"decoder.layers.\1.ffn."),
+    (r"model\.layers\.(\d+)\.input_layernorm\.", r"decoder.layers.\1.norm1."),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"decoder.layers.\1.norm2."),
+]
+_HF_RULES_C = [(re.compile("^" + a), b) for a, b in _HF_RULES]
+
+
+def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for name, t in weights.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        for rule, repl in _HF_RULES_C:
+            name, hits = rule.subn(repl, name)
+            if hits:
+                break
+        out[name] = t
+    return out

@@ -1,0 +1,355 @@
+"""``Seq2Seq``: the encoder-decoder Transformer (Vaswani et al. 2017) on attnkit.
+
+The encoder reads the source with self-attention (any attnkit pattern, so long inputs can run
+block-sparse); the decoder writes the target with causal self-attention and cross-attention to
+the encoder's output. Decoding is greedy or beam search with a length penalty, batched, with a
+KV cache per layer (the cross-attention keys and values are computed once per source).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import (
+    Decoder,
+    DecoderCache,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    make_norm,
+)
+from ..nn.layers import ACTIVATIONS
+from ..patterns import Pattern, parse_pattern
+from ._io import ModelConfig, checkpoint_dir, load_state, load_weights, own_config, save_checkpoint
+
+__all__ = ["Seq2Seq", "Seq2SeqConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig(ModelConfig):
+    """Shape of a :class:`Seq2Seq`.
+
+    ``tgt_vocab_size`` None means one vocabulary for both sides; ``share_embeddings`` then
+    uses one embedding table for source and target, and ``tie_output`` ties the output
+    projection to the target embedding (Press & Wolf 2017). ``encoder_pattern`` is an attnkit
+    pattern expression for the encoder's self-attention (e.g. ``"SlidingWindow(128, 128)"``).
+    """
+
+    src_vocab_size: int = 8000
+    tgt_vocab_size: int | None = None
+    dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    ffn_dim: int = 2048
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "relu"
+    norm: str = "layer"
+    norm_first: bool = True
+    positional: str = "sinusoidal"
+    max_len: int = 1024
+    share_embeddings: bool = True
+    tie_output: bool = True
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    encoder_pattern: str | None = None
+
+    def validate(self) -> None:
+        self._positive(
+            "src_vocab_size", "dim", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "max_len"
+        )
+        if self.tgt_vocab_size is not None:
+            self._positive("tgt_vocab_size")
+        self._require("dim", self.dim % self.num_heads == 0, f"divisible by num_heads={self.num_heads}")
+        self._require("dropout", 0 <= self.dropout < 1, "in [0, 1)")
+        self._require("attention_dropout", 0 <= self.attention_dropout < 1, "in [0, 1)")
+        self._require("activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}")
+        self._require("norm", self.norm in ("layer", "rms"), "'layer' or 'rms'")
+        self._require("positional", self.positional in ("sinusoidal", "learned"), "'sinusoidal' or 'learned'")
+        self._require(
+            "share_embeddings",
+            not self.share_embeddings or self.tgt_vocab_size in (None, self.src_vocab_size),
+            "False when the source and target vocabularies differ",
+        )
+        for name in ("pad_id", "bos_id", "eos_id"):
+            self._require(
+                name, 0 <= getattr(self, name) < min(self.src_vocab_size, self.target_vocab), "a token id"
+            )
+        if self.encoder_pattern is not None:
+            parse_pattern(self.encoder_pattern)
+
+    @property
+    def target_vocab(self) -> int:
+        return self.src_vocab_size if self.tgt_vocab_size is None else self.tgt_vocab_size
+
+
+class Seq2Seq(nn.Module):
+    """Encoder-decoder Transformer for translation and summarization.
+
+    Args:
+        config: A :class:`Seq2SeqConfig`.
+        backend: attnkit backend for every attention.
+
+    Shape:
+        ``forward(src (B, S), tgt_in (B, T))`` -> logits ``(B, T, V_tgt)``. Padding is
+        ``config.pad_id`` on both sides; ``tgt_in`` starts with ``bos_id``.
+
+    Example:
+        >>> model = Seq2Seq(Seq2SeqConfig(src_vocab_size=20, dim=32, num_heads=4, ffn_dim=64,
+        ...                               encoder_layers=1, decoder_layers=1))
+        >>> model.generate(torch.tensor([[5, 6, 7, 2]]), beam_size=3, max_new_tokens=5)
+        [[...]]
+    """
+
+    model_name = "Seq2Seq"
+
+    def __init__(self, config: Seq2SeqConfig, *, backend: str = "auto") -> None:
+        super().__init__()
+        c = self.config = config
+        self.src_embed = nn.Embedding(c.src_vocab_size, c.dim, padding_idx=c.pad_id)
+        self.tgt_embed = self.src_embed if c.share_embeddings else nn.Embedding(
+            c.target_vocab, c.dim, padding_idx=c.pad_id
+        )  # fmt: skip
+        if c.positional == "sinusoidal":
+            self.src_pos = self.tgt_pos = SinusoidalPositionalEncoding(c.dim, c.max_len)
+        else:
+            self.src_pos = LearnedPositionalEmbedding(c.max_len, c.dim)
+            self.tgt_pos = LearnedPositionalEmbedding(c.max_len, c.dim)
+        self.dropout = nn.Dropout(c.dropout)
+        common = dict(
+            num_kv_heads=c.num_kv_heads, activation=c.activation, norm=c.norm, norm_first=c.norm_first,
+            dropout=c.dropout, attention_dropout=c.attention_dropout, backend=backend,
+        )  # fmt: skip
+        final = (lambda: make_norm(c.norm, c.dim)) if c.norm_first else (lambda: None)
+        enc_pattern = None if c.encoder_pattern is None else parse_pattern(c.encoder_pattern)
+        self.encoder = Encoder(
+            EncoderLayer(c.dim, c.num_heads, c.ffn_dim, pattern=enc_pattern, **common),
+            c.encoder_layers,
+            final(),
+        )
+        self.decoder = Decoder(
+            DecoderLayer(c.dim, c.num_heads, c.ffn_dim, **common), c.decoder_layers, final()
+        )
+        self.out_proj = nn.Linear(c.dim, c.target_vocab, bias=False)
+        self._init_weights()
+        if c.tie_output:
+            self.out_proj.weight = self.tgt_embed.weight
+
+    def _init_weights(self) -> None:
+        for emb in {id(m): m for m in (self.src_embed, self.tgt_embed)}.values():
+            nn.init.normal_(emb.weight, std=self.config.dim**-0.5)
+            with torch.no_grad():
+                emb.weight[self.config.pad_id].zero_()
+        if isinstance(self.src_pos, LearnedPositionalEmbedding):
+            for pos in (self.src_pos, self.tgt_pos):
+                nn.init.normal_(pos.weight, std=0.02)
+        nn.init.normal_(self.out_proj.weight, std=self.config.dim**-0.5)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _check_ids(self, name: str, ids: Tensor, vocab: int) -> None:
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(
+                f"Seq2Seq: expected {name} int64 of shape (B, L), but got {ids.dtype} {tuple(ids.shape)}."
+            )
+        if ids.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"Seq2Seq: expected {name} of at most max_len={self.config.max_len} tokens, but got "
+                f"{ids.shape[1]}."
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"Seq2Seq: expected {name} ids in [0, {vocab}), but got [{int(ids.min())}, {int(ids.max())}]."
+            )
+
+    def encode(self, src: Tensor, *, pattern: Pattern | None = None) -> tuple[Tensor, Tensor]:
+        """``memory (B, S, C)`` and the source key mask ``(B, S)`` (True = real token)."""
+        self._check_ids("src", src, self.config.src_vocab_size)
+        src_mask = src != self.config.pad_id
+        x = self.dropout(self.src_pos(self.src_embed(src) * math.sqrt(self.config.dim)))
+        return self.encoder(x, key_padding_mask=src_mask, pattern=pattern), src_mask
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, *, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """Logits ``(B, T, V)`` of the next tokens after each of ``tgt_in``'s positions. With a
+        ``cache``, ``tgt_in`` holds only the new positions."""
+        offset = 0 if cache is None else cache.length
+        x = self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset)
+        h = self.decoder(self.dropout(x), memory, memory_key_padding_mask=src_mask, cache=cache)
+        return self.out_proj(h)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
+        memory, src_mask = self.encode(src)
+        return self.decode(tgt_in, memory, src_mask)
+
+    def loss(self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+        """Mean token cross-entropy of ``tgt (B, T)`` (``bos ... eos`` then padding): the decoder
+        reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``; padding is ignored."""
+        logits = self(src, tgt[:, :-1])
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _max_new(self, src: Tensor, max_new_tokens: int | None) -> int:
+        if max_new_tokens is None:
+            max_new_tokens = 2 * src.shape[1] + 10
+        if max_new_tokens < 1:
+            raise ValueError(f"Seq2Seq.generate: expected max_new_tokens >= 1, but got {max_new_tokens}.")
+        return min(max_new_tokens, self.config.max_len - 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        *,
+        beam_size: int = 1,
+        max_new_tokens: int | None = None,
+        length_penalty: float = 1.0,
+        pattern: Pattern | None = None,
+    ) -> list[list[int]]:
+        """Target token ids per source row, without ``bos``/``eos``.
+
+        ``beam_size == 1`` decodes greedily; otherwise beam search keeps ``beam_size``
+        hypotheses per row and ranks finished ones by ``log p / length ** length_penalty``
+        (Wu et al. 2016 normalize likewise). A row is done when ``beam_size`` hypotheses have
+        ended with ``eos`` among the top candidates, or at ``max_new_tokens`` (default
+        ``2 * S + 10``).
+        """
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"Seq2Seq.generate: expected beam_size >= 1, but got {beam_size!r}.")
+        was_training = self.training
+        self.eval()
+        try:
+            if beam_size == 1:
+                return self._greedy(src, self._max_new(src, max_new_tokens), pattern)
+            return self._beam(src, beam_size, self._max_new(src, max_new_tokens), length_penalty, pattern)
+        finally:
+            self.train(was_training)
+
+    def _greedy(self, src: Tensor, max_new: int, pattern: Pattern | None) -> list[list[int]]:
+        c = self.config
+        memory, src_mask = self.encode(src, pattern=pattern)
+        B = src.shape[0]
+        cache = self.decoder.new_cache()
+        tok = torch.full((B, 1), c.bos_id, dtype=torch.long, device=src.device)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        for _ in range(max_new):
+            logits = self.decode(tok, memory, src_mask, cache=cache)[:, -1]
+            nxt = logits.float().log_softmax(-1).argmax(-1)
+            for b in (~done).nonzero().flatten().tolist():
+                if int(nxt[b]) == c.eos_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            tok = nxt[:, None]
+        return out
+
+    def _beam(self, src: Tensor, K: int, max_new: int, lp: float, pattern: Pattern | None) -> list[list[int]]:
+        c = self.config
+        B = src.shape[0]
+        memory, src_mask = self.encode(src, pattern=pattern)
+        memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)
+        cache = self.decoder.new_cache()
+        seqs = torch.full((B * K, 1), c.bos_id, dtype=torch.long, device=src.device)
+        scores = torch.full((B, K), float("-inf"), device=src.device)
+        scores[:, 0] = 0.0  # one live beam per row at the start: the others are copies
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(max_new):
+            logp = self.decode(seqs[:, -1:], memory, src_mask, cache=cache)[:, -1].float().log_softmax(-1)
+            V = logp.shape[-1]
+            cand = (scores.reshape(B * K, 1) + logp).reshape(B, K * V)
+            top_scores, top_idx = cand.topk(2 * K, dim=-1)
+            top_beam, top_tok = top_idx // V, top_idx % V
+            new_scores = torch.full((B, K), float("-inf"), device=src.device)
+            new_beam = torch.zeros((B, K), dtype=torch.long, device=src.device)
+            new_tok = torch.full((B, K), c.pad_id, dtype=torch.long, device=src.device)
+            ts, tb, tt = top_scores.tolist(), top_beam.tolist(), top_tok.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                j = 0
+                for r in range(2 * K):
+                    if ts[b][r] == float("-inf"):
+                        break
+                    if tt[b][r] == c.eos_id:
+                        if r < K:  # an ending counts only if it ranks among the K best
+                            hyp = seqs[b * K + tb[b][r], 1:].tolist()
+                            finished[b].append((ts[b][r] / (step + 1) ** lp, hyp))
+                    else:
+                        new_scores[b, j], new_beam[b, j], new_tok[b, j] = ts[b][r], tb[b][r], tt[b][r]
+                        j += 1
+                    if j == K:
+                        break
+                done[b] = len(finished[b]) >= K
+            if all(done):
+                break
+            order = (torch.arange(B, device=src.device)[:, None] * K + new_beam).reshape(-1)
+            cache.reorder(order)
+            seqs = torch.cat([seqs[order], new_tok.reshape(-1, 1)], dim=1)
+            scores = new_scores
+        for b in range(B):  # rows that hit max_new_tokens: their live beams compete as they are
+            if not done[b]:
+                length = seqs.shape[1] - 1
+                for k in range(K):
+                    s = float(scores[b, k])
+                    if s > float("-inf"):
+                        finished[b].append((s / max(length, 1) ** lp, seqs[b * K + k, 1:].tolist()))
+        return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, backend: str = "auto") -> Seq2Seq:
+        """Load an attnkit ``Seq2Seq`` checkpoint written by :meth:`save_pretrained`."""
+        directory = checkpoint_dir(path)
+        own = own_config(directory, cls.model_name)
+        if own is None:
+            raise ValueError(
+                f"Seq2Seq.from_pretrained: {str(directory)!r} is not an attnkit Seq2Seq checkpoint."
+            )
+        model = cls(Seq2SeqConfig.from_dict(own), backend=backend)
+        state = load_weights(directory)
+        _tie(model, state)
+        load_state(model, state, str(directory))
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (shared tensors stored once), atomically."""
+        state = self.state_dict()
+        for name in _tied_names(self):
+            state.pop(name)
+        return save_checkpoint(path, self.model_name, self.config, state)
+
+
+def _tied_names(model: Seq2Seq) -> list[str]:
+    names = []
+    if model.config.share_embeddings:
+        names.append("tgt_embed.weight")
+    if model.config.tie_output:
+        names.append("out_proj.weight")
+    return names
+
+
+def _tie(model: Seq2Seq, state: dict[str, Tensor]) -> None:
+    if model.config.share_embeddings:
+        state["tgt_embed.weight"] = state["src_embed.weight"]
+    if model.config.tie_output:
+        state["out_proj.weight"] = state["tgt_embed.weight"]

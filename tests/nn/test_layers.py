@@ -1,0 +1,125 @@
+"""Transformer layers: equal to torch's on shared weights, caches equal to full forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit import patterns as P
+from attnkit.nn import (
+    Decoder,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+    RMSNorm,
+    RotaryEmbedding,
+)
+
+
+def _copy_torch_encoder_layer(ours: EncoderLayer, theirs: nn.TransformerEncoderLayer) -> None:
+    ours.self_attn.load_state_dict(theirs.self_attn.state_dict())
+    ours.ffn.up_proj.load_state_dict(theirs.linear1.state_dict())
+    ours.ffn.down_proj.load_state_dict(theirs.linear2.state_dict())
+    ours.norm1.load_state_dict(theirs.norm1.state_dict())
+    ours.norm2.load_state_dict(theirs.norm2.state_dict())
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_layer_equals_torch(norm_first):
+    theirs = nn.TransformerEncoderLayer(
+        32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first
+    ).eval()
+    ours = EncoderLayer(32, 4, 64, activation="relu", norm_first=norm_first).eval()
+    _copy_torch_encoder_layer(ours, theirs)
+    x = torch.randn(3, 9, 32)
+    pad = torch.tensor([[False] * 9, [False] * 6 + [True] * 3, [False] * 2 + [True] * 7])
+    want = theirs(x, src_key_padding_mask=pad)
+    got = ours(x, key_padding_mask=~pad)
+    keep = ~pad  # torch's fast path leaves padded rows undefined; compare real tokens
+    assert torch.allclose(got[keep], want[keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_decoder_layer_equals_torch(norm_first):
+    theirs = nn.TransformerDecoderLayer(
+        32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first
+    ).eval()
+    ours = DecoderLayer(32, 4, 64, activation="relu", norm_first=norm_first).eval()
+    ours.self_attn.load_state_dict(theirs.self_attn.state_dict())
+    ours.cross_attn.load_state_dict(theirs.multihead_attn.state_dict())
+    ours.ffn.up_proj.load_state_dict(theirs.linear1.state_dict())
+    ours.ffn.down_proj.load_state_dict(theirs.linear2.state_dict())
+    for a, b in (("norm1", "norm1"), ("norm_cross", "norm2"), ("norm2", "norm3")):
+        getattr(ours, a).load_state_dict(getattr(theirs, b).state_dict())
+    x, memory = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    want = theirs(x, memory, tgt_mask=causal, tgt_is_causal=True)
+    assert torch.allclose(ours(x, memory), want, atol=1e-5)
+
+
+def test_decoder_cache_equals_full_forward_with_rotary_and_gqa():
+    rope = RotaryEmbedding(8)
+    layer = DecoderLayer(32, 4, 48, cross_attention=False, num_kv_heads=2, activation="swiglu", norm="rms",
+                         rotary=rope, pattern=P.SlidingWindow(3))  # fmt: skip
+    dec = Decoder(layer, 2, norm=RMSNorm(32)).eval()
+    x = torch.randn(2, 9, 32)
+    full = dec(x)
+    assert not torch.allclose(full, Decoder(layer, 1)(x))  # sanity: the stack matters
+    cache = dec.new_cache()
+    steps = [dec(x[:, :4], cache=cache)] + [dec(x[:, t : t + 1], cache=cache) for t in range(4, 9)]
+    assert cache.length == 9
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_cross_attention_cache_is_filled_once():
+    dec = Decoder(DecoderLayer(16, 2, 32), 2).eval()
+    x, memory = torch.randn(1, 5, 16), torch.randn(1, 8, 16)
+    full = dec(x, memory)
+    cache = dec.new_cache()
+    first = dec(x[:, :2], memory, cache=cache)
+    rest = [dec(x[:, t : t + 1], None, cache=cache) for t in range(2, 5)]  # memory no longer needed
+    assert torch.allclose(torch.cat([first, *rest], 1), full, atol=1e-5)
+    assert cache[0].cross_attn.static and cache[0].cross_attn.length == 8
+
+
+def test_stacks_initialise_layers_independently_and_return_weights():
+    enc = Encoder(EncoderLayer(16, 2, 32), 3, norm=nn.LayerNorm(16))
+    w0, w1 = enc.layers[0].self_attn.q_proj.weight, enc.layers[1].self_attn.q_proj.weight
+    assert not torch.equal(w0, w1)
+    out, weights = enc(torch.randn(2, 5, 16), need_weights=True)
+    assert out.shape == (2, 5, 16) and len(weights) == 3
+    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 2, 5, dtype=weights[0].dtype))
+
+
+def test_decoder_layer_memory_errors():
+    with pytest.raises(ValueError, match="expected memory \\(the encoder output\\)"):
+        DecoderLayer(16, 2, 32)(torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="expected memory=None"):
+        DecoderLayer(16, 2, 32, cross_attention=False)(torch.randn(1, 3, 16), torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"])
+def test_feed_forward_activations(activation):
+    ffn = FeedForward(8, 16, activation)
+    x = torch.randn(3, 8)
+    h = ffn.up_proj(x)
+    if activation == "swiglu":
+        h = torch.nn.functional.silu(ffn.gate_proj(x)) * h
+    elif activation == "relu":
+        h = torch.relu(h)
+    if activation in ("swiglu", "relu"):
+        assert torch.allclose(ffn(x), ffn.down_proj(h), atol=1e-6)
+    assert ffn(x).shape == (3, 8)
+
+
+def test_feed_forward_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        FeedForward(8, 16, "tanh")
+
+
+def test_rms_norm_formula():
+    norm = RMSNorm(4, eps=0.0)
+    x = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    assert torch.allclose(norm(x), x / 2.5)  # sqrt((9 + 16) / 4)
