@@ -236,9 +236,8 @@ class DecoderLM(nn.Module):
         eos = self.config.eos_ids if eos_token_id is None else tuple(
             eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
         )  # fmt: skip
-        pad = (
-            pad_token_id if pad_token_id is not None else (self.config.pad_token_id or (eos[0] if eos else 0))
-        )
+        fallback_pad = eos[0] if eos else 0
+        pad = next((p for p in (pad_token_id, self.config.pad_token_id) if p is not None), fallback_pad)
         B = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
