@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -139,6 +140,26 @@ def own_config(directory: Path, name: str) -> dict | None:
             f"{data['attnkit_model']}."
         )
     return data["config"]
+
+
+def rename(
+    weights: Mapping[str, Tensor], rules: list[tuple[str, str]], *, drop: str | None = None, strip: str = ""
+) -> dict[str, Tensor]:
+    """Translate foreign parameter names: ``strip`` a prefix, skip names matching ``drop``, then
+    apply the first matching ``(regex, replacement)`` rule (anchored at the start)."""
+    compiled = [(re.compile("^" + a), b) for a, b in rules]
+    dropped = re.compile(drop) if drop else None
+    out = {}
+    for name, t in weights.items():
+        name = name.removeprefix(strip)
+        if dropped is not None and dropped.search(name):
+            continue
+        for rule, repl in compiled:
+            name, hits = rule.subn(repl, name)
+            if hits:
+                break
+        out[name] = t
+    return out
 
 
 def load_state(module: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:

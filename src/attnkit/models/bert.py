@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -19,7 +18,16 @@ from torch import Tensor, nn
 
 from ..nn import Encoder, EncoderLayer
 from ..patterns import Pattern, parse_pattern
-from ._io import ModelConfig, checkpoint_dir, load_state, load_weights, own_config, read_json, save_checkpoint
+from ._io import (
+    ModelConfig,
+    checkpoint_dir,
+    load_state,
+    load_weights,
+    own_config,
+    read_json,
+    rename,
+    save_checkpoint,
+)
 from .tokenizer import Tokenizer
 
 __all__ = ["BertConfig", "BertEncoder"]
@@ -292,21 +300,9 @@ _HF_RULES = [
     (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layers.\1.ffn.down_proj."),
     (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layers.\1.norm2."),
 ]
-_HF_RULES_C = [(re.compile("^" + a), b) for a, b in _HF_RULES]
-_HF_DROP = re.compile(r"^(pooler\.|embeddings\.position_ids$|cls\.)")
 
 
 def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face BERT parameter names to attnkit's (the pooler and heads are dropped)."""
-    out = {}
-    for name, t in weights.items():
-        name = name.removeprefix("bert.")
-        if _HF_DROP.match(name):
-            continue
-        name = name.replace(".gamma", ".weight").replace(".beta", ".bias")  # very old checkpoints
-        for rule, repl in _HF_RULES_C:
-            name, hits = rule.subn(repl, name)
-            if hits:
-                break
-        out[name] = t
-    return out
+    weights = {k.replace(".gamma", ".weight").replace(".beta", ".bias"): v for k, v in weights.items()}
+    return rename(weights, _HF_RULES, drop=r"^(pooler\.|embeddings\.position_ids$|cls\.)", strip="bert.")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -19,7 +18,16 @@ from torch import Tensor, nn
 
 from ..nn import Decoder, DecoderCache, DecoderLayer, RMSNorm, RotaryEmbedding
 from ..patterns import Causal, Pattern, SlidingWindow, parse_pattern
-from ._io import ModelConfig, checkpoint_dir, load_state, load_weights, own_config, read_json, save_checkpoint
+from ._io import (
+    ModelConfig,
+    checkpoint_dir,
+    load_state,
+    load_weights,
+    own_config,
+    read_json,
+    rename,
+    save_checkpoint,
+)
 from .generation import SamplingConfig, next_token
 
 __all__ = ["DecoderLM", "DecoderLMConfig"]
@@ -168,6 +176,7 @@ class DecoderLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: DecoderCache | None = None,
         need_weights: bool = False,
+        logits_to_keep: int | None = None,
     ) -> Tensor | tuple[Tensor, list]:
         """Logits ``(B, T, V)`` for ``input_ids (B, T)``.
 
@@ -177,6 +186,8 @@ class DecoderLM(nn.Module):
             position_ids: ``(B, T)`` or ``(T,)``; default counts on from the cache length.
             cache: A :meth:`new_cache`; these tokens' keys and values are appended to it.
             need_weights: Also return per-layer self-attention weights.
+            logits_to_keep: Project only the last this many positions onto the vocabulary
+                (``generate`` needs the last one): logits ``(B, logits_to_keep, V)``.
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
@@ -193,14 +204,17 @@ class DecoderLM(nn.Module):
                     f"{tuple(attention_mask.shape)}."
                 )
             kpm = attention_mask.bool()
+        if position_ids is None:  # one tensor for every layer, so their rotary angles are shared
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         out = self.decoder(
             self.embed(input_ids), key_padding_mask=kpm, positions=position_ids, cache=cache,
             need_weights=need_weights,
         )  # fmt: skip
-        if need_weights:
-            hidden, weights = out
-            return self.lm_head(hidden), [w[0] for w in weights]
-        return self.lm_head(out)
+        hidden, weights = out if need_weights else (out, None)
+        if logits_to_keep is not None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        return (logits, [w[0] for w in weights]) if need_weights else logits
 
     @torch.no_grad()
     def generate(
@@ -245,7 +259,7 @@ class DecoderLM(nn.Module):
         self.eval()
         cache = self.new_cache()
         try:
-            logits = self(input_ids, mask, position_ids=positions, cache=cache)[:, -1]
+            logits = self(input_ids, mask, position_ids=positions, cache=cache, logits_to_keep=1)[:, -1]
             tokens = [input_ids]
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
@@ -259,7 +273,10 @@ class DecoderLM(nn.Module):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last_pos = last_pos + 1
-                logits = self(nxt[:, None], mask, position_ids=last_pos[:, None], cache=cache)[:, -1]
+                logits = self(
+                    nxt[:, None], mask, position_ids=last_pos[:, None], cache=cache, logits_to_keep=1
+                )
+                logits = logits[:, -1]
         finally:
             self.train(was_training)
         return torch.cat(tokens, dim=1)
@@ -311,17 +328,7 @@ _HF_RULES = [
     (r"model\.layers\.(\d+)\.input_layernorm\.", r"decoder.layers.\1.norm1."),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"decoder.layers.\1.norm2."),
 ]
-_HF_RULES_C = [(re.compile("^" + a), b) for a, b in _HF_RULES]
 
 
 def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for name, t in weights.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        for rule, repl in _HF_RULES_C:
-            name, hits = rule.subn(repl, name)
-            if hits:
-                break
-        out[name] = t
-    return out
+    return rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$")

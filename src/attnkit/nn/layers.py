@@ -379,7 +379,10 @@ class _Stack(nn.Module):
     def _build(self, layer: nn.Module, num_layers: int, final_norm: nn.Module | None) -> None:
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__}: expected num_layers >= 1, but got {num_layers}.")
-        self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(num_layers - 1)])
+        # rotary embeddings hold no weights: the copies share the template's, and its angle cache
+        shared = {id(m): m for m in layer.modules() if isinstance(m, RotaryEmbedding)}
+        copies = [copy.deepcopy(layer, memo=dict(shared)) for _ in range(num_layers - 1)]
+        self.layers = nn.ModuleList([layer, *copies])
         for copied in self.layers[1:]:  # fresh initial weights per layer, not num_layers clones
             _reinit(copied)
         self.norm = final_norm

@@ -126,9 +126,22 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         inv_freq = 1.0 / (self.base**exponent)
         self.register_buffer("inv_freq", _scale_frequencies(inv_freq, self.scaling), persistent=False)
+        self._last: tuple | None = None
 
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``positions.shape + (D,)`` in float32, in this layout."""
+        """``cos, sin`` of shape ``positions.shape + (D,)`` in float32, in this layout.
+
+        The last result is kept for the same ``positions`` tensor (same object, unmodified), so
+        the layers of a model that share this module and its positions compute the angles once.
+        """
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == positions._version:
+            return last[2]
+        result = self._angles(positions)
+        self._last = (positions, positions._version, result)
+        return result
+
+    def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         if self.layout == "half":
             emb = torch.cat((freqs, freqs), dim=-1)
