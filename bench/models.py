@@ -113,7 +113,12 @@ def bench_decoder() -> list[dict]:
             {
                 "attnkit": lambda p=prompt: ours.generate(p, max_new_tokens=new, eos_token_id=[]),
                 "transformers": lambda p=prompt, m=mask: theirs.generate(
-                    p, attention_mask=m, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+                    p,
+                    attention_mask=m,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
                 ),
             },
             rounds=5,
@@ -156,9 +161,10 @@ def main() -> None:
     for r in rows:
         if r["benchmark"] == "minilm-encode":
             lines.append(
-                f"| MiniLM sentence embeddings (vs sentence-transformers) | {r['sentences']} sentences, batch "
-                f"{r['batch_size']} | {r['attnkit_per_s']:.1f} /s | {r['sentence-transformers_per_s']:.1f} /s | "
-                f"{r['ratio']:.2f} | max abs diff {r['max_abs_diff']:.1e} |"
+                f"| MiniLM sentence embeddings (vs sentence-transformers) | {r['sentences']} sentences, "
+                f"batch {r['batch_size']} | {r['attnkit_per_s']:.1f} /s | "
+                f"{r['sentence-transformers_per_s']:.1f} /s | {r['ratio']:.2f} | "
+                f"max abs diff {r['max_abs_diff']:.1e} |"
             )
         else:
             lines.append(
