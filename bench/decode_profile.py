@@ -23,15 +23,13 @@ from _common import DOCS, env_line, environment, save
 
 
 def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from attnkit.models import DecoderLM
+    from models import llama_config
 
     torch.set_num_threads(2)
-    cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=1024,
-    )  # fmt: skip
+    cfg = llama_config()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(cfg).eval().save_pretrained(d)

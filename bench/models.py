@@ -86,15 +86,22 @@ def bench_minilm() -> list[dict]:
     return [row]
 
 
-def bench_decoder() -> list[dict]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config():
+    """The decoder both libraries run here (and bench/decode_profile.py profiles)."""
+    from transformers import LlamaConfig
 
-    from attnkit.models import DecoderLM
-
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=1024,
     )  # fmt: skip
+
+
+def bench_decoder() -> list[dict]:
+    from transformers import LlamaForCausalLM
+
+    from attnkit.models import DecoderLM
+
+    cfg = llama_config()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(cfg).eval().save_pretrained(d)

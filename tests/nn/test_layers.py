@@ -100,18 +100,25 @@ def test_decoder_layer_memory_errors():
         DecoderLayer(16, 2, 32, cross_attention=False)(torch.randn(1, 3, 16), torch.randn(1, 3, 16))
 
 
+_ACT = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"])
 def test_feed_forward_activations(activation):
     ffn = FeedForward(8, 16, activation)
     x = torch.randn(3, 8)
-    h = ffn.up_proj(x)
-    if activation == "swiglu":
-        h = torch.nn.functional.silu(ffn.gate_proj(x)) * h
-    elif activation == "relu":
-        h = torch.relu(h)
-    if activation in ("swiglu", "relu"):
-        assert torch.allclose(ffn(x), ffn.down_proj(h), atol=1e-6)
-    assert ffn(x).shape == (3, 8)
+    gated = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+    if activation in gated:
+        h = _ACT[gated[activation]](ffn.gate_proj(x)) * ffn.up_proj(x)
+    else:
+        assert ffn.gate_proj is None
+        h = _ACT[activation](ffn.up_proj(x))
+    assert torch.allclose(ffn(x), ffn.down_proj(h), atol=1e-6)
 
 
 def test_feed_forward_rejects_unknown_activation():
