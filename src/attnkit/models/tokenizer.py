@@ -61,6 +61,17 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_many(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        """Ids of each text (unpadded), encoded in parallel by ``tokenizers``."""
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def id_to_tokens(self, ids) -> list[str]:
+        """The token string of each id (``"<unk>"``-style names for special tokens)."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return [self._tok.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]
+
     def tokens(self, text: str) -> list[str]:
         """The token strings of ``text``, special tokens included."""
         return self._tok.encode(text).tokens

@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._hooks import AttentionCall, call_attention_hooks, hooks_active
 from ..functional import attention
 from ..patterns import Pattern
 from .kv_cache import KVCache
@@ -195,6 +196,11 @@ class MultiHeadAttention(nn.Module):
             backend=self.backend,
         )  # fmt: skip
         out, weights = result if need_weights else (result, None)
+        if hooks_active():
+            call_attention_hooks(AttentionCall(
+                self, q, k, v, out, self.pattern if pattern is None else pattern, attn_mask, None, x,
+                context,
+            ))  # fmt: skip
         out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
         if not self.batch_first:
             out = out.transpose(0, 1)

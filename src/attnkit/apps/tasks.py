@@ -1,0 +1,159 @@
+"""Using a trained translator or summarizer: batch inference, evaluation, alignments.
+
+A model directory is what ``attnkit train`` writes under ``RUN/model``: the
+:class:`~attnkit.models.Seq2Seq` checkpoint, ``tokenizer.json`` and ``task.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import load_pairs
+from ..models import Seq2Seq, Tokenizer
+from ..models._io import atomic_write, read_json
+from ..viz.record import record
+
+__all__ = ["TaskModel", "cross_attention", "evaluate", "lead_baseline", "load_task_model", "score"]
+
+
+@dataclass
+class TaskModel:
+    model: Seq2Seq
+    tokenizer: Tokenizer
+    task: dict
+    path: Path
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Right-padded source ids ``(B, S)`` with ``eos``, truncated to the trained length."""
+        c, max_src = self.model.config, self.task["max_src_tokens"]
+        ids = [
+            [*x[: max_src - 1], c.eos_id] for x in self.tokenizer.encode_many(texts, add_special_tokens=False)
+        ]
+        out = torch.full((len(ids), max(map(len, ids))), c.pad_id, dtype=torch.long)
+        for i, x in enumerate(ids):
+            out[i, : len(x)] = torch.tensor(x)
+        return out
+
+    def generate(self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32,
+                 progress: Callable | None = None) -> list[str]:  # fmt: skip
+        """Outputs for ``texts`` in order, decoded in length-sorted batches."""
+        beam = self.task.get("beam_size", 4) if beam_size is None else beam_size
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[str] = [""] * len(texts)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            src = self.encode([texts[i] for i in idx])
+            hyps = self.model.generate(
+                src, beam_size=beam, length_penalty=self.task.get("length_penalty", 1.0),
+                max_new_tokens=self.task.get("max_tgt_tokens", 128),
+            )  # fmt: skip
+            for i, h in zip(idx, hyps, strict=True):
+                out[i] = self.tokenizer.decode(h)
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+
+def load_task_model(path: str | Path) -> TaskModel:
+    """Load ``RUN/model`` (or ``RUN``, whose ``model/`` is used)."""
+    p = Path(path).expanduser()
+    if (p / "model" / "task.json").is_file():
+        p = p / "model"
+    if not (p / "task.json").is_file():
+        raise FileNotFoundError(
+            f"expected a trained model directory (with task.json, written by `attnkit train`), but "
+            f"{str(p)!r} has none."
+        )
+    return TaskModel(Seq2Seq.from_pretrained(p), Tokenizer(p), read_json(p / "task.json"), p)
+
+
+def score(task: str, hyps: list[str], refs: list[str]) -> dict:
+    """sacreBLEU + chrF (translation) or ROUGE-1/2/L F1 (summarization), in percent."""
+    if task == "translate":
+        import sacrebleu
+
+        bleu = sacrebleu.metrics.BLEU()
+        chrf = sacrebleu.metrics.CHRF()
+        b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+        return {
+            "bleu": round(b.score, 2),
+            "chrf": round(c.score, 2),
+            "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature()),
+        }
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for h, r in zip(hyps, refs, strict=True):
+        for k, s in scorer.score(r, h).items():
+            totals[k] += s.fmeasure
+    n = max(len(hyps), 1)
+    return {k: round(100 * v / n, 2) for k, v in totals.items()} | {
+        "rouge_signature": "rouge-score, F1, stemmer"
+    }
+
+
+def lead_baseline(texts: list[str], words: int = 10) -> list[str]:
+    """The first ``words`` words of each text: the summarization baseline."""
+    return [" ".join(t.split()[:words]) for t in texts]
+
+
+def evaluate(path: str | Path, *, split: str = "test", beam_size: int | None = None, limit: int | None = None,
+             progress: bool = True) -> dict:  # fmt: skip
+    """Decode ``split`` of the model's corpus and score it; writes ``eval-{split}.json`` and
+    ``eval-{split}.hyp.txt`` next to the model."""
+    tm = load_task_model(path)
+    pairs = load_pairs(tm.task["corpus"], split)[:limit]
+    if not pairs:
+        raise ValueError(f"eval: split {split!r} of {tm.task['corpus']!r} is empty.")
+    srcs, refs = [p.src for p in pairs], [p.tgt for p in pairs]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(srcs), desc=f"decode {split}", unit="ex", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        hyps = tm.generate(srcs, beam_size=beam_size, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    beam = tm.task.get("beam_size", 4) if beam_size is None else beam_size
+    result = {"task": tm.task["task"], "split": split, "examples": len(pairs), "beam_size": beam,
+              "decode_seconds": round(seconds, 1), "model": str(tm.path), "step": tm.task.get("step"),
+              **score(tm.task["task"], hyps, refs)}  # fmt: skip
+    if tm.task["task"] == "summarize":
+        result["lead10_baseline"] = score("summarize", lead_baseline(srcs), refs)
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(tm.path / f"eval-{split}-beam{beam}.json", lambda p: p.write_text(text, encoding="utf-8"))
+    lines = "".join(h.replace("\n", " ") + "\n" for h in hyps)
+    atomic_write(
+        tm.path / f"eval-{split}-beam{beam}.hyp.txt", lambda p: p.write_text(lines, encoding="utf-8")
+    )
+    return result
+
+
+@torch.no_grad()
+def cross_attention(tm: TaskModel, text: str, output: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """Source tokens, output tokens and the decoder's cross-attention ``(T, S)`` averaged over
+    the last layer's heads, for ``output`` as the model's translation of ``text``."""
+    c = tm.model.config
+    src = tm.encode([text])
+    out_ids = tm.tokenizer.encode(output, add_special_tokens=False)
+    tgt_in = torch.tensor([[c.bos_id, *out_ids]])
+    tm.model.eval()
+    with record(tm.model) as rec:
+        tm.model(src, tgt_in)
+    last_cross = [n for n in rec.layers if "cross" in n][-1]
+    weights = rec.layer(last_cross)[0].mean(0)  # (T+1, S): row t is the step that wrote token t
+    src_tokens = tm.tokenizer.id_to_tokens(src[0])
+    out_tokens = tm.tokenizer.id_to_tokens([*out_ids, c.eos_id])
+    return src_tokens, out_tokens, weights

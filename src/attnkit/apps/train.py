@@ -1,0 +1,388 @@
+"""Training a :class:`~attnkit.models.Seq2Seq` translator or summarizer on a built corpus.
+
+A run directory holds everything: ``train.json`` (the config), ``tokenizer.json`` (trained on
+the training split), ``checkpoint.pt`` (model, optimizer, data position and random states:
+``--resume`` continues exactly), ``model/`` (the best model by validation loss, with its
+tokenizer, ready for ``attnkit eval/translate/summarize``) and ``log.jsonl``. Every file is
+written atomically; Ctrl-C finishes the current step, saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import SPECIAL_TOKENS, DataError, cache_root, load_pairs, read_meta, train_tokenizer
+from ..models import Seq2Seq, Seq2SeqConfig, Tokenizer
+from ..models._io import ModelConfig, atomic_write
+
+__all__ = ["Batch", "TrainConfig", "Trainer", "load_config", "lr_factor", "token_batches"]
+
+TASKS = ("translate", "summarize")
+PAD, BOS, EOS = 0, 1, 2  # SPECIAL_TOKENS' ids
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ModelConfig):
+    """A training run. ``model`` holds :class:`Seq2SeqConfig` fields (the vocabulary size comes
+    from the tokenizer). ``max_minutes`` (0 = none) stops early, counting across resumes.
+    The learning rate warms up linearly for ``warmup_steps`` then decays as 1/sqrt(step)
+    (Vaswani et al. 2017)."""
+
+    task: str = "translate"
+    corpus: str = "translate-en-de"
+    vocab_size: int = 8000
+    max_src_tokens: int = 128
+    max_tgt_tokens: int = 128
+    model: dict = dataclasses.field(default_factory=dict)
+    batch_tokens: int = 6000
+    lr: float = 7e-4
+    warmup_steps: int = 800
+    max_steps: int = 20000
+    max_minutes: float = 0.0
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    eval_every: int = 500
+    valid_pairs: int = 1000
+    bf16: bool = False
+    seed: int = 0
+    beam_size: int = 4
+    length_penalty: float = 1.0
+
+    def validate(self) -> None:
+        self._require("task", self.task in TASKS, f"one of {TASKS}")
+        self._positive("vocab_size", "max_src_tokens", "max_tgt_tokens", "batch_tokens", "max_steps",
+                       "eval_every", "valid_pairs", "beam_size")  # fmt: skip
+        self._require("max_tgt_tokens", self.max_tgt_tokens >= 3, ">= 3 (bos, a token, eos)")
+        self._require("lr", self.lr > 0, "> 0")
+        self._require("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        self._require("max_minutes", self.max_minutes >= 0, ">= 0")
+        self._require("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)")
+        self._require("clip_norm", self.clip_norm >= 0, ">= 0 (0 = no clipping)")
+        self._require("batch_tokens", self.batch_tokens >= self.max_src_tokens + self.max_tgt_tokens,
+                      "at least max_src_tokens + max_tgt_tokens")  # fmt: skip
+        bad = set(self.model) & {"src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id"}
+        self._require("model", not bad, f"without {sorted(bad)} (they come from the tokenizer)")
+        self.model_config(100)  # validates the model fields
+
+    def model_config(self, vocab_size: int) -> Seq2SeqConfig:
+        return Seq2SeqConfig.from_dict({
+            **self.model, "src_vocab_size": vocab_size, "pad_id": PAD, "bos_id": BOS, "eos_id": EOS,
+            "max_len": max(self.model.get("max_len", 0), self.max_src_tokens, self.max_tgt_tokens),
+        })  # fmt: skip
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A :class:`TrainConfig` from a JSON file (unknown keys are an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train: expected a config file, but {str(path)!r} does not exist.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"train: {str(path)!r} is not valid JSON: {e}") from None
+    data.pop("//", None)  # a comment field
+    return TrainConfig.from_dict(data)
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Batch:
+    src: Tensor  # (B, S) with eos, padded
+    tgt: Tensor  # (B, T) bos ... eos, padded
+    tokens: int  # real tokens, both sides
+
+
+def encode_pairs(
+    tok: Tokenizer, pairs, cfg: TrainConfig, *, drop_long: bool
+) -> list[tuple[list[int], list[int]]]:
+    """``(src ids + eos, bos + tgt ids + eos)`` per pair; sources are truncated to
+    ``max_src_tokens``; over-long targets are truncated, or dropped with ``drop_long``."""
+    srcs = tok.encode_many([p.src for p in pairs], add_special_tokens=False)
+    tgts = tok.encode_many([p.tgt for p in pairs], add_special_tokens=False)
+    out = []
+    for s, t in zip(srcs, tgts, strict=True):
+        if drop_long and len(t) > cfg.max_tgt_tokens - 2:
+            continue
+        out.append(([*s[: cfg.max_src_tokens - 1], EOS], [BOS, *t[: cfg.max_tgt_tokens - 2], EOS]))
+    return out
+
+
+def token_batches(
+    lengths: list[tuple[int, int]], batch_tokens: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (rows x longest, both
+    sides) stays within ``batch_tokens``; the order depends only on ``(seed, epoch)``."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    chunk = 64 * max(1, batch_tokens // 32)  # sort within chunks: similar lengths, still shuffled
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: (lengths[i][0], lengths[i][1]))
+        cur: list[int] = []
+        longest_s = longest_t = 0
+        for i in part:
+            s, t = lengths[i]
+            ls, lt = max(longest_s, s), max(longest_t, t)
+            if cur and (len(cur) + 1) * (ls + lt) > batch_tokens:
+                batches.append(cur)
+                cur, ls, lt = [], s, t
+            cur.append(i)
+            longest_s, longest_t = ls, lt
+        if cur:
+            batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]]) -> Batch:
+    S = max(len(s) for s, _ in examples)
+    T = max(len(t) for _, t in examples)
+    src = torch.full((len(examples), S), PAD, dtype=torch.long)
+    tgt = torch.full((len(examples), T), PAD, dtype=torch.long)
+    for i, (s, t) in enumerate(examples):
+        src[i, : len(s)] = torch.tensor(s)
+        tgt[i, : len(t)] = torch.tensor(t)
+    return Batch(src, tgt, sum(len(s) + len(t) for s, t in examples))
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Multiplier of the peak rate at ``step`` (1-based): linear warm-up, then 1/sqrt decay."""
+    step = max(step, 1)
+    if warmup == 0:
+        return 1.0
+    return min(step / warmup, math.sqrt(warmup / step))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+
+
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, step: int
+) -> float:
+    """One optimizer step on ``batch`` (``step`` is the 1-based number of this step); returns
+    the loss."""
+    model.train()
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss = model.loss(batch.src, batch.tgt, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    opt.step()
+    return loss.detach().item()
+
+
+@torch.no_grad()
+def valid_loss(model: nn.Module, examples, cfg: TrainConfig) -> float:
+    """Token-level cross-entropy (no label smoothing) over ``examples``."""
+    model.eval()
+    total, count = 0.0, 0
+    for idx in token_batches([(len(s), len(t)) for s, t in examples], cfg.batch_tokens, 0, 0):
+        b = collate([examples[i] for i in idx])
+        n = int((b.tgt[:, 1:] != PAD).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            total += float(model.loss(b.src, b.tgt)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def resolve_corpus(corpus: str, cache: Path) -> Path:
+    """A corpus directory: ``corpus`` itself if it is one, else ``cache/corpus``."""
+    for cand in (Path(corpus).expanduser(), cache / corpus):
+        if (cand / "meta.json").is_file():
+            return cand
+    raise DataError(
+        f"corpus {corpus!r} not found (looked in {str(Path(corpus))!r} and {str(cache / corpus)!r}); "
+        f"build it first with `attnkit data {'translate' if 'translate' in corpus else 'summarize'}`."
+    )
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class Trainer:
+    """Runs :class:`TrainConfig` in ``out_dir``; see the module docstring for the files.
+
+    Args:
+        cfg: The run's configuration.
+        out_dir: Run directory (created).
+        cache: Data cache root (default :func:`attnkit.data.cache_root`).
+        progress: Show a tqdm bar (loss, tokens/s, learning rate, ETA).
+        log: Where one-line messages go (default ``print``).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, cache: str | Path | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> None:  # fmt: skip
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.cache = cache_root(cache)
+        self.progress, self.log = progress, log
+        self._stop = False
+
+    # files
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def prepare(self) -> None:
+        """Load the corpus, train (or reuse) the tokenizer, encode the splits, build the model."""
+        cfg = self.cfg
+        self.corpus = resolve_corpus(cfg.corpus, self.cache)
+        meta = read_meta(self.corpus)
+        if meta.get("task") != cfg.task:
+            raise ValueError(f"train: config task {cfg.task!r} but corpus {str(self.corpus)!r} is for "
+                             f"{meta.get('task')!r}.")  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+        atomic_write(self.out / "train.json", lambda p: p.write_text(text, encoding="utf-8"))
+        train = load_pairs(self.corpus, "train")
+        tok_path = self.out / "tokenizer.json"
+        if not tok_path.is_file():
+            self.log(f"training a {cfg.vocab_size}-token BPE vocabulary on {len(train):,} training pairs")
+            train_tokenizer((x for p in train for x in (p.src, p.tgt)), tok_path, vocab_size=cfg.vocab_size)
+        self.tokenizer = Tokenizer(tok_path)
+        assert [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD, BOS, EOS, 3]
+        self.train = encode_pairs(self.tokenizer, train, cfg, drop_long=True)
+        self.valid = encode_pairs(self.tokenizer, load_pairs(self.corpus, "valid")[: cfg.valid_pairs], cfg,
+                                  drop_long=False)  # fmt: skip
+        self.lengths = [(len(s), len(t)) for s, t in self.train]
+        torch.manual_seed(cfg.seed)
+        self.model = Seq2Seq(cfg.model_config(self.tokenizer.vocab_size))
+        self.opt = make_optimizer(self.model, cfg)
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0, "tokens": 0,
+                                      "best_valid": math.inf}  # fmt: skip
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` atomically (everything needed to continue exactly)."""
+        blob = {
+            "state": self.state, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(),
+        }  # fmt: skip
+        atomic_write(self.checkpoint_path, lambda p: torch.save(blob, p))
+
+    def load(self) -> None:
+        if not self.checkpoint_path.is_file():
+            raise FileNotFoundError(f"train --resume: no checkpoint at {str(self.checkpoint_path)!r}.")
+        blob = torch.load(self.checkpoint_path, weights_only=False)
+        if blob["config"] != self.cfg.to_dict():
+            raise ValueError(f"train --resume: the config differs from the one {str(self.checkpoint_path)!r} "
+                             "was trained with; use the run's own train.json.")  # fmt: skip
+        self.model.load_state_dict(blob["model"])
+        self.opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.state = blob["state"]
+
+    def save_model(self) -> None:
+        """The current model + tokenizer + task into ``model/`` (for eval and inference)."""
+        d = self.model.save_pretrained(self.out / "model")
+        tok = self.tokenizer.path.read_text(encoding="utf-8")
+        atomic_write(d / "tokenizer.json", lambda p: p.write_text(tok, encoding="utf-8"))
+        task = {
+            "task": self.cfg.task, "corpus": str(self.corpus), "step": self.state["step"],
+            "max_src_tokens": self.cfg.max_src_tokens, "max_tgt_tokens": self.cfg.max_tgt_tokens,
+            "beam_size": self.cfg.beam_size, "length_penalty": self.cfg.length_penalty,
+            "valid_loss": self.state["best_valid"],
+        }  # fmt: skip
+        text = json.dumps(task, indent=2) + "\n"
+        atomic_write(d / "task.json", lambda p: p.write_text(text, encoding="utf-8"))
+
+    def _log_line(self, entry: dict) -> None:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def run(self, *, resume: bool = False) -> dict:
+        """Train until ``max_steps`` or ``max_minutes``; returns the final state."""
+        self.prepare()
+        if resume:
+            self.load()
+            self.log(f"resumed at step {self.state['step']} (epoch {self.state['epoch']})")
+        elif self.checkpoint_path.exists():
+            raise FileExistsError(
+                f"train: {str(self.out)!r} already holds a run; pass --resume to continue it or choose "
+                "another --out."
+            )
+        cfg, st = self.cfg, self.state
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{cfg.task}: {len(self.train):,} training pairs, vocabulary {self.tokenizer.vocab_size}, "
+                 f"{n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")  # fmt: skip
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.max_steps, initial=st["step"], desc=cfg.task, unit="step", dynamic_ncols=True
+            )
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        window_tokens, window_time = 0, 0.0
+        try:
+            while st["step"] < cfg.max_steps and not self._stop:
+                if cfg.max_minutes and st["elapsed"] >= cfg.max_minutes * 60:
+                    self.log(f"time budget of {cfg.max_minutes} min reached at step {st['step']}")
+                    break
+                batches = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, st["epoch"])
+                if st["position"] >= len(batches):
+                    st["epoch"], st["position"] = st["epoch"] + 1, 0
+                    continue
+                batch = collate([self.train[i] for i in batches[st["position"]]])
+                t0 = time.perf_counter()
+                loss = train_step(self.model, self.opt, batch, cfg, st["step"] + 1)
+                dt = time.perf_counter() - t0
+                st["step"] += 1
+                st["position"] += 1
+                st["elapsed"] += dt
+                st["tokens"] += batch.tokens
+                window_tokens, window_time = window_tokens + batch.tokens, window_time + dt
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window_tokens / window_time:,.0f}",
+                                    lr=f"{self.opt.param_groups[0]['lr']:.1e}", refresh=False)  # fmt: skip
+                if st["step"] % cfg.eval_every == 0 or st["step"] == cfg.max_steps:
+                    self._validate(loss, window_tokens / window_time)
+                    window_tokens, window_time = 0, 0.0
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+        if self._stop:
+            self.save()
+            self.log(f"interrupted: saved step {st['step']} to {str(self.checkpoint_path)!r}; "
+                     "continue with --resume")  # fmt: skip
+            return st
+        if window_time:
+            self._validate(None, window_tokens / window_time)
+        return st
+
+    def _validate(self, loss: float | None, tokens_per_s: float) -> None:
+        st = self.state
+        v = valid_loss(self.model, self.valid, self.cfg)
+        improved = v < st["best_valid"]
+        if improved:
+            st["best_valid"] = v
+            self.save_model()
+        self.save()
+        entry = {"step": st["step"], "epoch": st["epoch"], "train_loss": loss, "valid_loss": v,
+                 "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"]}  # fmt: skip
+        self._log_line(entry)
+        self.log(f"step {st['step']}: valid loss {v:.3f}{' (best, saved model/)' if improved else ''}, "
+                 f"{tokens_per_s:,.0f} tok/s, {st['elapsed'] / 60:.1f} min")  # fmt: skip

@@ -1,0 +1,6 @@
+"""Seeing attention: record weights per layer and head, and render them to the terminal,
+pictures (matplotlib) and a self-contained web page."""
+
+from .record import AttentionRecord, LayerCapture, record
+
+__all__ = ["AttentionRecord", "LayerCapture", "record"]
