@@ -195,16 +195,16 @@ def _generate(args: argparse.Namespace) -> int:
             f"--model: expected a {args.command!r} model, but {str(tm.path)!r} is for {tm.task['task']!r}."
         )
     texts = [ln.strip() for ln in sys.stdin.read().splitlines()] if args.text == "-" else [args.text]
-    texts = [t for t in texts if t]
+    texts = [t.strip() for t in texts if t.strip()]
     if not texts:
         raise ValueError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
     if args.beam is not None and args.beam < 1:
         raise ValueError(f"--beam: expected >= 1, but got {args.beam}.")
-    outputs = tm.generate(texts, beam_size=args.beam)
-    for out in outputs:
-        print(out)
+    ids = tm.generate_ids(texts, beam_size=args.beam)
+    for out in ids:
+        print(tm.tokenizer.decode(out))
     if args.show_attention:
-        src, tgt, w = cross_attention(tm, texts[0], outputs[0])
+        src, tgt, w = cross_attention(tm, texts[0], ids[0])
         color = color_enabled()
         print(file=sys.stderr)
         print(render_matrix(w, tgt, src, color=color, max_tokens=args.max_tokens,

@@ -40,24 +40,30 @@ class TaskModel:
             out[i, : len(x)] = torch.tensor(x)
         return out
 
-    def generate(self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32,
-                 progress: Callable | None = None) -> list[str]:  # fmt: skip
-        """Outputs for ``texts`` in order, decoded in length-sorted batches."""
+    def generate_ids(
+        self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32, progress=None
+    ) -> list[list[int]]:
+        """Output token ids for ``texts`` in order, decoded in length-sorted batches; ``progress``
+        is called with the number of texts done after each batch."""
         beam = self.task.get("beam_size", 4) if beam_size is None else beam_size
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[str] = [""] * len(texts)
+        out: list[list[int]] = [[] for _ in texts]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            src = self.encode([texts[i] for i in idx])
             hyps = self.model.generate(
-                src, beam_size=beam, length_penalty=self.task.get("length_penalty", 1.0),
+                self.encode([texts[i] for i in idx]), beam_size=beam,
+                length_penalty=self.task.get("length_penalty", 1.0),
                 max_new_tokens=self.task.get("max_tgt_tokens", 128),
             )  # fmt: skip
             for i, h in zip(idx, hyps, strict=True):
-                out[i] = self.tokenizer.decode(h)
+                out[i] = h
             if progress is not None:
                 progress(len(idx))
         return out
+
+    def generate(self, texts: list[str], **kwargs) -> list[str]:
+        """Output texts for ``texts`` (see :meth:`generate_ids` for the arguments)."""
+        return [self.tokenizer.decode(ids) for ids in self.generate_ids(texts, **kwargs)]
 
 
 def load_task_model(path: str | Path) -> TaskModel:
@@ -142,12 +148,14 @@ def evaluate(path: str | Path, *, split: str = "test", beam_size: int | None = N
 
 
 @torch.no_grad()
-def cross_attention(tm: TaskModel, text: str, output: str) -> tuple[list[str], list[str], torch.Tensor]:
+def cross_attention(
+    tm: TaskModel, text: str, out_ids: list[int]
+) -> tuple[list[str], list[str], torch.Tensor]:
     """Source tokens, output tokens and the decoder's cross-attention ``(T, S)`` averaged over
-    the last layer's heads, for ``output`` as the model's translation of ``text``."""
+    the last layer's heads, for the output ids ``out_ids`` (from :meth:`TaskModel.generate_ids`)
+    as the model's output for ``text``."""
     c = tm.model.config
     src = tm.encode([text])
-    out_ids = tm.tokenizer.encode(output, add_special_tokens=False)
     tgt_in = torch.tensor([[c.bos_id, *out_ids]])
     tm.model.eval()
     with record(tm.model) as rec:

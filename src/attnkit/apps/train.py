@@ -354,6 +354,9 @@ class Trainer:
                 st["tokens"] += batch.tokens
                 window_tokens, window_time = window_tokens + batch.tokens, window_time + dt
                 if bar is not None:
+                    if cfg.max_minutes:  # the time budget ends the run first: estimate its steps
+                        left = max(cfg.max_minutes * 60 - st["elapsed"], 0.0)
+                        bar.total = min(cfg.max_steps, st["step"] + round(left * st["step"] / st["elapsed"]))
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window_tokens / window_time:,.0f}",
                                     lr=f"{self.opt.param_groups[0]['lr']:.1e}", refresh=False)  # fmt: skip
@@ -368,7 +371,7 @@ class Trainer:
             self.save()
             self.log(f"interrupted: saved step {st['step']} to {str(self.checkpoint_path)!r}; "
                      "continue with --resume")  # fmt: skip
-            return st
+            return {**st, "interrupted": True}
         if window_time:
             self._validate(None, window_tokens / window_time)
         return st

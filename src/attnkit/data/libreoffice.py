@@ -4,7 +4,8 @@ Debian ships the same help pages in many languages (``libreoffice-help-en-us``,
 ``libreoffice-help-de``, ...; MPL-2.0). Paragraphs and headings carry stable ids
 (``<p id="par_id3153663">``, ``<h2 id="hd_id3143284">``) that are the same in every language, so
 the element with a given id on a given page in English and in German are translations of each
-other. Text inside ``hidden`` elements (the macOS variants of menu paths) is skipped.
+other. Of the hidden alternatives inside ``switchinline`` spans (macOS vs other systems, Writer
+vs Calc, ...) only the default one is kept, as the help viewer shows it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class _HelpPage(HTMLParser):
         if tag in _VOID:
             return
         a = dict(attrs)
-        hidden = "hidden" in a or (bool(self._stack) and self._stack[-1][2])
+        # switchinline alternatives are all hidden; the help viewer shows the "default..." one
+        # unless it knows the platform (MAC/WIN/UNIX) or module (WRITER/CALC/...)
+        own = "hidden" in a and not (a.get("id") or "").startswith("default")
+        hidden = own or (bool(self._stack) and self._stack[-1][2])
         ident = a.get("id")
         ident = ident if ident and _ID.match(ident) and ident not in self._parts else None
         if ident is not None:

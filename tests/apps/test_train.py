@@ -1,0 +1,172 @@
+"""Training, resuming, evaluating and running a tiny translator on the committed sample pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit.apps import train as train_mod
+from attnkit.apps.tasks import evaluate, load_task_model, score
+from attnkit.apps.train import TrainConfig, Trainer, lr_factor, token_batches
+from attnkit.cli import main
+from attnkit.data import build_translation_corpus
+
+SAMPLES = Path(__file__).parents[1] / "data" / "samples"
+
+TINY = dict(
+    task="translate", corpus="translate-en-de", vocab_size=300, max_src_tokens=48, max_tgt_tokens=48,
+    model={"dim": 32, "num_heads": 4, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.1},
+    batch_tokens=400, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, valid_pairs=8, beam_size=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    meta = build_translation_corpus(root, "de", unpacked=SAMPLES / "libreoffice")
+    # the sample has two pages, both of which may hash to one split: make valid/test non-empty
+    d = root / "translate-en-de"
+    train = (d / "train.jsonl").read_text().splitlines()
+    for split in ("valid", "test"):
+        if not (d / f"{split}.jsonl").read_text().strip():
+            (d / f"{split}.jsonl").write_text("\n".join(train[:6]) + "\n")
+    assert meta["counts"]["train"] > 10
+    return root
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.json')))}.json"
+    path.write_text(json.dumps({**TINY, **changes}))
+    return path
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, cache, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_dict(TINY)
+    full = Trainer(cfg, tmp_path / "full", cache=cache, progress=False, log=lambda m: None)
+    full.run()
+    real_step = train_mod.train_step
+
+    def ctrl_c_after_step_4(model, opt, batch, cfg, step):
+        loss = real_step(model, opt, batch, cfg, step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 4
+        return loss
+
+    monkeypatch.setattr(train_mod, "train_step", ctrl_c_after_step_4)
+    messages = []
+    part = Trainer(cfg, tmp_path / "part", cache=cache, progress=False, log=messages.append)
+    state = part.run()
+    assert state["interrupted"] and state["step"] == 4
+    assert any("interrupted: saved step 4" in m for m in messages)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = Trainer(cfg, tmp_path / "part", cache=cache, progress=False, log=lambda m: None)
+    state = resumed.run(resume=True)
+    assert state["step"] == 6 and "interrupted" not in state
+    a, b = _state(full.model), _state(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert full.state["tokens"] == resumed.state["tokens"]
+    log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6]  # validations only; the interrupt saves without one
+
+
+def test_run_directory_files_and_errors(tmp_path, cache):
+    cfg = TrainConfig.from_dict(TINY)
+    out = tmp_path / "run"
+    Trainer(cfg, out, cache=cache, progress=False, log=lambda m: None).run()
+    for name in ("train.json", "tokenizer.json", "checkpoint.pt", "log.jsonl", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json", "model/task.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(cfg, out, cache=cache, progress=False).run()
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(cfg.replace(lr=1e-4), out, cache=cache, progress=False).run(resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(cfg, tmp_path / "empty", cache=cache, progress=False).run(resume=True)
+    with pytest.raises(Exception, match="attnkit data summarize"):
+        Trainer(cfg.replace(task="summarize", corpus="summarize-debian"), tmp_path / "s", cache=cache).run()
+
+
+def test_eval_translate_and_show_attention(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    Trainer(TrainConfig.from_dict(TINY), out, cache=cache, progress=False, log=lambda m: None).run()
+    result = evaluate(out, split="test", beam_size=2, progress=False)
+    assert set(result) >= {"bleu", "chrf", "bleu_signature", "chrf_signature", "examples"}
+    assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert (out / "model" / "eval-test-beam2.hyp.txt").read_text().count("\n") == result["examples"]
+    assert (
+        main(["translate", "Specifies general Load/Save settings.", "--model", str(out), "--show-attention"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "Cross-attention of the first output" in captured.err
+    assert "Alignment:" in captured.err
+    tm = load_task_model(out)
+    assert tm.generate(["a", "Click OK in the dialog."], beam_size=1)[0] == tm.generate(["a"], beam_size=1)[0]
+
+
+def test_cli_errors(tmp_path, cache, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    cases = [
+        (["train", "translate", "--config", str(tmp_path / "none.json")], "expected a config file"),
+        (["train", "translate", "--config", str(bad_json)], "is not valid JSON"),
+        (
+            ["train", "translate", "--config", str(_config(tmp_path, bogus=1))],
+            "unknown config fields ['bogus']",
+        ),
+        (["train", "translate", "--config", str(_config(tmp_path, lr=-1))], "expected lr > 0"),
+        (["train", "summarize", "--config", str(_config(tmp_path))], "expected a 'summarize' config"),
+        (["eval", str(tmp_path / "nothing")], "expected a trained model directory"),
+        (["translate", "hi", "--model", str(tmp_path / "nothing")], "expected a trained model directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_cli_train_then_summarize_refuses_a_translation_model(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "translate", "--config", str(_config(tmp_path)), "--out", str(out), "--cache-dir", str(cache),
+            "--no-progress", "--max-steps", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert "step 3, best valid loss" in capsys.readouterr().out
+    assert main(["summarize", "text", "--model", str(out)]) == 2
+    assert "expected a 'summarize' model" in capsys.readouterr().err
+    assert main(["translate", "  ", "--model", str(out)]) == 2
+    assert "expected some text" in capsys.readouterr().err
+
+
+def test_batches_respect_the_token_budget_and_depend_only_on_seed_and_epoch():
+    g = torch.Generator().manual_seed(0)
+    lengths = [(int(a), int(b)) for a, b in torch.randint(2, 60, (500, 2), generator=g)]
+    b1 = token_batches(lengths, 600, seed=1, epoch=0)
+    assert b1 == token_batches(lengths, 600, seed=1, epoch=0) and b1 != token_batches(lengths, 600, 1, 1)
+    assert sorted(i for b in b1 for i in b) == list(range(500))
+    for b in b1:
+        assert len(b) * (max(lengths[i][0] for i in b) + max(lengths[i][1] for i in b)) <= 600 or len(b) == 1
+
+
+def test_lr_schedule_and_metrics():
+    assert (
+        lr_factor(1, 4) == 0.25
+        and lr_factor(4, 4) == 1.0
+        and lr_factor(16, 4) == 0.5
+        and lr_factor(7, 0) == 1
+    )
+    s = score("translate", ["Klicken Sie auf OK."], ["Klicken Sie auf OK."])
+    assert s["bleu"] == 100.0 and s["chrf"] == 100.0
+    r = score("summarize", ["a fast text editor"], ["fast text editor"])
+    assert r["rouge1"] == pytest.approx(100 * 2 * 0.75 * 1 / 1.75, abs=0.01)

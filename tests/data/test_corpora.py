@@ -1,0 +1,159 @@
+"""Corpus builders on small real samples (committed under tests/data/samples): the LibreOffice
+help pages (en-US and de) and an excerpt of Debian's Translation-en index."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from attnkit.data import (
+    DataError,
+    Pair,
+    build_summarization_corpus,
+    build_translation_corpus,
+    load_pairs,
+    page_texts,
+    pair_pages,
+    parse_descriptions,
+    read_meta,
+    split_of,
+    train_tokenizer,
+)
+from attnkit.data.corpus import assign_splits, cache_root
+
+SAMPLES = Path(__file__).parent / "samples"
+HELP = SAMPLES / "libreoffice" / "usr" / "share" / "libreoffice" / "help"
+
+
+def test_page_texts_keeps_default_alternatives_and_skips_platform_ones():
+    de = page_texts(HELP / "de" / "text" / "swriter" / "01" / "04090000.html")
+    en = page_texts(HELP / "en-US" / "text" / "swriter" / "01" / "04090000.html")
+    # "Strg"/"Ctrl" is the default alternative; the macOS "Befehl"/"Command" is hidden
+    assert de["par_id3155990"] == "Tastatur: Strg+F2"
+    assert en["par_id3155990"] == "Ctrl+F2"
+    assert all(k.startswith(("par_id", "hd_id")) for k in en)
+    assert en["hd_id3151171"] == "Fields"
+
+
+def test_pair_pages_pairs_by_id_and_drops_short_and_untranslated():
+    pairs, dropped = pair_pages(HELP / "en-US" / "text", HELP / "de" / "text")
+    assert {p.doc for p in pairs} == {
+        "shared/optionen/01020000.html",
+        "swriter/01/04090000.html",
+    }  # en-only page skipped
+    by_src = {p.src: p.tgt for p in pairs}
+    assert by_src["Specifies general Load/Save settings."] == (
+        "Hier legen Sie allgemeine Einstellungen für das Laden und Speichern fest."
+    )
+    assert all(len(p.src.split()) > 2 and len(p.tgt.split()) > 2 and p.src != p.tgt for p in pairs)
+    assert dropped["short"] > 0  # headings such as "Fields" / "Feldbefehle"
+    assert "Ctrl+F2" not in by_src  # one word: dropped
+
+
+def test_build_translation_corpus_from_unpacked_packages(tmp_path):
+    meta = build_translation_corpus(tmp_path, "de", unpacked=SAMPLES / "libreoffice")
+    d = tmp_path / "translate-en-de"
+    assert read_meta(d) == meta and meta["pages"] == 2
+    total = sum(meta["counts"].values())
+    assert total == meta["unique_pairs"] and total > 10
+    pairs = [p for s in ("train", "valid", "test") for p in load_pairs(d, s)]
+    assert len(pairs) == total and all(split_of(p.doc) in ("train", "valid", "test") for p in pairs)
+    assert json.loads((d / "train.jsonl").read_text().splitlines()[0])["doc"].endswith(".html")
+    # rebuilding gives byte-identical files
+    build_translation_corpus(tmp_path / "again", "de", unpacked=SAMPLES / "libreoffice")
+    for split in ("train", "valid", "test"):
+        assert (d / f"{split}.jsonl").read_bytes() == (
+            tmp_path / "again" / "translate-en-de" / f"{split}.jsonl"
+        ).read_bytes()
+
+
+def test_parse_descriptions_and_summarization_corpus(tmp_path):
+    entries = parse_descriptions((SAMPLES / "Translation-en").read_text())
+    assert len(entries) == 24
+    pkg, synopsis, doc = entries[0]
+    assert pkg == "0ad" and synopsis == "Real-time strategy game of ancient warfare"
+    assert doc.startswith(
+        '0 A.D. (pronounced "zero ey-dee") is a free, open-source, cross-platform real-time'
+    )
+    assert "\n" not in doc and "  " not in doc
+    meta = build_summarization_corpus(tmp_path, index_files=[SAMPLES / "Translation-en"])
+    d = tmp_path / "summarize-debian"
+    pairs = {s: load_pairs(d, s) for s in ("train", "valid", "test")}
+    assert sum(map(len, pairs.values())) == meta["unique_pairs"]
+    # 0ad and 0ad-data share the first paragraph but not the whole description: both kept
+    docs = [p for ps in pairs.values() for p in ps if p.src.startswith("0 A.D.")]
+    assert {p.tgt for p in docs} == {synopsis, "Real-time strategy game of ancient warfare (data files)"}
+
+
+def test_split_is_deterministic_by_document_and_leak_free():
+    docs = [f"page{i}.html" for i in range(2000)]
+    splits = [split_of(d) for d in docs]
+    assert splits == [split_of(d) for d in docs]  # stable (sha1, not Python's salted hash)
+    frac = {s: splits.count(s) / len(docs) for s in ("train", "valid", "test")}
+    assert 0.85 < frac["train"] < 0.95 and 0.03 < frac["test"] < 0.07
+    # a sentence repeated on pages of different splits is kept in the earliest split only
+    test_doc = next(d for d in docs if split_of(d) == "test")
+    train_doc = next(d for d in docs if split_of(d) == "train")
+    pairs = [Pair("Click OK.", "Klicken Sie auf OK.", test_doc), Pair("Click OK.", "Klicken Sie auf OK.", train_doc),
+             Pair("Only in test.", "Nur im Test.", test_doc), Pair("Click OK.", "Klicken Sie auf OK.", train_doc)]  # fmt: skip
+    out = assign_splits(pairs)
+    assert [p.src for p in out["train"]] == ["Click OK."]  # duplicate dropped too
+    assert [p.src for p in out["test"]] == ["Only in test."]
+    train_src = {p.src for p in out["train"]}
+    assert not any(p.src in train_src for p in out["valid"] + out["test"])
+
+
+def test_tokenizer_keeps_german_typography(tmp_path):
+    from attnkit.models import Tokenizer
+
+    pairs, _ = pair_pages(HELP / "en-US" / "text", HELP / "de" / "text")
+    texts = [x for p in pairs for x in (p.src, p.tgt)] * 3 + ["Wählen Sie „Extras – Optionen…“."]
+    path = train_tokenizer(texts, tmp_path / "tok" / "tokenizer.json", vocab_size=300, min_frequency=1)
+    tok = Tokenizer(path)
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    s = "Wählen Sie „Extras – Optionen…“."
+    assert tok.decode(tok.encode(s)) == s  # NFC, not NFKC: "…" stays "…"
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(texts, tmp_path / "x.json", vocab_size=10)
+
+
+def test_missing_apt_get_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
+    with pytest.raises(DataError, match="'apt-get' was not found on PATH"):
+        build_translation_corpus(tmp_path / "cache", "de")
+    with pytest.raises(DataError, match="'apt-get' was not found"):
+        build_summarization_corpus(tmp_path / "cache")
+
+
+def test_unreachable_archive_is_a_clear_error(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apt-get").write_text(
+        "#!/bin/sh\necho 'E: Failed to fetch http://deb.debian.org/ Temporary failure' >&2\nexit 100\n"
+    )
+    (fake / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(
+        DataError, match=r"apt-get update failed \(is the Debian archive reachable.*Temporary failure"
+    ):
+        build_summarization_corpus(tmp_path / "cache")
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(DataError, match="attnkit data"):
+        load_pairs(tmp_path, "train")
+    with pytest.raises(ValueError, match="lang"):
+        build_translation_corpus(tmp_path, "xx", unpacked=SAMPLES / "libreoffice")
+    with pytest.raises(DataError, match="help pages"):
+        build_translation_corpus(tmp_path, "fr", unpacked=SAMPLES / "libreoffice")
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env" and cache_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("ATTNKIT_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "attnkit"
