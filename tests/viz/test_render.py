@@ -123,3 +123,12 @@ def test_png_pictures(tmp_path, cat_explanation):
     assert q.stat().st_size > 1000
     with pytest.raises(ValueError, match="layer indices"):
         plot_record(cat_explanation.record, tmp_path / "x.png", layers=[7])
+
+
+def test_html_size_at_12_layers_12_heads_128_tokens():
+    # one byte per weight, base64: 12 * 12 * 128 * 128 * 4 / 3 bytes plus the page itself
+    w = torch.rand(1, 12, 128, 128).softmax(-1)
+    rec = AttentionRecord(layers=[f"l{i}" for i in range(12)], heads=list(range(12)), weights=[w] * 12,
+                          tokens=[f"t{i}" for i in range(128)])  # fmt: skip
+    size = len(render_html(rec).encode())
+    assert 12 * 12 * 128 * 128 * 4 / 3 < size < 3.3e6

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ..data import load_pairs
 from ..models import Seq2Seq, Tokenizer
 from ..models._io import atomic_write, read_json
 from ..viz.record import record
+from .train import source_batch
 
 __all__ = ["TaskModel", "cross_attention", "evaluate", "lead_baseline", "load_task_model", "score"]
 
@@ -31,14 +31,7 @@ class TaskModel:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Right-padded source ids ``(B, S)`` with ``eos``, truncated to the trained length."""
-        c, max_src = self.model.config, self.task["max_src_tokens"]
-        ids = [
-            [*x[: max_src - 1], c.eos_id] for x in self.tokenizer.encode_many(texts, add_special_tokens=False)
-        ]
-        out = torch.full((len(ids), max(map(len, ids))), c.pad_id, dtype=torch.long)
-        for i, x in enumerate(ids):
-            out[i, : len(x)] = torch.tensor(x)
-        return out
+        return source_batch(self.tokenizer, texts, self.task["max_src_tokens"])
 
     def generate_ids(
         self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32, progress=None

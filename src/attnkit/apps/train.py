@@ -119,6 +119,15 @@ def encode_pairs(
     return out
 
 
+def source_batch(tok: Tokenizer, texts: list[str], max_src_tokens: int) -> Tensor:
+    """Right-padded source ids ``(B, S)``: each text's ids, truncated, then ``eos``."""
+    ids = [[*x[: max_src_tokens - 1], EOS] for x in tok.encode_many(texts, add_special_tokens=False)]
+    out = torch.full((len(ids), max(map(len, ids))), PAD, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x)
+    return out
+
+
 def token_batches(
     lengths: list[tuple[int, int]], batch_tokens: int, seed: int, epoch: int
 ) -> list[list[int]]:

@@ -26,7 +26,7 @@ def color_enabled(stream=None) -> bool:
 
 
 def _cell(w: float, color: bool, allowed: bool = True) -> str:
-    text = "   · " if not allowed else f"{round(100 * w):>4} "
+    text = "    · " if not allowed else f"{round(100 * w):>5} "
     if not color:
         return text
     level = min(int(w * len(_RAMP)), len(_RAMP) - 1)
@@ -57,13 +57,13 @@ def render_matrix(
     n, s = min(N, max_tokens), min(S, max_tokens)
     lw = min(max(len(r) for r in rows[:n]) + 5, 18)
     lines = [title] if title else []
-    header = " " * lw + "".join(_label(c, 5).rjust(5) for c in cols[:s])
-    lines.append(header)
+    header = " " * lw + "".join(_label(c, 5).rjust(5) + " " for c in cols[:s])
+    lines.append(header.rstrip())
     for i in range(n):
         cells = "".join(
             _cell(float(w[i, j]), color, True if allowed is None else bool(allowed[i, j])) for j in range(s)
         )
-        lines.append(f"{i:>3} {_label(rows[i], lw - 5):<{lw - 4}}" + cells)
+        lines.append((f"{i:>3} {_label(rows[i], lw - 5):<{lw - 4}}" + cells).rstrip())
     if n < N or s < S:
         lines.append(f"(showing the first {n} of {N} query and {s} of {S} key tokens; see --html for all)")
     lines.append("Row = a token (query), column = a token it may attend to (key); numbers are weights in %, "
