@@ -75,8 +75,8 @@ def _explain(args: argparse.Namespace) -> int:
         print()
         print(render_head_summary(summarize_heads(rec)))
     if args.steps:
-        from .apps.demo import render
         from .viz.steps import head_walkthrough
+        from .viz.walkthrough import render
 
         print()
         print(render(head_walkthrough(ex.model, rec, layer, head, text=text), max_dims=args.dims))

@@ -9,7 +9,6 @@ import re
 import pytest
 import torch
 
-from attnkit.apps.demo import render
 from attnkit.apps.explain import default_head, explain
 from attnkit.viz import AttentionRecord
 from attnkit.viz.heads import head_shares, summarize_heads
@@ -17,6 +16,7 @@ from attnkit.viz.html import render_html
 from attnkit.viz.plot import plot_pattern, plot_record
 from attnkit.viz.steps import head_walkthrough
 from attnkit.viz.terminal import render_head_summary, render_matrix, render_top_k
+from attnkit.viz.walkthrough import render
 
 
 def _record(w: torch.Tensor, tokens: list[str]) -> AttentionRecord:

@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from ..apps.demo import Walkthrough
 from ..nn import MultiHeadAttention
 from .record import AttentionRecord
+from .walkthrough import Walkthrough
 
 __all__ = ["head_walkthrough"]
 
