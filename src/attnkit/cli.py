@@ -167,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _run_dir(args, args.task)
-    state = Trainer(cfg, out, cache=args.cache_dir, progress=not args.no_progress).run(resume=args.resume)
+    trainer = Trainer(cfg, out, cache=args.cache_dir, progress=not args.no_progress, device=args.device)
+    state = trainer.run(resume=args.resume)
     print(f"{out}: step {state['step']}, best valid loss {state['best_valid']:.3f}, "
           f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
     return 130 if state.get("interrupted") else 0
@@ -179,8 +180,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .apps.tasks import evaluate
 
     result = evaluate(
-        args.run, split=args.split, beam_size=args.beam, limit=args.limit, progress=not args.no_progress
-    )
+        args.run, split=args.split, beam_size=args.beam, limit=args.limit, progress=not args.no_progress,
+        device=args.device,
+    )  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-minutes", type=float, default=None, help="override the config's max_minutes")
     tr.add_argument("--cache-dir", default=None, help=cache_help)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="score a trained model on held-out data (sacreBLEU/chrF or ROUGE)")
@@ -293,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
     ev.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     ev.set_defaults(func=_eval)
 
     for task, what in (("translate", "translate English text"), ("summarize", "summarize a description")):

@@ -170,3 +170,13 @@ def test_lr_schedule_and_metrics():
     assert s["bleu"] == 100.0 and s["chrf"] == 100.0
     r = score("summarize", ["a fast text editor"], ["fast text editor"])
     assert r["rouge1"] == pytest.approx(100 * 2 * 0.75 * 1 / 1.75, abs=0.01)
+
+
+def test_shipped_configs_are_valid():
+    from attnkit.apps.train import load_config
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.json"))
+    assert len(configs) == 4
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.task in path.name and cfg.model_config(cfg.vocab_size).dim % cfg.model["num_heads"] == 0

@@ -31,7 +31,8 @@ class TaskModel:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Right-padded source ids ``(B, S)`` with ``eos``, truncated to the trained length."""
-        return source_batch(self.tokenizer, texts, self.task["max_src_tokens"])
+        device = next(self.model.parameters()).device
+        return source_batch(self.tokenizer, texts, self.task["max_src_tokens"]).to(device)
 
     def generate_ids(
         self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32, progress=None
@@ -59,8 +60,8 @@ class TaskModel:
         return [self.tokenizer.decode(ids) for ids in self.generate_ids(texts, **kwargs)]
 
 
-def load_task_model(path: str | Path) -> TaskModel:
-    """Load ``RUN/model`` (or ``RUN``, whose ``model/`` is used)."""
+def load_task_model(path: str | Path, *, device: str | torch.device = "cpu") -> TaskModel:
+    """Load ``RUN/model`` (or ``RUN``, whose ``model/`` is used) onto ``device``."""
     p = Path(path).expanduser()
     if (p / "model" / "task.json").is_file():
         p = p / "model"
@@ -69,7 +70,7 @@ def load_task_model(path: str | Path) -> TaskModel:
             f"expected a trained model directory (with task.json, written by `attnkit train`), but "
             f"{str(p)!r} has none."
         )
-    return TaskModel(Seq2Seq.from_pretrained(p), Tokenizer(p), read_json(p / "task.json"), p)
+    return TaskModel(Seq2Seq.from_pretrained(p).to(device), Tokenizer(p), read_json(p / "task.json"), p)
 
 
 def score(task: str, hyps: list[str], refs: list[str]) -> dict:
@@ -104,11 +105,18 @@ def lead_baseline(texts: list[str], words: int = 10) -> list[str]:
     return [" ".join(t.split()[:words]) for t in texts]
 
 
-def evaluate(path: str | Path, *, split: str = "test", beam_size: int | None = None, limit: int | None = None,
-             progress: bool = True) -> dict:  # fmt: skip
-    """Decode ``split`` of the model's corpus and score it; writes ``eval-{split}.json`` and
-    ``eval-{split}.hyp.txt`` next to the model."""
-    tm = load_task_model(path)
+def evaluate(
+    path: str | Path,
+    *,
+    split: str = "test",
+    beam_size: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Decode ``split`` of the model's corpus and score it; writes ``eval-{split}-beam{K}.json``
+    and ``eval-{split}-beam{K}.hyp.txt`` next to the model."""
+    tm = load_task_model(path, device=device)
     pairs = load_pairs(tm.task["corpus"], split)[:limit]
     if not pairs:
         raise ValueError(f"eval: split {split!r} of {tm.task['corpus']!r} is empty.")

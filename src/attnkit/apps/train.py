@@ -190,8 +190,10 @@ def train_step(
     model.train()
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss = model.loss(batch.src, batch.tgt, label_smoothing=cfg.label_smoothing)
+    device = next(model.parameters()).device
+    src, tgt = batch.src.to(device, non_blocking=True), batch.tgt.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss = model.loss(src, tgt, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_norm > 0:
@@ -204,12 +206,13 @@ def train_step(
 def valid_loss(model: nn.Module, examples, cfg: TrainConfig) -> float:
     """Token-level cross-entropy (no label smoothing) over ``examples``."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for idx in token_batches([(len(s), len(t)) for s, t in examples], cfg.batch_tokens, 0, 0):
         b = collate([examples[i] for i in idx])
         n = int((b.tgt[:, 1:] != PAD).sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            total += float(model.loss(b.src, b.tgt)) * n
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            total += float(model.loss(b.src.to(device), b.tgt.to(device))) * n
         count += n
     return total / max(count, 1)
 
@@ -235,11 +238,14 @@ class Trainer:
         cache: Data cache root (default :func:`attnkit.data.cache_root`).
         progress: Show a tqdm bar (loss, tokens/s, learning rate, ETA).
         log: Where one-line messages go (default ``print``).
+        device: Where the model trains (``"cpu"``, ``"cuda"``, ...).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, cache: str | Path | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> None:  # fmt: skip
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 device: str | torch.device = "cpu") -> None:  # fmt: skip
         self.cfg, self.out = cfg, Path(out_dir)
+        self.device = torch.device(device)
         self.cache = cache_root(cache)
         self.progress, self.log = progress, log
         self._stop = False
@@ -272,7 +278,7 @@ class Trainer:
                                   drop_long=False)  # fmt: skip
         self.lengths = [(len(s), len(t)) for s, t in self.train]
         torch.manual_seed(cfg.seed)
-        self.model = Seq2Seq(cfg.model_config(self.tokenizer.vocab_size))
+        self.model = Seq2Seq(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0, "tokens": 0,
                                       "best_valid": math.inf}  # fmt: skip
@@ -282,19 +288,22 @@ class Trainer:
         blob = {
             "state": self.state, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }  # fmt: skip
         atomic_write(self.checkpoint_path, lambda p: torch.save(blob, p))
 
     def load(self) -> None:
         if not self.checkpoint_path.is_file():
             raise FileNotFoundError(f"train --resume: no checkpoint at {str(self.checkpoint_path)!r}.")
-        blob = torch.load(self.checkpoint_path, weights_only=False)
+        blob = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
         if blob["config"] != self.cfg.to_dict():
             raise ValueError(f"train --resume: the config differs from the one {str(self.checkpoint_path)!r} "
                              "was trained with; use the run's own train.json.")  # fmt: skip
         self.model.load_state_dict(blob["model"])
         self.opt.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["torch_rng"])
+        torch.set_rng_state(blob["torch_rng"].cpu())
+        if blob.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([t.cpu() for t in blob["cuda_rng"]])
         self.state = blob["state"]
 
     def save_model(self) -> None:
