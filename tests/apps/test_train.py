@@ -92,6 +92,8 @@ def test_run_directory_files_and_errors(tmp_path, cache):
         Trainer(cfg, out, cache=cache, progress=False).run()
     with pytest.raises(ValueError, match="config differs"):
         Trainer(cfg.replace(lr=1e-4), out, cache=cache, progress=False).run(resume=True)
+    longer = Trainer(cfg.replace(max_steps=8), out, cache=cache, progress=False, log=lambda m: None)
+    assert longer.run(resume=True)["step"] == 8  # more budget for a finished run
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(cfg, tmp_path / "empty", cache=cache, progress=False).run(resume=True)
     with pytest.raises(Exception, match="attnkit data summarize"):

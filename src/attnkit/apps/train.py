@@ -296,7 +296,10 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             raise FileNotFoundError(f"train --resume: no checkpoint at {str(self.checkpoint_path)!r}.")
         blob = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
-        if blob["config"] != self.cfg.to_dict():
+        budget = ("max_steps", "max_minutes")  # a resumed run may be given more (or less) time
+        if {k: v for k, v in blob["config"].items() if k not in budget} != {
+            k: v for k, v in self.cfg.to_dict().items() if k not in budget
+        }:
             raise ValueError(f"train --resume: the config differs from the one {str(self.checkpoint_path)!r} "
                              "was trained with; use the run's own train.json.")  # fmt: skip
         self.model.load_state_dict(blob["model"])
