@@ -356,12 +356,18 @@ class Trainer:
             )
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         window_tokens, window_time = 0, 0.0
+        epoch_batches: tuple[int, list[list[int]]] = (-1, [])
         try:
             while st["step"] < cfg.max_steps and not self._stop:
                 if cfg.max_minutes and st["elapsed"] >= cfg.max_minutes * 60:
                     self.log(f"time budget of {cfg.max_minutes} min reached at step {st['step']}")
                     break
-                batches = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, st["epoch"])
+                if epoch_batches[0] != st["epoch"]:  # the order depends only on (seed, epoch)
+                    epoch_batches = (
+                        st["epoch"],
+                        token_batches(self.lengths, cfg.batch_tokens, cfg.seed, st["epoch"]),
+                    )
+                batches = epoch_batches[1]
                 if st["position"] >= len(batches):
                     st["epoch"], st["position"] = st["epoch"] + 1, 0
                     continue
