@@ -73,7 +73,10 @@ def download_and_unpack(packages: list[str], state: Path, dest: Path) -> Path:
             _run([_tool("apt-get"), *_apt_options(state), "download", pkg], f"apt-get download {pkg}", debs)
     dest.mkdir(parents=True, exist_ok=True)
     for pkg in packages:
-        (deb,) = sorted(debs.glob(f"{pkg}_*.deb"))[-1:]
+        found = sorted(debs.glob(f"{pkg}_*.deb"))
+        if not found:
+            raise DataError(f"apt-get download {pkg} left no {pkg}_*.deb in {str(debs)!r}.")
+        deb = found[-1]
         _run([_tool("dpkg-deb"), "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
     return dest
 
