@@ -163,8 +163,8 @@ class _Recorder:
         i = self.slot[key]
         prev = rec.weights[i]
         S = max(prev.shape[-1], w.shape[-1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, S - t.shape[-1]))  # noqa: E731
-        rec.weights[i] = torch.cat([pad(prev), pad(w)], dim=2)
+        padded = [torch.nn.functional.pad(t, (0, S - t.shape[-1])) for t in (prev, w)]
+        rec.weights[i] = torch.cat(padded, dim=2)
 
 
 def _allowed(call: AttentionCall, B: int, N: int, S: int) -> tuple[Tensor, Tensor | None]:
