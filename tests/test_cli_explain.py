@@ -56,6 +56,8 @@ def test_explain_truncates_long_text_and_says_so(capsys):
         (["explain", "hi", "--layer", "6"], "--layer: expected 0..5"),
         (["explain", "hi", "--head", "-1"], "--head: expected 0..11"),
         (["explain", "hi", "--pattern", "Nope(1)"], "unknown pattern 'Nope'"),
+        (["explain", "hi", "--top-k", "0"], "--top-k: expected a positive integer"),
+        (["explain", "hi", "--dims", "-2"], "--dims: expected a positive integer"),
     ],
 )
 def test_explain_errors_are_one_line_and_exit_2(argv, message, capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 DEFAULT_RUNS = {"translate": "translate-en-de", "summarize": "summarize-debian"}
 
 
-def _err(msg: str) -> None:
+def _warn(msg: str) -> None:
     print(f"attnkit: warning: {msg}", file=sys.stderr)
 
 
@@ -43,12 +43,15 @@ def _explain(args: argparse.Namespace) -> int:
     from .viz.heads import summarize_heads
     from .viz.terminal import color_enabled, render_head_summary, render_matrix, render_top_k
 
+    for name, value in (("--top-k", args.top_k), ("--dims", args.dims), ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive integer, but got {value}.")
     text = _read_text(args.text)
     loaded = load_model(args.model, pattern=args.pattern)
     ex = explain(text, loaded=loaded, capture_inputs=args.steps)
     rec = ex.record
     if ex.truncated:
-        _err(f"the text has {ex.num_tokens} tokens but {rec.model} reads at most {ex.max_tokens}; "
+        _warn(f"the text has {ex.num_tokens} tokens but {rec.model} reads at most {ex.max_tokens}; "
              f"explaining the first {ex.max_tokens}.")  # fmt: skip
     L, H = len(rec.layers), len(rec.heads)
     for name, value, n in (("--layer", args.layer, L), ("--head", args.head, H)):
