@@ -205,6 +205,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
     if args.beam is not None and args.beam < 1:
         raise ValueError(f"--beam: expected >= 1, but got {args.beam}.")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens: expected a positive integer, but got {args.max_tokens}.")
     ids = tm.generate_ids(texts, beam_size=args.beam)
     for out in ids:
         print(tm.tokenizer.decode(out))
