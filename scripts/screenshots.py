@@ -56,7 +56,9 @@ def ansi_to_html(text: str) -> str:
 
 
 def run(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "attnkit.cli", *args], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "attnkit.cli", *args], capture_output=True, text=True, check=True
+    )
     return res.stdout
 
 
@@ -68,7 +70,7 @@ def main() -> None:
         term.write_text(
             "<!DOCTYPE html><meta charset='utf-8'><body style='margin:0;background:#1e1e1e'>"
             "<pre style='margin:0;padding:14px 18px;color:#e6e6e6;font:13px/1.35 DejaVu Sans Mono,monospace;"
-            f"display:inline-block'>$ attnkit explain \"{html.escape(TEXT)}\"\n{body}</pre>"
+            f'display:inline-block\'>$ attnkit explain "{html.escape(TEXT)}"\n{body}</pre>'
         )
         with open_page(term, width=900, height=600) as bp:
             bp.page.locator("pre").screenshot(path=str(IMAGES / "explain-terminal.png"))
@@ -79,7 +81,14 @@ def main() -> None:
             bp.page.screenshot(path=str(IMAGES / "explain-html-head.png"))
             bp.page.click("#tab-model")
             bp.page.screenshot(path=str(IMAGES / "explain-html-model.png"), full_page=True)
-    run("patterns", "SlidingWindow(64) & Causal()", "-n", "512", "--png", str(IMAGES / "pattern-window-causal.png"))
+    run(
+        "patterns",
+        "SlidingWindow(64) & Causal()",
+        "-n",
+        "512",
+        "--png",
+        str(IMAGES / "pattern-window-causal.png"),
+    )
     for p in sorted(IMAGES.glob("*.png")):
         print(f"{p.relative_to(ROOT)}: {p.stat().st_size / 1e3:.0f} kB")
 
