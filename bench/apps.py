@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, RESULTS, env_line, environment, save
-from attnkit.apps.tasks import score
+from attnkit.apps.tasks import in_length_order, score
 from attnkit.apps.train import (
     TrainConfig,
     collate,
@@ -89,12 +88,7 @@ class TorchTransformerSeq2Seq(nn.Module):
         )  # fmt: skip
         return self.out_proj(h)
 
-    def loss(self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        logits = self(src, tgt[:, :-1])
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing,
-        )  # fmt: skip
+    loss = Seq2Seq.loss  # the same objective: it only calls self(src, tgt_in) and reads the pad id
 
     @torch.no_grad()
     def generate(self, src: Tensor, *, max_new_tokens: int) -> list[list[int]]:
@@ -124,20 +118,18 @@ class TorchTransformerSeq2Seq(nn.Module):
         return [row[: row.index(c.eos_id)] if c.eos_id in row else row for row in rows]
 
 
-def decode_all(model, tok: Tokenizer, texts: list[str], cfg: TrainConfig, batch: int = 32) -> list[str]:
+def decode_all(model, tok: Tokenizer, texts: list[str], cfg: TrainConfig) -> list[str]:
     """Greedy outputs of ``texts`` in order, in length-sorted batches."""
-    out = [""] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for s in range(0, len(order), batch):
-        idx = order[s : s + batch]
-        src = source_batch(tok, [texts[i] for i in idx], cfg.max_src_tokens)
+
+    def run(batch: list[str]) -> list[str]:
+        src = source_batch(tok, batch, cfg.max_src_tokens)
         if isinstance(model, Seq2Seq):
             hyps = model.generate(src, beam_size=1, max_new_tokens=cfg.max_tgt_tokens)
         else:
             hyps = model.generate(src, max_new_tokens=cfg.max_tgt_tokens)
-        for i, h in zip(idx, hyps, strict=True):
-            out[i] = tok.decode(h)
-    return out
+        return [tok.decode(h) for h in hyps]
+
+    return in_length_order(texts, run)
 
 
 def main() -> None:

@@ -88,8 +88,10 @@ def test_run_directory_files_and_errors(tmp_path, cache):
                  "model/model.safetensors", "model/tokenizer.json", "model/task.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
+    before = (out / "train.json").read_bytes()
     with pytest.raises(FileExistsError, match="--resume"):
-        Trainer(cfg, out, cache=cache, progress=False).run()
+        Trainer(cfg.replace(lr=1e-4), out, cache=cache, progress=False).run()
+    assert (out / "train.json").read_bytes() == before  # the refused run wrote nothing
     with pytest.raises(ValueError, match="config differs"):
         Trainer(cfg.replace(lr=1e-4), out, cache=cache, progress=False).run(resume=True)
     longer = Trainer(cfg.replace(max_steps=8), out, cache=cache, progress=False, log=lambda m: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from ..models._io import atomic_write, read_json
 from ..viz.record import record
 from .train import source_batch
 
-__all__ = ["TaskModel", "cross_attention", "evaluate", "lead_baseline", "load_task_model", "score"]
+__all__ = [
+    "TaskModel",
+    "cross_attention",
+    "evaluate",
+    "in_length_order",
+    "lead_baseline",
+    "load_task_model",
+    "score",
+]
 
 
 @dataclass
@@ -40,24 +49,34 @@ class TaskModel:
         """Output token ids for ``texts`` in order, decoded in length-sorted batches; ``progress``
         is called with the number of texts done after each batch."""
         beam = self.task.get("beam_size", 4) if beam_size is None else beam_size
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[list[int]] = [[] for _ in texts]
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            hyps = self.model.generate(
-                self.encode([texts[i] for i in idx]), beam_size=beam,
-                length_penalty=self.task.get("length_penalty", 1.0),
+
+        def run(batch: list[str]) -> list[list[int]]:
+            return self.model.generate(
+                self.encode(batch), beam_size=beam, length_penalty=self.task.get("length_penalty", 1.0),
                 max_new_tokens=self.task.get("max_tgt_tokens", 128),
             )  # fmt: skip
-            for i, h in zip(idx, hyps, strict=True):
-                out[i] = h
-            if progress is not None:
-                progress(len(idx))
-        return out
+
+        return in_length_order(texts, run, batch_size=batch_size, progress=progress)
 
     def generate(self, texts: list[str], **kwargs) -> list[str]:
         """Output texts for ``texts`` (see :meth:`generate_ids` for the arguments)."""
         return [self.tokenizer.decode(ids) for ids in self.generate_ids(texts, **kwargs)]
+
+
+def in_length_order(
+    texts: list[str], run: Callable[[list[str]], list], *, batch_size: int = 32, progress=None
+) -> list:
+    """``run`` over ``texts`` in batches of similar length (little padding), results returned
+    in the original order; ``progress(n)`` after each batch."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        for i, result in zip(idx, run([texts[i] for i in idx]), strict=True):
+            out[i] = result
+        if progress is not None:
+            progress(len(idx))
+    return out
 
 
 def load_task_model(path: str | Path, *, device: str | torch.device = "cpu") -> TaskModel:

@@ -334,15 +334,15 @@ class Trainer:
 
     def run(self, *, resume: bool = False) -> dict:
         """Train until ``max_steps`` or ``max_minutes``; returns the final state."""
-        self.prepare()
-        if resume:
-            self.load()
-            self.log(f"resumed at step {self.state['step']} (epoch {self.state['epoch']})")
-        elif self.checkpoint_path.exists():
+        if not resume and self.checkpoint_path.exists():  # before prepare() writes into the run
             raise FileExistsError(
                 f"train: {str(self.out)!r} already holds a run; pass --resume to continue it or choose "
                 "another --out."
             )
+        self.prepare()
+        if resume:
+            self.load()
+            self.log(f"resumed at step {self.state['step']} (epoch {self.state['epoch']})")
         cfg, st = self.cfg, self.state
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{cfg.task}: {len(self.train):,} training pairs, vocabulary {self.tokenizer.vocab_size}, "
@@ -411,8 +411,8 @@ class Trainer:
             st["best_valid"] = v
             self.save_model()
         self.save()
-        entry = {"step": st["step"], "epoch": st["epoch"], "train_loss": loss, "valid_loss": v,
-                 "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"]}  # fmt: skip
+        entry = {"step": st["step"], "epoch": st["epoch"], "tokens": st["tokens"], "train_loss": loss,
+                 "valid_loss": v, "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"]}  # fmt: skip
         self._log_line(entry)
         self.log(f"step {st['step']}: valid loss {v:.3f}{' (best, saved model/)' if improved else ''}, "
                  f"{tokens_per_s:,.0f} tok/s, {st['elapsed'] / 60:.1f} min")  # fmt: skip
