@@ -8,7 +8,9 @@ repository's README; the report is written with ``attnkit.viz.write_html`` and o
 in headless Chromium. Reported: file size, the time from navigation to the end of the page's
 script (``window.attnkitReady``, which includes decoding every weight and drawing all 144
 model-view maps), and how long a click on a token and a layer change take to redraw. Medians.
-Writes ``bench/results/viz.json`` and ``docs/bench/viz.md``.
+Also records what ``attnkit explain`` reports on "The cat sat on the mat.": the default head,
+the ``--steps`` check against the model and the ``--heads`` label counts. Writes
+``bench/results/viz.json`` and ``docs/bench/viz.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ from attnkit.viz.html import write_html
 from models import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def explain_numbers(text: str = "The cat sat on the mat.") -> dict:
+    """What `attnkit explain` reports on the README's sentence: the default head, the --steps
+    check and the --heads label counts."""
+    from collections import Counter
+
+    from attnkit.apps.explain import default_head, explain
+    from attnkit.viz.heads import summarize_heads
+    from attnkit.viz.steps import head_walkthrough
+
+    ex = explain(text, capture_inputs=True)
+    layer, head = default_head(ex.record)
+    walk = head_walkthrough(ex.model, ex.record, layer, head, text=text)
+    labels = Counter(s.label for s in summarize_heads(ex.record))
+    return {
+        "text": text,
+        "default_head": [layer, ex.record.heads[head]],
+        "steps_max_abs_diff": walk.check_error,
+        "head_labels": dict(labels.most_common()),
+    }
 
 
 def main() -> None:
@@ -67,11 +90,12 @@ def main() -> None:
                 )
                 layer_changes.append(1e3 * (time.perf_counter() - t0))
     env = environment()
+    explained = explain_numbers()
     payload = {
         "env": env, "layers": 12, "heads": 12, "tokens": 128, "file_bytes": size,
         "load_ms": loads, "click_ms": clicks, "layer_change_ms": layer_changes,
         "median_load_ms": statistics.median(loads), "median_click_ms": statistics.median(clicks),
-        "median_layer_change_ms": statistics.median(layer_changes),
+        "median_layer_change_ms": statistics.median(layer_changes), "explain": explained,
     }  # fmt: skip
     path = save("viz", payload)
     lines = [
@@ -87,6 +111,12 @@ def main() -> None:
         "",
         "Medians of 7 page loads. Click and layer-change times are measured from Python through "
         "Playwright, so they include its round trips.",
+        "",
+        f"`attnkit explain {explained['text']!r}` (all-MiniLM-L6-v2): default head layer "
+        f"{explained['default_head'][0]}, head {explained['default_head'][1]}; `--steps` against the "
+        f"model's own head output: max |difference| {explained['steps_max_abs_diff']:.1e}; `--heads`: "
+        + ", ".join(f"{k} {v}" for k, v in explained["head_labels"].items())
+        + ".",
     ]
     (DOCS / "viz.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
