@@ -15,6 +15,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_memory():
+    """Every test runs with torch's deterministic mode, in which ``torch.empty`` (and every other
+    uninitialized allocation) is filled with NaN: code that reads memory it never wrote fails
+    loudly instead of passing by luck."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Make the tile-based backends cut even small test inputs into many ragged tiles."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from attnkit import attention
 from attnkit import patterns as P
+from attnkit.backends.blocksparse import BlockSparseBackend
 from attnkit.backends.tiled import TiledBackend
 
 from .reference import assert_block_map_exact, attention_ref, max_err
@@ -83,12 +84,13 @@ def problems(draw):
     elif mask_kind == "bias":
         mask = torch.randn(1, h, 1, s, dtype=torch.float64)
     tiles = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
-    return (b, h, hkv, n, s, d), pattern, mask, tiles
+    sparse_tiles = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+    return (b, h, hkv, n, s, d), pattern, mask, (tiles, sparse_tiles)
 
 
 @given(problems())
 def test_every_backend_matches_the_oracle(problem):
-    (B, H, Hkv, N, S, D), pattern, mask, tiles = problem
+    (B, H, Hkv, N, S, D), pattern, mask, (tiles, sparse_tiles) = problem
     g = torch.Generator().manual_seed(N * 41 + S)
     q = torch.randn(B, H, N, D, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(B, Hkv, S, D, dtype=torch.float64, generator=g, requires_grad=True)
@@ -96,8 +98,11 @@ def test_every_backend_matches_the_oracle(problem):
     dout = torch.randn(B, H, N, D, dtype=torch.float64, generator=g)
     want = attention_ref(q, k, v, pattern=pattern, mask=mask)
     want_g = torch.autograd.grad((want * dout).sum(), (q, k, v))
-    old = TiledBackend.block
+    # Small, ragged tiles on both tile-based backends, so that rows span several segments
+    # (blocksparse merges them through the log-sum-exp) and many rows see nothing at all.
+    old = TiledBackend.block, BlockSparseBackend.block, BlockSparseBackend.backward_block
     TiledBackend.block = tiles
+    BlockSparseBackend.block, BlockSparseBackend.backward_block = sparse_tiles
     try:
         for backend in ("reference", "sdpa", "tiled", "blocksparse"):
             got = attention(q, k, v, pattern=pattern, mask=mask, backend=backend)
@@ -106,14 +111,13 @@ def test_every_backend_matches_the_oracle(problem):
             for a, b in zip(got_g, want_g, strict=True):
                 assert max_err(a, b) < 1e-10, backend
     finally:
-        TiledBackend.block = old
+        TiledBackend.block, BlockSparseBackend.block, BlockSparseBackend.backward_block = old
 
 
 @given(problems())
 def test_block_maps_agree_with_dense(problem):
-    (_, _, _, N, S, _), pattern, _, tiles = problem
-    if pattern is None:
-        return
+    (_, _, _, N, S, _), pattern, _, (tiles, _) = problem
+    assume(pattern is not None)
     assert_block_map_exact(pattern, N, S, tiles)
     assert pattern.num_allowed(N, S) == int(pattern.to_dense(N, S).sum())
 

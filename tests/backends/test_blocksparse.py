@@ -201,3 +201,21 @@ def test_regrouped_computation_matches_the_oracle(pattern, dtype):
         eager = run(lambda *t: attention_ref(*t, pattern=pattern, dtype=dtype))
         for g, e, w in zip([got[0], *got[1]], [eager[0], *eager[1]], [want[0], *want[1]], strict=True):
             assert max_err(g, w) <= 2 * max_err(e, w) + 8e-3
+
+
+def test_rows_left_unwritten_by_some_segments_stay_finite():
+    """Regression: a layout whose rows are covered by different numbers of segments. The output
+    accumulator used to be ``torch.empty``; merging read it for rows a segment never wrote, and
+    with poisoned memory (this suite's deterministic mode) 128 rows came back NaN."""
+    assert torch.are_deterministic_algorithms_enabled()  # torch.empty is filled with NaN
+    grid = torch.zeros(8, 8, dtype=torch.bool)
+    grid[torch.arange(2, 8), torch.arange(2, 8)] = True  # a diagonal on rows 2..7
+    grid[:7, 7] = True  # and column 7 on rows 0..6
+    pattern = P.BlockLayout(grid, 32)
+    q, k, v = (torch.randn(1, 2, 256, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 2, 256, 32, dtype=torch.float64)
+    got = grads(lambda: attention(q, k, v, pattern=pattern, backend="blocksparse"), [q, k, v], dout)
+    want = grads(lambda: attention_ref(q, k, v, pattern=pattern), [q, k, v], dout)
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
+        assert not bool(g.isnan().any())
+        assert max_err(g, w) < 1e-12

@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import _rows
 from .base import compute_dtype
 
 __all__ = ["Eager", "FusedCPU", "fused_cpu_available"]
@@ -59,12 +60,14 @@ class FusedCPU:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
         )
-        return out, lse
+        # Rows whose bias hides every key: the convention (0, -inf), not whatever the kernel
+        # returns there.
+        lse = torch.where(torch.isfinite(bias).any(-1), lse, -torch.inf)
+        return _rows.zero_unseen(out, lse), lse
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, bias, scale) -> tuple[Tensor, Tensor, Tensor, None]:
-        # Rows that see nothing carry lse = -inf; any finite value makes their p = exp(-inf) = 0.
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        lse = _rows.for_recompute(lse)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
         )
@@ -78,23 +81,19 @@ class Eager:
     def forward(q, k, v, bias, scale, keep: Tensor | None = None, dropout_p: float = 0.0):
         ct = compute_dtype(q.dtype)
         s = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale + bias.to(ct)  # (X, R, M, K)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        e = torch.exp(s - m)
-        l = e.sum(-1, keepdim=True)
-        p = e / torch.where(l > 0, l, torch.ones_like(l))
+        m = _rows.shift(s.amax(-1))
+        e = torch.exp(s - m[..., None])
+        l = e.sum(-1)
+        p = _rows.normalize(e, l)
         if keep is not None:
             p = p * keep.to(ct) * (1.0 / (1.0 - dropout_p))
-        out = p @ v.to(ct)
-        lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf"))).squeeze(-1)
-        return out, lse.float() if ct == torch.float32 else lse
+        return p @ v.to(ct), _rows.lse_from(m, l)
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, bias, scale, keep: Tensor | None = None, dropout_p: float = 0.0):
         ct = compute_dtype(q.dtype)
         qc, kc, vc, doc = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
-        lse = lse.to(ct)
-        lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+        lse = _rows.for_recompute(lse.to(ct))
         s = (qc @ kc.transpose(-1, -2)) * scale + bias.to(ct)
         p = torch.exp(s - lse[..., None])
         dp = doc @ vc.transpose(-1, -2)

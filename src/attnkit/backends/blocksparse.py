@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..patterns import Causal, Full, KeyPadding
+from . import _rows
 from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
@@ -300,7 +301,7 @@ def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows, out: Tensor,
         out_acc[:, rows] = out.to(out_acc.dtype)
         lse_acc[:, rows] = lse.to(lse_acc.dtype)
     else:  # the same row seen through several key sets: combine through the log-sum-exps
-        out_acc[:, rows], lse_acc[:, rows] = _combine(
+        out_acc[:, rows], lse_acc[:, rows] = _rows.combine(
             out_acc[:, rows], lse_acc[:, rows], out.to(out_acc.dtype), lse.to(lse_acc.dtype)
         )
     written[cpu_rows] = True
@@ -314,7 +315,8 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     q_rows = job.to_rows(q, plan)
     k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
     X, T, M = q_rows.shape[:3]
-    out_acc = torch.empty(X, T, M, inp.Dv, dtype=ct, device=q.device)  # every row is written below
+    # Rows no call covers keep the convention of _rows: output 0, lse -inf.
+    out_acc = torch.zeros(X, T, M, inp.Dv, dtype=ct, device=q.device)
     lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
     written = torch.zeros(T, dtype=torch.bool)
     for seg in plan.segments:
@@ -331,11 +333,7 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
                 out_c, lse_c = Eager.forward(
                     *args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p
                 )
-            seen = torch.isfinite(bias_c).any(-1).expand_as(lse_c)
-            lse_c = torch.where(seen, lse_c.to(ct), torch.full_like(lse_c, float("-inf"), dtype=ct))
             _merge(out_acc, lse_acc, written, _row_selector(seg, lo, hi, q.device), out_c, lse_c)
-    if not bool(written.all()):  # query tiles that see no key at all
-        out_acc[:, (~written).nonzero().flatten().to(q.device)] = 0
     return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
 
 
@@ -380,14 +378,6 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
     return dq, dk_acc[:, : inp.S].reshape(k.shape), dv_acc[:, : inp.S].reshape(v.shape), dbias
 
 
-def _combine(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact union of two attentions over disjoint key sets, through their log-sum-exps."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
-    return out, lse
-
-
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, job: _Job, parts: tuple[_Part, ...]):
@@ -399,7 +389,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             out_p, lse_p = _forward_plan(job, part.forward_plan, *args, user_bias)
             if s is not None:
                 out_p, lse_p = ungroup(out_p, s), ungroup(lse_p, s)
-            out, lse = (out_p, lse_p) if out is None else _combine(out, lse, out_p, lse_p)
+            out, lse = (out_p, lse_p) if out is None else _rows.combine(out, lse, out_p, lse_p)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.job, ctx.parts = job, parts

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _rows
 from ._dropout import keep_mask
 from ._masks import dense_allowed
 from .base import AttentionInputs, AttentionResult, Backend, lse_dtype
@@ -42,11 +43,10 @@ class ReferenceBackend(Backend):
             scores = scores.masked_fill(~allowed, float("-inf"))
         # Softmax is shift-invariant, so the row maximum carries no gradient. Rows with no
         # finite score (everything masked) get shift 0, weights 0 and log-sum-exp -inf.
-        row_max = scores.amax(-1, keepdim=True).detach()
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        e = torch.exp(scores - row_max)
-        denom = e.sum(-1, keepdim=True)
-        probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        row_max = _rows.shift(scores.amax(-1).detach())
+        e = torch.exp(scores - row_max[..., None])
+        denom = e.sum(-1)
+        probs = _rows.normalize(e, denom)
         if inp.dropout_p > 0:
             B, H, N, S = probs.shape
             dev = probs.device
@@ -63,5 +63,5 @@ class ReferenceBackend(Backend):
         weights = probs.to(inp.dtype) if inp.return_weights else None
         lse = None
         if inp.return_lse:
-            lse = (row_max + torch.log(denom)).squeeze(-1).to(lse_dtype(inp.dtype))
+            lse = _rows.lse_from(row_max, denom).to(lse_dtype(inp.dtype))
         return AttentionResult(out, weights, lse)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import BlockMap, Full
+from . import _rows
 from ._dropout import keep_mask
 from ._masks import heads_as_groups, reduce_to, tile
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
@@ -133,7 +134,7 @@ class _TiledAttention(torch.autograd.Function):
         # The backward recomputes p = exp((s - row_max) - log_l): keeping the two terms apart
         # (rather than one lse) keeps p accurate to a few ulps when |lse| is large.
         row_max = torch.zeros(B, Hkv, G, N, dtype=ct, device=q.device)
-        log_l = torch.full((B, Hkv, G, N), float("inf"), dtype=ct, device=q.device)
+        log_l = torch.full((B, Hkv, G, N), -torch.inf, dtype=ct, device=q.device)
         dropping = inp.dropout_p > 0
         for r, row in enumerate(bm.rows):
             if not row:
@@ -147,7 +148,7 @@ class _TiledAttention(torch.autograd.Function):
                 j0, j1 = bm.k_range(c)
                 s = plan.scores(qt, k[:, :, j0:j1].to(ct), r, c, full, bias5)
                 m_new = torch.maximum(m, s.amax(-1))
-                shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                shift = _rows.shift(m_new)
                 p = torch.exp(s - shift[..., None])
                 alpha = torch.exp(m - shift)
                 l = l * alpha + p.sum(-1)
@@ -156,15 +157,14 @@ class _TiledAttention(torch.autograd.Function):
                 pv = p.view(B, Hkv, -1, j1 - j0) @ v[:, :, j0:j1].to(ct)
                 acc = acc * alpha[..., None] + pv.view(B, Hkv, G, i1 - i0, Dv)
                 m = m_new
-            seen = l > 0
-            out[:, :, :, i0:i1] = acc / torch.where(seen, l, torch.ones_like(l))[..., None]
-            row_max[:, :, :, i0:i1] = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-            # Rows that saw nothing keep log_l = +inf: their recomputed p is exactly 0.
-            log_l[:, :, :, i0:i1] = torch.where(seen, torch.log(l), log_l[:, :, :, i0:i1])
+            out[:, :, :, i0:i1] = _rows.normalize(acc, l)
+            row_max[:, :, :, i0:i1] = _rows.shift(m)
+            # Kept apart from the shift: lse - row_max, -inf for rows that saw nothing
+            log_l[:, :, :, i0:i1] = _rows.lse_from(torch.zeros_like(l), l)
         out = out.view(B, inp.H, N, Dv).to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, row_max, log_l)
         ctx.plan = plan
-        lse = torch.where(torch.isinf(log_l), -log_l, row_max + log_l).view(B, inp.H, N)
+        lse = (row_max + log_l).view(B, inp.H, N)
         lse = lse.to(lse_dtype(q.dtype))
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -172,6 +172,7 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
         q, k, v, bias, out, row_max, log_l = ctx.saved_tensors
+        log_l = _rows.for_recompute(log_l)  # rows that saw nothing: p = exp(s - inf) = 0
         plan: _Plan = ctx.plan
         inp, bm = plan.inp, plan.blocks
         ct = compute_dtype(q.dtype)
