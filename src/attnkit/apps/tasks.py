@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .._files import atomic_write
 from ..data import load_pairs
 from ..models import Seq2Seq, Tokenizer
-from ..models._io import atomic_write, read_json
+from ..models._io import read_json
 from ..viz.record import record
 from .train import source_batch
 

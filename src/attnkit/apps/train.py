@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._files import atomic_write
 from ..data import SPECIAL_TOKENS, DataError, cache_root, load_pairs, read_meta, train_tokenizer
 from ..models import Seq2Seq, Seq2SeqConfig, Tokenizer
-from ..models._io import ModelConfig, atomic_write
+from ..models._io import ModelConfig
 
 __all__ = ["Batch", "TrainConfig", "Trainer", "load_config", "lr_factor", "token_batches"]
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..models._io import atomic_write
+from .._files import atomic_write
 from ._apt import DataError
 
 __all__ = ["SPLITS", "Pair", "cache_root", "load_pairs", "read_meta", "split_of", "write_corpus"]

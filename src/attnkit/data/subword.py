@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..models._io import atomic_write
+from .._files import atomic_write
 
 __all__ = ["SPECIAL_TOKENS", "train_tokenizer"]
 

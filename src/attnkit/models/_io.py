@@ -1,4 +1,4 @@
-"""Checkpoint files: configs as frozen dataclasses, safetensors weights, atomic writes.
+"""Checkpoint files: configs as frozen dataclasses and safetensors weights (written atomically).
 
 attnkit's own checkpoints are a directory with ``config.json`` (``{"attnkit_model": NAME,
 "config": {...}}``) and ``model.safetensors``. Hugging Face directories (``config.json`` with a
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +19,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["ModelConfig", "atomic_write", "load_weights", "read_json", "save_checkpoint"]
+from .._files import atomic_write
+
+__all__ = ["ModelConfig", "load_weights", "read_json", "save_checkpoint"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -99,20 +100,6 @@ def load_weights(directory: Path) -> dict[str, Tensor]:
         f"expected {WEIGHTS_NAME} or {INDEX_NAME} in {str(directory)!r}; found "
         f"{sorted(p.name for p in directory.iterdir())}."
     )
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

@@ -279,7 +279,7 @@ class BertEncoder(nn.Module):
         """Write an attnkit checkpoint (and the tokenizer file, if any), atomically per file."""
         directory = save_checkpoint(path, self.model_name, self.config, self.state_dict())
         if self.tokenizer is not None:
-            from ._io import atomic_write
+            from .._files import atomic_write
 
             data = self.tokenizer.path.read_bytes()
             atomic_write(directory / "tokenizer.json", lambda p: p.write_bytes(data))

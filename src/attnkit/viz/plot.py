@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..models._io import atomic_write
+from .._files import atomic_write
 from ..patterns import Pattern
 from .record import AttentionRecord
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._files import atomic_write
 from .._hooks import AttentionCall, register_attention_hook
 from ..functional import attention
-from ..models._io import atomic_write
 
 __all__ = ["AttentionRecord", "LayerCapture", "record"]
 
