@@ -44,11 +44,11 @@ def test_masks_equal_torch_with_its_inverted_convention():
     keep[1, 6:] = False
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     want, want_w = ref(x, x, x, key_padding_mask=~keep, attn_mask=~causal, average_attn_weights=False)
-    got, got_w = mine(x, mask=causal, key_padding_mask=keep, need_weights=True)
+    got, got_w = mine(x, mask=causal, key_mask=keep, need_weights=True)
     assert (got - want).abs().max() <= TOL
     assert (got_w - want_w).abs().max() <= TOL
     # the same through a pattern instead of a tensor
-    assert (mine(x, key_padding_mask=keep, pattern=P.Causal()) - want).abs().max() <= TOL
+    assert (mine(x, key_mask=keep, pattern=P.Causal()) - want).abs().max() <= TOL
 
 
 def test_float_mask_equals_torch():
@@ -59,7 +59,7 @@ def test_float_mask_equals_torch():
     keep[0, 7:] = False
     torch_padding = torch.zeros(2, 9).masked_fill(~keep, float("-inf"))  # same type as bias
     want, _ = ref(x, x, x, attn_mask=bias, key_padding_mask=torch_padding)
-    assert (mine(x, mask=bias, key_padding_mask=keep) - want).abs().max() <= TOL
+    assert (mine(x, mask=bias, key_mask=keep) - want).abs().max() <= TOL
 
 
 def test_from_torch_and_gradients_match():
@@ -187,5 +187,15 @@ def test_forward_errors():
         mha(torch.randn(2, 5, 32), torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"batch size B=2, but got 3"):
         mha(torch.randn(2, 5, 32), torch.randn(3, 5, 32))
-    with pytest.raises(ValueError, match=r"key_padding_mask to be bool of shape \(B, S\)=\(2, 5\)"):
-        mha(torch.randn(2, 5, 32), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask to be bool of shape \(B, S\)=\(2, 5\)"):
+        mha(torch.randn(2, 5, 32), key_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(("keyword", "ours"), [("key_padding_mask", "key_mask"), ("attn_mask", "mask")])
+def test_torchs_mask_keywords_are_refused(keyword, ours):
+    """Moving code from ``torch.nn.MultiheadAttention`` fails loudly rather than inverting masks."""
+    mha = MultiHeadAttention(32, 4)
+    with pytest.raises(TypeError, match=rf"MultiHeadAttention.forward\(\) does not take torch's '{keyword}'"):
+        mha(torch.randn(2, 5, 32), **{keyword: torch.zeros(2, 5, dtype=torch.bool)})
+    with pytest.raises(TypeError, match=rf"pass {ours}= instead"):
+        mha(torch.randn(2, 5, 32), **{keyword: torch.zeros(2, 5, dtype=torch.bool)})

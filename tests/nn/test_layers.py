@@ -36,7 +36,7 @@ def test_encoder_layer_equals_torch(norm_first):
     x = torch.randn(3, 9, 32)
     pad = torch.tensor([[False] * 9, [False] * 6 + [True] * 3, [False] * 2 + [True] * 7])
     want = theirs(x, src_key_padding_mask=pad)
-    got = ours(x, key_padding_mask=~pad)
+    got = ours(x, key_mask=~pad)
     keep = ~pad  # torch's fast path leaves padded rows undefined; compare real tokens
     assert torch.allclose(got[keep], want[keep], atol=1e-5)
 
@@ -130,3 +130,32 @@ def test_rms_norm_formula():
     norm = RMSNorm(4, eps=0.0)
     x = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
     assert torch.allclose(norm(x), x / 2.5)  # sqrt((9 + 16) / 4)
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "keyword", "ours"),
+    [
+        (lambda: EncoderLayer(16, 2, 32), (torch.randn(1, 3, 16),), "key_padding_mask", "key_mask"),
+        (lambda: EncoderLayer(16, 2, 32), (torch.randn(1, 3, 16),), "src_key_padding_mask", "key_mask"),
+        (lambda: Encoder(EncoderLayer(16, 2, 32), 2), (torch.randn(1, 3, 16),), "src_mask", "mask"),
+        (
+            lambda: DecoderLayer(16, 2, 32),
+            (torch.randn(1, 3, 16), torch.randn(1, 4, 16)),
+            "memory_key_padding_mask",
+            "memory_key_mask",
+        ),
+        (
+            lambda: Decoder(DecoderLayer(16, 2, 32), 2),
+            (torch.randn(1, 3, 16), torch.randn(1, 4, 16)),
+            "tgt_key_padding_mask",
+            "key_mask",
+        ),
+    ],
+)
+def test_torchs_mask_keywords_are_refused_with_the_replacement(make, args, keyword, ours):
+    """torch's boolean masks mean "True = ignore"; attnkit's mean "True = may attend". The same
+    keyword must never mean both: torch's spellings fail and name the replacement."""
+    with pytest.raises(TypeError, match=rf"torch's '{keyword}': pass {ours}= instead"):
+        make()(*args, **{keyword: torch.zeros(1, 4, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'typo'"):
+        make()(*args, typo=1)

@@ -202,9 +202,9 @@ class BertEncoder(nn.Module):
                 f"{tuple(input_ids.shape)}."
             )
         x = self.embeddings(input_ids, token_type_ids)
-        kpm = None if attention_mask is None else attention_mask.bool()
+        key_mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(
-            x, key_padding_mask=kpm, pattern=self.pattern if pattern is None else pattern,
+            x, key_mask=key_mask, pattern=self.pattern if pattern is None else pattern,
             need_weights=need_weights,
         )  # fmt: skip
 

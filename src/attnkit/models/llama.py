@@ -195,7 +195,7 @@ class DecoderLM(nn.Module):
                 f"{tuple(input_ids.shape)}."
             )
         past = 0 if cache is None else cache.length
-        kpm = None
+        key_mask = None
         if attention_mask is not None:
             want = (input_ids.shape[0], past + input_ids.shape[1])
             if tuple(attention_mask.shape) != want:
@@ -203,11 +203,11 @@ class DecoderLM(nn.Module):
                     f"DecoderLM: expected attention_mask of shape (B, cached + T)={want}, but got "
                     f"{tuple(attention_mask.shape)}."
                 )
-            kpm = attention_mask.bool()
+            key_mask = attention_mask.bool()
         if position_ids is None:  # one tensor for every layer, so their rotary angles are shared
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         out = self.decoder(
-            self.embed(input_ids), key_padding_mask=kpm, positions=position_ids, cache=cache,
+            self.embed(input_ids), key_mask=key_mask, positions=position_ids, cache=cache,
             need_weights=need_weights,
         )  # fmt: skip
         hidden, weights = out if need_weights else (out, None)

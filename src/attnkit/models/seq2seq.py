@@ -176,24 +176,24 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, *, pattern: Pattern | None = None) -> tuple[Tensor, Tensor]:
         """``memory (B, S, C)`` and the source key mask ``(B, S)`` (True = real token)."""
         self._check_ids("src", src, self.config.src_vocab_size)
-        src_mask = src != self.config.pad_id
+        src_key_mask = src != self.config.pad_id
         x = self.dropout(self.src_pos(self.src_embed(src) * math.sqrt(self.config.dim)))
-        return self.encoder(x, key_padding_mask=src_mask, pattern=pattern), src_mask
+        return self.encoder(x, key_mask=src_key_mask, pattern=pattern), src_key_mask
 
     def decode(
-        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, *, cache: DecoderCache | None = None
+        self, tgt_in: Tensor, memory: Tensor, src_key_mask: Tensor, *, cache: DecoderCache | None = None
     ) -> Tensor:
         """Logits ``(B, T, V)`` of the next tokens after each of ``tgt_in``'s positions. With a
         ``cache``, ``tgt_in`` holds only the new positions."""
         offset = 0 if cache is None else cache.length
         x = self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset)
-        h = self.decoder(self.dropout(x), memory, memory_key_padding_mask=src_mask, cache=cache)
+        h = self.decoder(self.dropout(x), memory, memory_key_mask=src_key_mask, cache=cache)
         return self.out_proj(h)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
-        memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask)
+        memory, src_key_mask = self.encode(src)
+        return self.decode(tgt_in, memory, src_key_mask)
 
     def loss(self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         """Mean token cross-entropy of ``tgt (B, T)`` (``bos ... eos`` then padding): the decoder
@@ -243,14 +243,14 @@ class Seq2Seq(nn.Module):
 
     def _greedy(self, src: Tensor, max_new: int, pattern: Pattern | None) -> list[list[int]]:
         c = self.config
-        memory, src_mask = self.encode(src, pattern=pattern)
+        memory, src_key_mask = self.encode(src, pattern=pattern)
         B = src.shape[0]
         cache = self.decoder.new_cache()
         tok = torch.full((B, 1), c.bos_id, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
         for _ in range(max_new):
-            logits = self.decode(tok, memory, src_mask, cache=cache)[:, -1]
+            logits = self.decode(tok, memory, src_key_mask, cache=cache)[:, -1]
             nxt = logits.float().log_softmax(-1).argmax(-1)
             for b in (~done).nonzero().flatten().tolist():
                 if int(nxt[b]) == c.eos_id:
@@ -265,8 +265,8 @@ class Seq2Seq(nn.Module):
     def _beam(self, src: Tensor, K: int, max_new: int, lp: float, pattern: Pattern | None) -> list[list[int]]:
         c = self.config
         B = src.shape[0]
-        memory, src_mask = self.encode(src, pattern=pattern)
-        memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)
+        memory, src_key_mask = self.encode(src, pattern=pattern)
+        memory, src_key_mask = memory.repeat_interleave(K, 0), src_key_mask.repeat_interleave(K, 0)
         cache = self.decoder.new_cache()
         seqs = torch.full((B * K, 1), c.bos_id, dtype=torch.long, device=src.device)
         scores = torch.full((B, K), float("-inf"), device=src.device)
@@ -274,7 +274,7 @@ class Seq2Seq(nn.Module):
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new):
-            logp = self.decode(seqs[:, -1:], memory, src_mask, cache=cache)[:, -1].float().log_softmax(-1)
+            logp = self.decode(seqs[:, -1:], memory, src_key_mask, cache=cache)[:, -1].float().log_softmax(-1)
             V = logp.shape[-1]
             cand = (scores.reshape(B * K, 1) + logp).reshape(B, K * V)
             top_scores, top_idx = cand.topk(2 * K, dim=-1)

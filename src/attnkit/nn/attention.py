@@ -134,11 +134,12 @@ class MultiHeadAttention(nn.Module):
         context: Tensor | None = None,
         *,
         mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
         need_weights: bool = False,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
+        **unknown: object,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``x`` to itself or to ``context``.
 
@@ -148,9 +149,9 @@ class MultiHeadAttention(nn.Module):
                 ``None`` for self-attention.
             mask: Bool (``True`` = may attend) or float (added to the scores) tensor
                 broadcastable to ``(B, H, N, S)``, e.g. ``(N, S)``.
-            key_padding_mask: ``(B, S)`` bool, ``True`` for real keys that may be attended.
-                Note: the opposite of ``torch.nn.MultiheadAttention``, where ``True`` means
-                "ignore".
+            key_mask: ``(B, S)`` bool, ``True`` for real keys that may be attended (the
+                complement of torch's ``key_padding_mask``, which attnkit refuses by name:
+                pass ``key_mask=~key_padding_mask``).
             pattern: Replaces the module's default pattern for this call.
             need_weights: Also return the per-head weights ``(B, H, N, S)`` (runs the
                 ``reference`` backend).
@@ -166,6 +167,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ``out (B, N, C)``, or ``(out, weights)`` if ``need_weights``.
         """
+        reject_unknown_keywords(type(self).__name__, unknown)
         if not self.batch_first:
             x = x.transpose(0, 1)
             context = None if context is None else context.transpose(0, 1)
@@ -186,7 +188,7 @@ class MultiHeadAttention(nn.Module):
                 q, k = self.rotary(q, positions), self.rotary(k, positions)
             if cache is not None:
                 k, v = cache.update(k, v) if context is None else cache.fill(k, v)
-        attn_mask = _merge_masks(mask, key_padding_mask, batch=x.shape[0], s=k.shape[2])
+        attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
         result = attention(
             q, k, v,
             pattern=self.pattern if pattern is None else pattern,
@@ -257,24 +259,52 @@ class MultiHeadAttention(nn.Module):
         return ", ".join(parts)
 
 
-def _merge_masks(
-    mask: Tensor | None, key_padding_mask: Tensor | None, *, batch: int, s: int
-) -> Tensor | None:
-    """One ``attention()`` mask from an attention mask and a ``(B, S)`` key-padding mask."""
-    if key_padding_mask is None:
+def _merge_masks(mask: Tensor | None, key_mask: Tensor | None, *, batch: int, s: int) -> Tensor | None:
+    """One ``attention()`` mask from an attention mask and a ``(B, S)`` key mask."""
+    if key_mask is None:
         return mask
-    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, s):
+    if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch, s):
         raise ValueError(
-            f"MultiHeadAttention: expected key_padding_mask to be bool of shape "
-            f"(B, S)={(batch, s)} (True = may attend), but got {key_padding_mask.dtype} "
-            f"{tuple(key_padding_mask.shape)}."
+            f"MultiHeadAttention: expected key_mask to be bool of shape (B, S)={(batch, s)} "
+            f"(True = a real key that may be attended), but got {key_mask.dtype} {tuple(key_mask.shape)}."
         )
-    keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+    keep = key_mask[:, None, None, :]  # (B, 1, 1, S)
     if mask is None:
         return keep
     if mask.dtype == torch.bool:
         return mask & keep
     return mask.masked_fill(~keep, float("-inf"))
+
+
+#: torch's mask keywords, whose boolean meaning ("True = ignore") is the opposite of attnkit's
+#: ("True = may attend"). Refused by name, so that code moved over from torch fails loudly
+#: instead of attending to padding only.
+_TORCH_MASK_KEYWORDS = {
+    "key_padding_mask": "key_mask",
+    "src_key_padding_mask": "key_mask",
+    "tgt_key_padding_mask": "key_mask",
+    "memory_key_padding_mask": "memory_key_mask",
+    "attn_mask": "mask",
+    "src_mask": "mask",
+    "tgt_mask": "mask",
+    "memory_mask": "mask",
+}
+
+
+def reject_unknown_keywords(owner: str, unknown: dict[str, object]) -> None:
+    """Raise ``TypeError`` for keywords a ``forward`` does not take; torch's mask keywords get a
+    message saying which attnkit keyword replaces them and that the boolean meaning flips."""
+    if not unknown:
+        return
+    name = next(iter(unknown))
+    ours = _TORCH_MASK_KEYWORDS.get(name)
+    if ours is None:
+        raise TypeError(f"{owner}.forward() got an unexpected keyword argument {name!r}.")
+    raise TypeError(
+        f"{owner}.forward() does not take torch's {name!r}: pass {ours}= instead, where a boolean "
+        f"True means the key may be attended (torch's True means ignore it, so "
+        f"{ours}=~{name} for a boolean torch mask). See docs/masks.md."
+    )
 
 
 def _translate_torch_state_dict(module, state_dict, prefix, *args) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patterns import Causal, Pattern
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, reject_unknown_keywords
 from .kv_cache import KVCache
 from .positional import RotaryEmbedding
 
@@ -249,19 +249,21 @@ class EncoderLayer(_Block):
         x: Tensor,
         *,
         mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         need_weights: bool = False,
+        **unknown: object,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """``mask``/``key_padding_mask``/``pattern`` as in :class:`MultiHeadAttention`;
+        """``mask``/``key_mask``/``pattern`` as in :class:`MultiHeadAttention`;
         ``need_weights`` also returns this layer's attention weights ``(B, H, N, N)``."""
+        reject_unknown_keywords(type(self).__name__, unknown)
         weights = None
 
         def attend(h: Tensor) -> Tensor:
             nonlocal weights
             out = self.self_attn(
-                h, mask=mask, key_padding_mask=key_padding_mask, pattern=pattern,
+                h, mask=mask, key_mask=key_mask, pattern=pattern,
                 positions=positions, need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
@@ -326,20 +328,22 @@ class DecoderLayer(_Block):
         memory: Tensor | None = None,
         *,
         mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        memory_key_padding_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        memory_key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         cache: LayerCache | None = None,
         need_weights: bool = False,
+        **unknown: object,
     ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor | None]]:
         """Decode ``x`` against ``memory``.
 
-        ``key_padding_mask (B, S_self)`` covers every self-attention key, the cached ones
-        included; ``memory_key_padding_mask (B, S)`` the encoder's. With ``cache``, ``x``
+        ``key_mask (B, S_self)`` covers every self-attention key, the cached ones
+        included; ``memory_key_mask (B, S)`` the encoder's. With ``cache``, ``x``
         holds only the new positions. ``need_weights`` also returns
         ``(self_weights, cross_weights)``.
         """
+        reject_unknown_keywords(type(self).__name__, unknown)
         if self.cross_attn is None and memory is not None:
             raise ValueError(
                 "DecoderLayer: expected memory=None (built with cross_attention=False), but got a tensor."
@@ -352,7 +356,7 @@ class DecoderLayer(_Block):
 
         def self_attend(h: Tensor) -> Tensor:
             out = self.self_attn(
-                h, mask=mask, key_padding_mask=key_padding_mask, pattern=pattern, positions=positions,
+                h, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
                 cache=None if cache is None else cache.self_attn, need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
@@ -361,7 +365,7 @@ class DecoderLayer(_Block):
 
         def cross_attend(h: Tensor) -> Tensor:
             out = self.cross_attn(
-                h, memory, key_padding_mask=memory_key_padding_mask,
+                h, memory, key_mask=memory_key_mask,
                 cache=None if cache is None else cache.cross_attn, need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
@@ -418,15 +422,17 @@ class Encoder(_Stack):
         x: Tensor,
         *,
         mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         need_weights: bool = False,
+        **unknown: object,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        reject_unknown_keywords(type(self).__name__, unknown)
         all_weights = []
         for layer in self.layers:
             x = layer(
-                x, mask=mask, key_padding_mask=key_padding_mask, pattern=pattern, positions=positions,
+                x, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
                 need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
@@ -458,13 +464,15 @@ class Decoder(_Stack):
         memory: Tensor | None = None,
         *,
         mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        memory_key_padding_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        memory_key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         cache: DecoderCache | None = None,
         need_weights: bool = False,
+        **unknown: object,
     ) -> Tensor | tuple[Tensor, list]:
+        reject_unknown_keywords(type(self).__name__, unknown)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(
                 f"Decoder: expected a cache with {len(self.layers)} layers, but got {len(cache)}."
@@ -472,8 +480,8 @@ class Decoder(_Stack):
         all_weights = []
         for i, layer in enumerate(self.layers):
             x = layer(
-                x, memory, mask=mask, key_padding_mask=key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask, pattern=pattern, positions=positions,
+                x, memory, mask=mask, key_mask=key_mask,
+                memory_key_mask=memory_key_mask, pattern=pattern, positions=positions,
                 cache=None if cache is None else cache[i], need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
