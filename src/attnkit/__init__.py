@@ -4,9 +4,9 @@ Exact, multi-head and block-sparse attention with patterns you can read, on back
 say what they support.
 """
 
-from . import backends, models, nn, patterns
+from . import backends, caches, models, nn, patterns
 from .functional import attention
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attention", "backends", "models", "nn", "patterns"]
+__all__ = ["__version__", "attention", "backends", "caches", "models", "nn", "patterns"]

@@ -25,12 +25,12 @@ backward.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import caches
 from ..patterns import EMPTY, FULL, PARTIAL, Pattern
 
 __all__ = [
@@ -110,9 +110,8 @@ class SparsePlan:
     nonempty_tiles: int
 
 
-_PLAN_CACHE: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 16
-_BLOCK_CACHE: dict = {}
+_PLANS = caches.register("plans", 256 * caches.MiB)
+_TILE_CHOICES = caches.register("tile_choices", 4 * caches.MiB)
 
 
 def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -> int:
@@ -122,13 +121,10 @@ def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -
 
 def block_and_cost(pattern: Pattern, n: int, s: int, direction: str = "forward") -> tuple[int, float]:
     """The best tile size and its predicted cost (GFLOP / (GFLOP/s) units, i.e. relative time)."""
-    key = (pattern, n, s, direction)
-    try:
-        hit = _BLOCK_CACHE.get(key)
-    except TypeError:
-        hit, key = None, None
-    if hit is not None:
-        return hit
+    return _TILE_CHOICES.get((pattern, n, s, direction), lambda: _price_tiles(pattern, n, s, direction))
+
+
+def _price_tiles(pattern: Pattern, n: int, s: int, direction: str) -> tuple[int, float]:
     rates = KERNEL_RATES[direction]
     costs = {}
     for b in rates["band"]:
@@ -139,29 +135,12 @@ def block_and_cost(pattern: Pattern, n: int, s: int, direction: str = "forward")
         if b >= max(n, s):  # one tile already covers everything: larger ones only add padding
             break
     best = min(costs, key=costs.get)
-    result = (best, costs[best])
-    if key is not None:
-        if len(_BLOCK_CACHE) > 256:
-            _BLOCK_CACHE.clear()
-        _BLOCK_CACHE[key] = result
-    return result
+    return best, costs[best]
 
 
 def sparse_plan(pattern: Pattern, n: int, s: int, block: int) -> SparsePlan:
     """The (cached) plan for ``pattern`` on an ``(n, s)`` matrix with ``block x block`` tiles."""
-    key = (pattern, n, s, block)
-    try:
-        plan = _PLAN_CACHE.get(key)
-    except TypeError:  # unhashable pattern
-        return _build(pattern, n, s, block)
-    if plan is None:
-        plan = _build(pattern, n, s, block)
-        _PLAN_CACHE[key] = plan
-        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    else:
-        _PLAN_CACHE.move_to_end(key)
-    return plan
+    return _PLANS.get((pattern, n, s, block), lambda: _build(pattern, n, s, block))
 
 
 def _choose_band(rows: Tensor, cols: Tensor, nqb: int, nkb: int) -> tuple[int, int] | None:

@@ -22,13 +22,13 @@ Patterns compose: ``a & b`` lets a pair through when both do, ``a | b`` when eit
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import MISSING, dataclass, fields
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .. import caches
 from .blockmap import EMPTY, FULL, PARTIAL, BlockMap
 
 __all__ = ["And", "Or", "Pattern"]
@@ -168,19 +168,7 @@ class Pattern:
         if bq < 1 or bk < 1:
             raise ValueError(f"block_map(): expected block sizes >= 1, but got block={block!r}.")
         self.check(n, s)
-        key = (self, n, s, bq, bk)
-        try:
-            hit = _BLOCK_MAP_CACHE.get(key)
-        except TypeError:  # an unhashable field (should not happen for library patterns)
-            return self._build_block_map(n, s, bq, bk)
-        if hit is not None:
-            _BLOCK_MAP_CACHE.move_to_end(key)
-            return hit
-        bm = self._build_block_map(n, s, bq, bk)
-        _BLOCK_MAP_CACHE[key] = bm
-        while len(_BLOCK_MAP_CACHE) > _BLOCK_MAP_CACHE_SIZE:
-            _BLOCK_MAP_CACHE.popitem(last=False)
-        return bm
+        return _BLOCK_MAPS.get((self, n, s, bq, bk), lambda: self._build_block_map(n, s, bq, bk))
 
     def tile_masks(
         self, n: int, s: int, block: tuple[int, int], rows: Tensor, cols: Tensor
@@ -293,8 +281,7 @@ def _counting_block(n: int, s: int) -> int:
     return max(64, 1 << math.ceil(math.log2(max(1, math.isqrt(n * s) // 256))))
 
 
-_BLOCK_MAP_CACHE: OrderedDict = OrderedDict()
-_BLOCK_MAP_CACHE_SIZE = 64
+_BLOCK_MAPS = caches.register("block_maps", 64 * caches.MiB)
 
 
 def _toeplitz_states(rule, grid: Grid) -> Tensor:
