@@ -219,3 +219,59 @@ def test_rows_left_unwritten_by_some_segments_stay_finite():
     for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
         assert not bool(g.isnan().any())
         assert max_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("tiles", [None, (8, 16)], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize(
+    "static",
+    [P.SlidingWindow(40, 7), BIGBIRD, P.Strided(24) & P.Causal(), P.Full(), P.Dilated(30, 3) | P.Global((5,))],
+    ids=repr,
+)
+def test_key_padding_applied_at_call_time_matches_the_oracle(static, tiles, monkeypatch):
+    """``KeyPadding & static``: one plan for ``static``, lengths applied per call (0 and S included)."""
+    if tiles is not None:
+        monkeypatch.setattr(BlockSparseBackend, "block", tiles[0])
+        monkeypatch.setattr(BlockSparseBackend, "backward_block", tiles[1])
+    B, H, Hkv, N, S, D = 4, 4, 2, 203, 230, 16
+    pattern = P.KeyPadding((230, 0, 97, 161)) & static
+    q = torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, S, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, H, N, D, dtype=torch.float64)
+    got = grads(lambda: attention(q, k, v, pattern=pattern, backend="blocksparse"), [q, k, v], dout)
+    want = grads(lambda: attention_ref(q, k, v, pattern=pattern), [q, k, v], dout)
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
+        assert max_err(g, w) < 1e-12
+
+
+def test_key_padding_with_a_user_mask_and_dropout(small_tiles):
+    """The eager engine (dropout) and a user mask on top of call-time key lengths."""
+    B, H, N, D = 3, 2, 70, 16
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.rand(B, 1, N, N, generator=torch.Generator().manual_seed(3)) > 0.3
+    pattern = P.KeyPadding((70, 33, 5)) & P.SlidingWindow(20) & P.Causal()
+    runs = []
+    for backend in ("reference", "blocksparse"):
+        torch.manual_seed(9)
+        runs.append(
+            grads(
+                lambda b=backend: attention(q, k, v, pattern=pattern, mask=mask, dropout_p=0.2, backend=b),
+                [q, k, v],
+                torch.ones(B, H, N, D),
+            )
+        )
+    for a, b in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]], strict=True):
+        assert max_err(a, b) < 1e-12
+
+
+def test_new_key_lengths_reuse_one_plan():
+    """Every padded batch shares the plan of the batch-independent part: the plan cache does
+    not grow with the number of distinct length tuples."""
+    from attnkit import caches
+
+    caches.clear("plans")
+    q = torch.randn(2, 1, 512, 16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(0, 513, (2,), generator=g).tolist()
+        attention(q, q, q, pattern=P.KeyPadding(lengths) & P.SlidingWindow(64, 64), backend="blocksparse")
+    assert caches.info()["plans"].entries == 1

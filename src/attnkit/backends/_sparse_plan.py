@@ -79,6 +79,9 @@ class Segment:
         key_index: ``(R, L * b)`` key position of each key element, clamped into ``[0, S)``.
         same: ``(R,)`` bool, rows whose mask equals ``allowed[ref]`` (one shared mask).
         ref: Index of the reference row for ``same``.
+        key_lo: ``(R,)`` smallest key position any query of the row may see (``S`` if none).
+        key_hi: ``(R,)`` largest such key position (-1 if none). With key lengths applied at
+            call time, they tell rows untouched by padding from rows that need it.
     """
 
     rows: Tensor
@@ -89,6 +92,8 @@ class Segment:
     key_index: Tensor
     same: Tensor
     ref: int
+    key_lo: Tensor
+    key_hi: Tensor
 
     @property
     def length(self) -> int:
@@ -274,6 +279,10 @@ def _segment(
     ref = R // 2
     flat = allowed.reshape(-1, R, b * L * b) if batch is not None else allowed.reshape(1, R, -1)
     same = (flat == flat[:, ref : ref + 1]).all(-1).all(0)
+    seen = allowed.reshape(-1, R, b, L * b).any(-2).any(0)  # (R, K): keys some query sees
+    key_pos = k_pos.clamp(0, s - 1)
+    key_lo = torch.where(seen, key_pos, s).amin(-1)
+    key_hi = torch.where(seen, key_pos, -1).amax(-1)
     return Segment(
         rows=rows,
         cols=cols,
@@ -283,4 +292,6 @@ def _segment(
         key_index=k_pos.clamp(0, s - 1),
         same=same,
         ref=ref,
+        key_lo=key_lo,
+        key_hi=key_hi,
     )

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..patterns import Causal, Full, KeyPadding
+from ..patterns import And, Causal, Full, KeyPadding, Pattern
 from . import _rows
 from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
@@ -71,7 +71,8 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
-        cost = cls._pieces_of(p, inp.N, inp.S, _splittable(inp))[1]
+        static, lengths = split_key_lengths(p)
+        cost = cls._pieces_of(static, inp.N, inp.S, _splittable(inp) and lengths is None)[1]
         dense = inp.N * inp.S / cls.SDPA_MASK_RATE
         if cost >= dense:
             return [
@@ -88,10 +89,15 @@ class BlockSparseBackend(Backend):
             and not (inp.bias is not None and inp.bias.requires_grad and torch.is_grad_enabled())
             and fused_cpu_available()
         )
-        pattern = inp.pattern if inp.pattern is not None else Full()
-        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes)
+        pattern, lengths = split_key_lengths(inp.pattern if inp.pattern is not None else Full())
+        key_lengths = None if lengths is None else torch.tensor(lengths, device=inp.device)
+        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes, key_lengths=key_lengths)
         parts = cls.plan(
-            pattern, inp.N, inp.S, splittable=_splittable(inp), backward=fused and inp.requires_grad
+            pattern,
+            inp.N,
+            inp.S,
+            splittable=_splittable(inp) and lengths is None,
+            backward=fused and inp.requires_grad,
         )
         bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
         out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
@@ -132,6 +138,25 @@ class BlockSparseBackend(Backend):
         return [(pattern, None)], whole
 
 
+def split_key_lengths(pattern: Pattern) -> tuple[Pattern, tuple[int, ...] | None]:
+    """``(batch-independent pattern, key lengths)`` when ``pattern`` is ``KeyPadding`` or an
+    ``And`` with exactly one ``KeyPadding`` part, else ``(pattern, None)``.
+
+    The plan is built (and cached) for the first alone; the lengths are applied at call time,
+    so a padded batch with new lengths reuses the plan of every other batch.
+    """
+    if isinstance(pattern, KeyPadding):
+        return Full(), pattern.lengths
+    if isinstance(pattern, And):
+        pads = [p for p in pattern.parts if isinstance(p, KeyPadding)]
+        if len(pads) == 1:
+            rest = [p for p in pattern.parts if p is not pads[0]]
+            static = rest[0] if len(rest) == 1 else And(*rest)
+            if static.batch_size is None:
+                return static, pads[0].lengths
+    return pattern, None
+
+
 def _splittable(inp: AttentionInputs) -> bool:
     return inp.mask is None and inp.bias is None and inp.dropout_p == 0
 
@@ -158,6 +183,8 @@ class _Job:
     inp: AttentionInputs
     fused: bool
     chunk_bytes: int
+    #: ``(B,)`` key lengths applied at call time (``KeyPadding`` split off the pattern), or None.
+    key_lengths: Tensor | None = None
 
     # -- layouts: (B, H, N, E) <-> (B*Hkv, num_q_tiles, G*b, E), query heads of a group stacked
     def to_rows(self, x: Tensor, plan: SparsePlan) -> Tensor:
@@ -201,16 +228,26 @@ class _Job:
     def rows_of(x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
         return x[:, _row_selector(seg, lo, hi, x.device)]
 
-    def bias(self, seg: Segment, lo: int, hi: int, bias: Tensor | None) -> Tensor:
-        """Additive bias ``(1 or X, hi - lo, G*b, L*b)``: the pattern's mask, the user's mask/bias."""
+    def bias(self, seg: Segment, lo: int, hi: int, bias: Tensor | None, padded: bool = False) -> Tensor:
+        """Additive bias ``(1 or X, hi - lo, G*b, L*b)``: the pattern's mask, the user's mask/bias,
+        and with ``padded`` the call's key lengths."""
         inp = self.inp
         dev = inp.device
         ct = compute_dtype(inp.dtype)
-        shared = inp.mask is None and bias is None and seg.allowed.dim() == 3 and bool(seg.same[lo:hi].all())
+        shared = (
+            inp.mask is None
+            and bias is None
+            and not padded
+            and seg.allowed.dim() == 3
+            and bool(seg.same[lo:hi].all())
+        )
         allowed = seg.allowed[seg.ref : seg.ref + 1] if shared else seg.allowed[..., lo:hi, :, :]
         allowed = allowed.to(dev)
         # to the user layout (Bx, Hx, R', b, K): from (R', b, K), or per-batch (B, R', b, K)
         allowed = allowed[None, None] if allowed.dim() == 3 else allowed[:, None]
+        if padded:
+            key_pos = seg.key_index[lo:hi].to(dev)[None, None, :, None, :]  # (1, 1, R', 1, K)
+            allowed = allowed & (key_pos < self.key_lengths.view(-1, 1, 1, 1, 1))
         add = None
         if inp.mask is not None or bias is not None:
             q_idx = seg.query_index[lo:hi].to(dev)[:, :, None]  # (R', b, 1)
@@ -254,28 +291,46 @@ class _Job:
             inp.dropout_seed, bx // inp.Hkv, (bx % inp.Hkv) * inp.G + g, q_idx, k_idx, inp.dropout_p
         )
 
-    def chunks(self, seg: Segment, backward: bool) -> list[tuple[int, int]]:
-        """Row ranges of ``seg`` for one batched call each, within ``chunk_bytes``."""
+    def row_classes(self, seg: Segment) -> list[int]:
+        """Per row of ``seg``, how the call's key lengths touch it: ``CLEAN`` (every key it may
+        see is real in every batch item), ``DEAD`` (none is, in any item: skipped) or
+        ``PADDED`` (its mask differs per batch item). All ``CLEAN`` without key lengths."""
+        if self.key_lengths is None:
+            return [CLEAN] * seg.rows.numel()
+        shortest, longest = int(self.key_lengths.min()), int(self.key_lengths.max())
+        clean = seg.key_hi < shortest
+        dead = seg.key_lo >= longest
+        return torch.where(clean, CLEAN, torch.where(dead, DEAD, PADDED)).tolist()
+
+    def chunks(self, seg: Segment, backward: bool) -> list[tuple[int, int, bool]]:
+        """``(lo, hi, padded)`` row ranges of ``seg`` for one batched call each, within
+        ``chunk_bytes``; ``padded`` ranges need the key lengths in their bias. Rows that key
+        lengths leave nothing to see are skipped (they keep output 0)."""
         inp, R = self.inp, seg.rows.numel()
         K = seg.allowed.shape[-1]
         width = max(4, inp.q.element_size())
         X = inp.B * inp.Hkv
-        per_row = (
-            inp.G * seg.allowed.shape[-2] * K * 4 * (X if inp.mask is not None or inp.bias is not None else 1)
-        )
+        mask_row = inp.G * seg.allowed.shape[-2] * K * 4
+        per_row = mask_row * (X if inp.mask is not None or inp.bias is not None else 1)
         if not seg.band or backward:
             per_row += 3 * X * K * (inp.D + inp.Dv) * width
         if not self.fused:
             per_row += 3 * X * inp.G * seg.allowed.shape[-2] * K * 4  # scores, probabilities, dS
-        step = max(1, self.chunk_bytes // max(1, per_row))
+        per_padded_row = per_row + mask_row * X  # a bias per batch item
         bounds, lo = [], 0
         same = seg.same.tolist()
-        while lo < R:  # also split where rows stop sharing one mask, so shared runs stay shared
+        classes = self.row_classes(seg)
+        while lo < R:  # split where rows stop sharing one mask or one class
+            step = max(1, self.chunk_bytes // max(1, per_padded_row if classes[lo] == PADDED else per_row))
             hi = min(R, lo + step)
-            hi = next((i for i in range(lo + 1, hi) if same[i] != same[lo]), hi)
-            bounds.append((lo, hi))
+            hi = next((i for i in range(lo + 1, hi) if (same[i], classes[i]) != (same[lo], classes[lo])), hi)
+            if classes[lo] != DEAD:
+                bounds.append((lo, hi, classes[lo] == PADDED))
             lo = hi
         return bounds
+
+
+CLEAN, PADDED, DEAD = 0, 1, 2
 
 
 def _row_selector(seg: Segment, lo: int, hi: int, device) -> slice | Tensor:
@@ -320,8 +375,8 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
     written = torch.zeros(T, dtype=torch.bool)
     for seg in plan.segments:
-        for lo, hi in job.chunks(seg, backward=False):
-            bias_c = job.bias(seg, lo, hi, user_bias)
+        for lo, hi, padded in job.chunks(seg, backward=False):
+            bias_c = job.bias(seg, lo, hi, user_bias, padded)
             args = (
                 job.rows_of(q_rows, seg, lo, hi),
                 job.keys(k_flat, seg, lo, hi, b),
@@ -353,8 +408,8 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
     dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(user_bias.shape, dtype=ct, device=q.device) if want_dbias else None
     for seg in plan.segments:
-        for lo, hi in job.chunks(seg, backward=True):
-            bias_c = job.bias(seg, lo, hi, user_bias)
+        for lo, hi, padded in job.chunks(seg, backward=True):
+            bias_c = job.bias(seg, lo, hi, user_bias, padded)
             args = (
                 job.rows_of(do_rows, seg, lo, hi),
                 job.rows_of(q_rows, seg, lo, hi),
