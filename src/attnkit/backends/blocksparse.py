@@ -31,6 +31,7 @@ pattern as a mask (``SDPA_MASK_RATE``); dense and causal attention stay on ``sdp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -228,16 +229,17 @@ class _Job:
     def rows_of(x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
         return x[:, _row_selector(seg, lo, hi, x.device)]
 
-    def bias(self, seg: Segment, lo: int, hi: int, bias: Tensor | None, padded: bool = False) -> Tensor:
-        """Additive bias ``(1 or X, hi - lo, G*b, L*b)``: the pattern's mask, the user's mask/bias,
-        and with ``padded`` the call's key lengths."""
+    def bias(self, call: _Call, seg: Segment, bias: Tensor | None) -> Tensor:
+        """Additive bias ``(1 or X', R', G*b, L*b)`` of one call: the pattern's mask, the user's
+        mask/bias, and the call's key lengths (``call.key_limit``)."""
+        lo, hi, key_limit = call.lo, call.hi, call.key_limit
         inp = self.inp
         dev = inp.device
         ct = compute_dtype(inp.dtype)
         shared = (
             inp.mask is None
             and bias is None
-            and not padded
+            and key_limit is None
             and seg.allowed.dim() == 3
             and bool(seg.same[lo:hi].all())
         )
@@ -245,9 +247,9 @@ class _Job:
         allowed = allowed.to(dev)
         # to the user layout (Bx, Hx, R', b, K): from (R', b, K), or per-batch (B, R', b, K)
         allowed = allowed[None, None] if allowed.dim() == 3 else allowed[:, None]
-        if padded:
+        if key_limit is not None:  # (B,) or, for one batch item's call, (1,)
             key_pos = seg.key_index[lo:hi].to(dev)[None, None, :, None, :]  # (1, 1, R', 1, K)
-            allowed = allowed & (key_pos < self.key_lengths.view(-1, 1, 1, 1, 1))
+            allowed = allowed & (key_pos < key_limit.view(-1, 1, 1, 1, 1))
         add = None
         if inp.mask is not None or bias is not None:
             q_idx = seg.query_index[lo:hi].to(dev)[:, :, None]  # (R', b, 1)
@@ -329,8 +331,56 @@ class _Job:
             lo = hi
         return bounds
 
+    def calls(self, seg: Segment, backward: bool) -> Iterator[_Call]:
+        """The batched engine calls that compute ``seg``.
+
+        Without key lengths, one call per chunk over all ``B * Hkv`` key heads. Chunks whose
+        rows the lengths touch differently per batch item run, on the fused engine with no user
+        mask, as one call per batch item and run of rows: a row whose keys are all real for
+        that item shares the segment's mask, a row that sees none is skipped, and only the few
+        rows across the item's last key get the lengths in their bias. Elsewhere (user masks,
+        dropout) such chunks run as one call with a bias per batch item.
+        """
+        inp = self.inp
+        per_item = self.fused and inp.mask is None and inp.bias is None
+        for lo, hi, padded in self.chunks(seg, backward):
+            if not padded:
+                yield _Call(slice(None), slice(None), lo, hi, None)
+            elif not per_item:
+                yield _Call(slice(None), slice(None), lo, hi, self.key_lengths)
+            else:
+                key_lo, key_hi = seg.key_lo[lo:hi], seg.key_hi[lo:hi]
+                for item, length in enumerate(self.key_lengths.tolist()):
+                    how = torch.where(key_hi < length, CLEAN, torch.where(key_lo >= length, DEAD, PADDED))
+                    xs = slice(item * inp.Hkv, (item + 1) * inp.Hkv)
+                    for run, c in _runs(how.tolist()):
+                        if c != DEAD:
+                            limit = self.key_lengths[item : item + 1] if c == PADDED else None
+                            yield _Call(xs, slice(item, item + 1), lo + run.start, lo + run.stop, limit)
+
 
 CLEAN, PADDED, DEAD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One engine call: key heads ``xs`` of the ``B * Hkv`` (batch items ``items``), rows
+    ``lo:hi`` of a segment, keys at positions ``>= key_limit`` hidden (per item) if given."""
+
+    xs: slice
+    items: slice
+    lo: int
+    hi: int
+    key_limit: Tensor | None
+
+
+def _runs(values: list) -> Iterator[tuple[slice, object]]:
+    """Maximal runs of equal values, as ``(slice, value)``."""
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield slice(start, i), values[start]
+            start = i
 
 
 def _row_selector(seg: Segment, lo: int, hi: int, device) -> slice | Tensor:
@@ -350,16 +400,17 @@ def _gather(t: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
 
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, written: Tensor, rows, out: Tensor, lse: Tensor) -> None:
-    """Fold a call's partial result for query tiles ``rows`` (slice or index) into the accumulators."""
+    """Fold a call's partial result for query tiles ``rows`` (slice or index) into the
+    accumulators (views of the call's key heads; ``written`` is ``(items, T)``)."""
     cpu_rows = rows if isinstance(rows, slice) else rows.cpu()
-    if bool((~written[cpu_rows]).all()):
+    if bool((~written[:, cpu_rows]).all()):
         out_acc[:, rows] = out.to(out_acc.dtype)
         lse_acc[:, rows] = lse.to(lse_acc.dtype)
     else:  # the same row seen through several key sets: combine through the log-sum-exps
         out_acc[:, rows], lse_acc[:, rows] = _rows.combine(
             out_acc[:, rows], lse_acc[:, rows], out.to(out_acc.dtype), lse.to(lse_acc.dtype)
         )
-    written[cpu_rows] = True
+    written[:, cpu_rows] = True
 
 
 def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tensor, Tensor]:
@@ -373,14 +424,15 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     # Rows no call covers keep the convention of _rows: output 0, lse -inf.
     out_acc = torch.zeros(X, T, M, inp.Dv, dtype=ct, device=q.device)
     lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
-    written = torch.zeros(T, dtype=torch.bool)
+    written = torch.zeros(inp.B, T, dtype=torch.bool)
     for seg in plan.segments:
-        for lo, hi, padded in job.chunks(seg, backward=False):
-            bias_c = job.bias(seg, lo, hi, user_bias, padded)
+        for call in job.calls(seg, backward=False):
+            lo, hi, xs = call.lo, call.hi, call.xs
+            bias_c = job.bias(call, seg, user_bias)
             args = (
-                job.rows_of(q_rows, seg, lo, hi),
-                job.keys(k_flat, seg, lo, hi, b),
-                job.keys(v_flat, seg, lo, hi, b),
+                job.rows_of(q_rows[xs], seg, lo, hi),
+                job.keys(k_flat[xs], seg, lo, hi, b),
+                job.keys(v_flat[xs], seg, lo, hi, b),
             )
             if job.fused:
                 out_c, lse_c = FusedCPU.forward(*args, bias_c, inp.scale)
@@ -388,7 +440,8 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
                 out_c, lse_c = Eager.forward(
                     *args, bias_c, inp.scale, job.keep(seg, lo, hi, b), inp.dropout_p
                 )
-            _merge(out_acc, lse_acc, written, _row_selector(seg, lo, hi, q.device), out_c, lse_c)
+            rows = _row_selector(seg, lo, hi, q.device)
+            _merge(out_acc[xs], lse_acc[xs], written[call.items], rows, out_c, lse_c)
     return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
 
 
@@ -408,15 +461,16 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
     dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(user_bias.shape, dtype=ct, device=q.device) if want_dbias else None
     for seg in plan.segments:
-        for lo, hi, padded in job.chunks(seg, backward=True):
-            bias_c = job.bias(seg, lo, hi, user_bias, padded)
+        for call in job.calls(seg, backward=True):
+            lo, hi, xs = call.lo, call.hi, call.xs
+            bias_c = job.bias(call, seg, user_bias)
             args = (
-                job.rows_of(do_rows, seg, lo, hi),
-                job.rows_of(q_rows, seg, lo, hi),
-                job.keys(k_flat, seg, lo, hi, b),
-                job.keys(v_flat, seg, lo, hi, b),
-                job.rows_of(out_rows, seg, lo, hi),
-                job.rows_of(lse_rows, seg, lo, hi),
+                job.rows_of(do_rows[xs], seg, lo, hi),
+                job.rows_of(q_rows[xs], seg, lo, hi),
+                job.keys(k_flat[xs], seg, lo, hi, b),
+                job.keys(v_flat[xs], seg, lo, hi, b),
+                job.rows_of(out_rows[xs], seg, lo, hi),
+                job.rows_of(lse_rows[xs], seg, lo, hi),
                 bias_c,
                 inp.scale,
             )
@@ -424,9 +478,9 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
                 dq_c, dk_c, dv_c, ds = FusedCPU.backward(*args)
             else:
                 dq_c, dk_c, dv_c, ds = Eager.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
-            dq_rows[:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
-            _fold(dk_acc, seg, lo, hi, dk_c.to(ct), b)
-            _fold(dv_acc, seg, lo, hi, dv_c.to(ct), b)
+            dq_rows[xs][:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
+            _fold(dk_acc[xs], seg, lo, hi, dk_c.to(ct), b)
+            _fold(dv_acc[xs], seg, lo, hi, dv_c.to(ct), b)
             if dbias is not None:
                 _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
     dq = job.from_rows(dq_rows, plan)
