@@ -2,8 +2,8 @@
 
     python bench/decode_profile.py
 
-The Llama of bench/models.py (hidden 512, 8 layers, 8 heads / 2 KV heads, vocabulary 32000),
-a 32-token prompt, 128 new tokens, batch 1, after a warm-up. Reports the functions with the
+The Llama of bench/models.py (SmolLM-135M's shape: 30 layers, hidden 576, 9 heads / 3 KV
+heads, vocabulary 49152), a 32-token prompt, 128 new tokens, batch 1, after a warm-up. Reports the functions with the
 most own time as shares of the total, and the share of attnkit's own Python around the
 matmuls. Writes ``bench/results/decode-profile.json`` and ``docs/bench/decode-profile.md``.
 """
@@ -34,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(cfg).eval().save_pretrained(d)
         model = DecoderLM.from_pretrained(d)
-    prompt = torch.randint(3, 32000, (1, 32), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(3, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
     model.generate(prompt, max_new_tokens=16, eos_token_id=[])
     prof = cProfile.Profile()
     prof.enable()

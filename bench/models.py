@@ -8,9 +8,11 @@
   repository's README and docs, split into sentences), batch size 32, float32.
 * **DecoderLM decode tokens per second**: ``attnkit.models.DecoderLM.generate`` against
   ``transformers``' ``LlamaForCausalLM.generate`` (greedy, KV cache, no end-of-sequence stop)
-  on one randomly initialised Llama saved with ``save_pretrained`` and loaded by both
-  (hidden 512, 8 layers, 8 heads / 2 KV heads, vocabulary 32000): 32-token prompts, 128 new
-  tokens, batch 1 and 4.
+  on one randomly initialised Llama saved with ``save_pretrained`` and loaded by both, shaped
+  as SmolLM-135M (30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, vocabulary 49152,
+  tied embeddings; no such checkpoint is available offline): 32-token prompts, 128 new tokens,
+  batch 1 and 4. Decoding a model this size is bound by reading its weights and by the Python
+  around them, so it measures per-step overhead as much as kernels.
 
 Each pair runs alternately in one process (``_common.alternate``); ratios are attnkit /
 reference throughput. Writes ``bench/results/models.json`` and ``docs/bench/models.md``.
@@ -91,8 +93,8 @@ def llama_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
     )  # fmt: skip
 
 
@@ -110,7 +112,7 @@ def bench_decoder() -> list[dict]:
     rows = []
     new = 128
     for batch in (1, 4):
-        prompt = torch.randint(3, 32000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        prompt = torch.randint(3, cfg.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(prompt)
         a = ours.generate(prompt, max_new_tokens=new, eos_token_id=[])
         b = theirs.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,

@@ -47,14 +47,14 @@ def test_public_info_limit_and_clear():
     q = torch.randn(1, 1, 300, 16)
     attention(q, q, q, pattern=P.SlidingWindow(20), backend="blocksparse")
     info = attnkit.caches.info()
-    assert set(info) == {"block_maps", "plans", "tile_choices"}
+    assert set(info) == {"block_maps", "dispatch", "plans", "tile_choices"}
     assert info["plans"].entries >= 1 and info["plans"].bytes > 0
     caches.clear("plans")
     assert caches.info()["plans"].entries == 0
     caches.clear()
     assert all(i.entries == 0 for i in caches.info().values())
     with pytest.raises(
-        ValueError, match=r"expected a cache name in \['block_maps', 'plans', 'tile_choices'\]"
+        ValueError, match=r"expected a cache name in \['block_maps', 'dispatch', 'plans', 'tile_choices'\]"
     ):
         caches.set_limit("plan", 10)
     with pytest.raises(ValueError, match=r"expected limit to be an int >= 0 \(bytes\), but got -1"):
@@ -128,3 +128,19 @@ def test_the_threaded_calls_are_right():
         k = torch.randn(2, 1, s, 16, dtype=torch.float64, generator=g)
         got = attention(q, k, k, pattern=pattern, backend="blocksparse")
         assert max_err(got, attention_ref(q, k, k, pattern=pattern)) < 1e-12
+
+
+def test_decode_steps_decide_once_and_build_no_block_maps():
+    """One-query steps go to sdpa without pricing tiles; the decision is cached per shape."""
+    from attnkit import backends
+    from attnkit.functional import build_inputs
+
+    caches.clear()
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 4096, 32)
+    inp = build_inputs(q, k, k, pattern=P.SlidingWindow(256))
+    assert backends.select(inp).name == "sdpa"
+    assert backends.select(inp).name == "sdpa"
+    assert caches.info()["block_maps"].entries == 0
+    assert (caches.info()["dispatch"].hits, caches.info()["dispatch"].misses) == (1, 1)
+    got = attention(q, k, k, pattern=P.SlidingWindow(256))
+    assert max_err(got, attention_ref(q, k, k, pattern=P.SlidingWindow(256))) < 1e-5

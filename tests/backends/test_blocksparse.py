@@ -224,7 +224,13 @@ def test_rows_left_unwritten_by_some_segments_stay_finite():
 @pytest.mark.parametrize("tiles", [None, (8, 16)], ids=["default-tiles", "small-tiles"])
 @pytest.mark.parametrize(
     "static",
-    [P.SlidingWindow(40, 7), BIGBIRD, P.Strided(24) & P.Causal(), P.Full(), P.Dilated(30, 3) | P.Global((5,))],
+    [
+        P.SlidingWindow(40, 7),
+        BIGBIRD,
+        P.Strided(24) & P.Causal(),
+        P.Full(),
+        P.Dilated(30, 3) | P.Global((5,)),
+    ],
     ids=repr,
 )
 def test_key_padding_applied_at_call_time_matches_the_oracle(static, tiles, monkeypatch):

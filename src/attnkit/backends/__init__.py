@@ -14,6 +14,7 @@ backend        what                                            auto picks it for
 
 from __future__ import annotations
 
+from .. import caches
 from .base import AttentionInputs, AttentionResult, Backend
 from .blocksparse import BlockSparseBackend
 from .reference import ReferenceBackend
@@ -33,6 +34,10 @@ __all__ = [
 _REGISTRY: dict[str, type[Backend]] = {}
 # The order ``backend="auto"`` tries; the first backend with no reasons to decline runs.
 _PRIORITY: list[str] = []
+# auto's decisions, per signature of the inputs (see ``_signature``): in decoding the same
+# shapes recur every step and every layer, and deciding (block maps, cost models) can cost
+# more than the attention itself. Registering a backend clears it.
+_DECISIONS = caches.register("dispatch", caches.MiB, size=lambda _: 256)
 
 
 def register_backend(cls: type[Backend], *, priority: int | None = None) -> type[Backend]:
@@ -59,6 +64,7 @@ def register_backend(cls: type[Backend], *, priority: int | None = None) -> type
     else:
         last = len(_PRIORITY) - (1 if "reference" in _PRIORITY else 0)
         _PRIORITY.insert(last if priority is None else min(priority, last), name)
+    _DECISIONS.clear()
     return cls
 
 
@@ -92,16 +98,50 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
         if not chosen.unsupported_reasons(inp):
             return chosen
     else:
-        for name in _PRIORITY:
-            cls = _REGISTRY[name]
-            if not cls.unsupported_reasons(inp) and not cls.auto_reasons(inp):
-                return cls
+        chosen = _DECISIONS.get(_signature(inp), lambda: _choose(inp))
+        if chosen is not None:
+            return chosen
     report = "\n".join(
         f"  {name}: " + ("; ".join(_REGISTRY[name].unsupported_reasons(inp)) or "can run these inputs")
         for name in _PRIORITY
     )
     what = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
     raise NotImplementedError(f"attention(): {what} run these inputs:\n{inp.describe()}\nBackends:\n{report}")
+
+
+def _choose(inp: AttentionInputs) -> type[Backend] | None:
+    for name in _PRIORITY:
+        cls = _REGISTRY[name]
+        if not cls.unsupported_reasons(inp) and not cls.auto_reasons(inp):
+            return cls
+    return None
+
+
+def _signature(inp: AttentionInputs) -> tuple:
+    """Everything a backend's ``unsupported_reasons``/``auto_reasons`` may look at, as a key.
+
+    Tensors enter by shape, dtype, device and gradient flags, never by value, so a decision is
+    shared by every call with the same shapes. An unhashable pattern makes the key unhashable:
+    such calls are decided afresh.
+    """
+
+    def tensor(t):
+        return None if t is None else (tuple(t.shape), t.dtype, t.requires_grad)
+
+    return (
+        inp.pattern,
+        tuple(inp.q.shape),
+        tuple(inp.k.shape),
+        tuple(inp.v.shape),
+        inp.dtype,
+        str(inp.device),
+        tensor(inp.mask),
+        tensor(inp.bias),
+        inp.dropout_p > 0,
+        inp.return_weights,
+        inp.return_lse,
+        inp.requires_grad,
+    )
 
 
 register_backend(ReferenceBackend)

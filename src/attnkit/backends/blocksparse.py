@@ -44,7 +44,7 @@ from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
 from ._residue import regroup, residue_split, ungroup
-from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
+from ._sparse_plan import KERNEL_RATES, Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
 __all__ = ["BlockSparseBackend"]
@@ -72,6 +72,9 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
+        smallest = min(KERNEL_RATES["forward"]["band"])
+        if min(inp.N, inp.S) <= smallest:  # decoding steps, tiny inputs: no tile to skip
+            return [f"N={inp.N}, S={inp.S}: a single tile of {smallest}, nothing to skip"]
         static, lengths = split_key_lengths(p)
         cost = cls._pieces_of(static, inp.N, inp.S, _splittable(inp) and lengths is None)[1]
         dense = inp.N * inp.S / cls.SDPA_MASK_RATE

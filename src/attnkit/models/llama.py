@@ -259,7 +259,10 @@ class DecoderLM(nn.Module):
         self.eval()
         cache = self.new_cache()
         try:
-            logits = self(input_ids, mask, position_ids=positions, cache=cache, logits_to_keep=1)[:, -1]
+            # without padding, no mask at all: SDPA then runs unmasked, as for an unpadded prompt
+            padded = not bool(mask.all())
+            step_mask = mask if padded else None
+            logits = self(input_ids, step_mask, position_ids=positions, cache=cache, logits_to_keep=1)[:, -1]
             tokens = [input_ids]
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
@@ -271,10 +274,11 @@ class DecoderLM(nn.Module):
                 done |= torch.isin(nxt, eos_t)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if padded:
+                    mask = step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last_pos = last_pos + 1
                 logits = self(
-                    nxt[:, None], mask, position_ids=last_pos[:, None], cache=cache, logits_to_keep=1
+                    nxt[:, None], step_mask, position_ids=last_pos[:, None], cache=cache, logits_to_keep=1
                 )
                 logits = logits[:, -1]
         finally:

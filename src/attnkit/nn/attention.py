@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from .._hooks import AttentionCall, call_attention_hooks, hooks_active
@@ -172,15 +171,15 @@ class MultiHeadAttention(nn.Module):
             x = x.transpose(0, 1)
             context = None if context is None else context.transpose(0, 1)
         self._check_input("x", x, self.embed_dim)
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
+        q = _split_heads(self.q_proj(x), self.num_heads)
         if cache is not None and cache.static:  # cross-attention, later steps: reuse
             k, v = cache.keys, cache.values
         else:
             source = x if context is None else context
             if context is not None:
                 self._check_input("context", context, self.context_dim, batch=x.shape[0])
-            k = rearrange(self.k_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
-            v = rearrange(self.v_proj(source), "b s (h d) -> b h s d", h=self.num_kv_heads)
+            k = _split_heads(self.k_proj(source), self.num_kv_heads)
+            v = _split_heads(self.v_proj(source), self.num_kv_heads)
             if self.rotary is not None and context is None:
                 offset = 0 if cache is None else cache.length
                 if positions is None:
@@ -203,7 +202,7 @@ class MultiHeadAttention(nn.Module):
                 self, q, k, v, out, self.pattern if pattern is None else pattern, attn_mask, None, x,
                 context,
             ))  # fmt: skip
-        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out, weights) if need_weights else out
@@ -257,6 +256,13 @@ class MultiHeadAttention(nn.Module):
         if not self.batch_first:
             parts.append("batch_first=False")
         return ", ".join(parts)
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """``(B, N, heads * D)`` -> ``(B, heads, N, D)`` (a view; einops' rearrange costs more per
+    call than a whole decode step's attention on small models)."""
+    B, N, _ = t.shape
+    return t.view(B, N, heads, -1).transpose(1, 2)
 
 
 def _merge_masks(mask: Tensor | None, key_mask: Tensor | None, *, batch: int, s: int) -> Tensor | None:

@@ -115,7 +115,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
-        return self.down_proj(self.dropout(h))
+        return self.down_proj(self.dropout(h) if self.training else h)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
@@ -159,15 +159,20 @@ class DecoderCache:
             layer.cross_attn.reset()
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class _Block(nn.Module):
     """Shared residual wiring of encoder and decoder layers."""
 
     norm_first: bool
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        drop = self.dropout if self.training else _identity
         if self.norm_first:
-            return x + self.dropout(fn(norm(x)))
-        return norm(x + self.dropout(fn(x)))
+            return x + drop(fn(norm(x)))
+        return norm(x + drop(fn(x)))
 
     def _init_common(
         self, dim, num_heads, ffn_dim, *, num_kv_heads, head_dim, activation, norm, norm_eps, norm_first,

@@ -129,19 +129,7 @@ class RotaryEmbedding(nn.Module):
         self._last: tuple | None = None
 
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``positions.shape + (D,)`` in float32, in this layout.
-
-        The last result is kept for the same ``positions`` tensor (same object, unmodified), so
-        the layers of a model that share this module and its positions compute the angles once.
-        """
-        last = self._last
-        if last is not None and last[0] is positions and last[1] == positions._version:
-            return last[2]
-        result = self._angles(positions)
-        self._last = (positions, positions._version, result)
-        return result
-
-    def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``positions.shape + (D,)`` in float32, in this layout."""
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         if self.layout == "half":
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -149,26 +137,47 @@ class RotaryEmbedding(nn.Module):
             emb = freqs.repeat_interleave(2, dim=-1)
         return emb.cos(), emb.sin()
 
+    def _tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos`` and the signed ``sin`` that :meth:`forward` multiplies by, cast to ``dtype``
+        and shaped to broadcast against ``(B, H, N, D)``.
+
+        The last result is kept for the same ``positions`` tensor (same object, unmodified) and
+        dtype, so the layers of a model that share this module and its positions (queries and
+        keys, every layer, one decoding step) compute them once.
+        """
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == positions._version and last[2] == dtype:
+            return last[3]
+        cos, sin = self.angles(positions)
+        # rotate(x) * sin == roll(x) * signed_sin: the sign moves into the table (negation is
+        # exact), so each call does one roll instead of split, negate and concatenate
+        half = self.head_dim // 2
+        if self.layout == "half":
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        else:
+            sin = torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
+        if positions.dim() == 2:  # (B, N) -> (B, 1, N, D): one position row per batch item
+            cos, sin = cos[:, None], sin[:, None]
+        result = (cos.to(dtype), sin.to(dtype))
+        self._last = (positions, positions._version, dtype, result)
+        return result
+
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         if x.shape[-1] < self.head_dim:
             raise ValueError(
                 f"RotaryEmbedding: expected x.shape[-1] >= head_dim={self.head_dim}, but got {x.shape[-1]}."
             )
-        if positions.dim() == 2:  # (B, N) -> (B, 1, N, D): one position row per batch item
-            cos, sin = (t[:, None] for t in self.angles(positions))
-        else:
-            cos, sin = self.angles(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = self._tables(positions, x.dtype)
+        if x.shape[-1] == self.head_dim:
+            return x * cos + self._partner(x) * sin
         rot, rest = x[..., : self.head_dim], x[..., self.head_dim :]
-        out = rot * cos + self._rotate(rot) * sin
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+        return torch.cat((rot * cos + self._partner(rot) * sin, rest), dim=-1)
 
-    def _rotate(self, x: Tensor) -> Tensor:
+    def _partner(self, x: Tensor) -> Tensor:
+        """Each dimension's rotation partner: ``i + D/2`` (half) or ``i ^ 1`` (interleaved)."""
         if self.layout == "half":
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((-x2, x1), dim=-1)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+            return x.roll(self.head_dim // 2, dims=-1)
+        return x.view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
 
     def extra_repr(self) -> str:
         scaling = f", scaling={self.scaling}" if self.scaling else ""
