@@ -3,8 +3,8 @@
     python bench/decode_profile.py
 
 The Llama of bench/models.py (SmolLM-135M's shape: 30 layers, hidden 576, 9 heads / 3 KV
-heads, vocabulary 49152), a 32-token prompt, 128 new tokens, batch 1, after a warm-up. Reports the functions with the
-most own time as shares of the total, and the share of attnkit's own Python around the
+heads, vocabulary 49152), a 32-token prompt, 128 new tokens, batch 1, after a warm-up. Reports
+the functions with the most own time as shares of the total, and the share of attnkit's own Python around the
 matmuls. Writes ``bench/results/decode-profile.json`` and ``docs/bench/decode-profile.md``.
 """
 

@@ -7,7 +7,7 @@ blocks -- at N = 4096 and 8192 (B=1, H=8, D=64, float32) and times, alternately 
 process, ``blocksparse`` and torch SDPA with the pattern as a boolean mask (what ``auto``
 runs otherwise), forward and forward + backward, next to the speed-up the block-sparse cost
 model predicts (``BlockSparseBackend.auto_reasons``: the plan's predicted time against
-``N * S / SDPA_MASK_RATE``). Writes ``bench/results/dispatch.json`` and
+``N * S / sdpa_mask_rate``, with this machine's measured rates). Writes ``bench/results/dispatch.json`` and
 ``docs/bench/dispatch.md``.
 """
 
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, alternate, env_line, environment, save
 from attnkit import attention
 from attnkit import patterns as P
+from attnkit.backends import _tuning as tuning
 from attnkit.backends._sparse_plan import block_and_cost, choose_block
-from attnkit.backends.blocksparse import BlockSparseBackend, visited_fraction
+from attnkit.backends.blocksparse import visited_fraction
 
 B, H, D = 1, 8, 64
 
@@ -58,7 +59,7 @@ def main() -> None:
         for pattern in sweep(n):
             mask = pattern.to_dense(n, n)
             visited = visited_fraction(pattern, n, n, choose_block(pattern, n, n))
-            predicted = n * n / BlockSparseBackend.SDPA_MASK_RATE / block_and_cost(pattern, n, n)[1]
+            predicted = n * n / tuning.current().sdpa_mask_rate / block_and_cost(pattern, n, n)[1]
             for mode, grad in (("fwd", None), ("fwdbwd", dout)):
                 fns = {
                     "blocksparse": partial(_run, q, k, v, grad, pattern=pattern),

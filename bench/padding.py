@@ -36,6 +36,10 @@ def new_lengths(rng: random.Random, low: int = N // 4) -> tuple[int, ...]:
     return tuple(lengths)
 
 
+def _ms(timing: dict) -> str:
+    return f"{timing['median_s'] * 1e3:.0f} ms"
+
+
 def main() -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -65,8 +69,9 @@ def main() -> None:
         ratio = res["padded"]["median_s"] / res["unpadded"]["median_s"]
         light = res["lightly_padded"]["median_s"] / res["unpadded"]["median_s"]
         rows.append({"pass": label, **res, "ratio": ratio, "light_ratio": light})
-        print(f"{label}: unpadded {res['unpadded']['median_s']:.3f} s, padded {res['padded']['median_s']:.3f} s "
-              f"({ratio:.3f}x), lightly padded {res['lightly_padded']['median_s']:.3f} s ({light:.3f}x)")  # fmt: skip
+        med = {name: r["median_s"] for name, r in res.items()}
+        print(f"{label}: unpadded {med['unpadded']:.3f} s, padded {med['padded']:.3f} s ({ratio:.3f}x), "
+              f"lightly padded {med['lightly_padded']:.3f} s ({light:.3f}x)")  # fmt: skip
 
     # plan memory over 1,000 distinct length tuples
     caches.clear()
@@ -103,8 +108,8 @@ def main() -> None:
         "| pass | unpadded | padded | padded / unpadded | lightly padded | lightly padded / unpadded |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {r['pass']} | {r['unpadded']['median_s'] * 1e3:.0f} ms | {r['padded']['median_s'] * 1e3:.0f} ms "
-            f"| {r['ratio']:.2f}× | {r['lightly_padded']['median_s'] * 1e3:.0f} ms | {r['light_ratio']:.2f}× |"
+            f"| {r['pass']} | {_ms(r['unpadded'])} | {_ms(r['padded'])} | {r['ratio']:.2f}× "
+            f"| {_ms(r['lightly_padded'])} | {r['light_ratio']:.2f}× |"
             for r in rows
         ),
         "",
@@ -113,7 +118,8 @@ def main() -> None:
         "| distinct length tuples | plans cached | plan bytes | resident memory growth |",
         "|---|---|---|---|",
         *(
-            f"| {t['calls']} | {t['plans']} | {t['plan_bytes'] / 2**20:.1f} MiB | {t['rss_growth_mib']:.0f} MiB |"
+            f"| {t['calls']} | {t['plans']} | {t['plan_bytes'] / 2**20:.1f} MiB "
+            f"| {t['rss_growth_mib']:.0f} MiB |"
             for t in trace
         ),
         "",

@@ -1,5 +1,9 @@
 import os
 
+# Plans and auto's choices use the built-in kernel rates, so tests see the same plans on every
+# machine (and never spend seconds measuring); tests/backends/test_tuning.py measures for real.
+os.environ["ATTNKIT_TUNE"] = "off"
+
 import pytest
 import torch
 from hypothesis import settings

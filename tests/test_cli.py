@@ -76,3 +76,25 @@ def test_console_script_entry_point():
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0 and "█·······" in res.stdout
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """A bug (here: an unexpected exception inside a command) is not hidden as a one-line
+    usage error: it propagates with its traceback."""
+    import attnkit.apps.demo as demo
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(demo, "walkthrough", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["demo"])
+
+
+def test_usage_errors_exit_2_runtime_errors_exit_1(tmp_path, capsys):
+    assert main(["patterns", "Causal()", "--width", "0"]) == 2
+    assert "--width: expected a positive integer" in capsys.readouterr().err
+    assert main(["explain", "hi", "--model", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    res = subprocess.run([sys.executable, "-m", "attnkit.cli", "patterns"], capture_output=True, text=True)
+    assert res.returncode == 2 and "usage:" in res.stderr  # argparse: missing SPEC

@@ -52,7 +52,6 @@ def test_explain_truncates_long_text_and_says_so(capsys):
     [
         (["explain", ""], "expected a non-empty TEXT"),
         (["explain", "   \n"], "expected a non-empty TEXT"),
-        (["explain", "hi", "--model", "/nonexistent/model"], "is not a directory"),
         (["explain", "hi", "--layer", "6"], "--layer: expected 0..5"),
         (["explain", "hi", "--head", "-1"], "--head: expected 0..11"),
         (["explain", "hi", "--pattern", "Nope(1)"], "unknown pattern 'Nope'"),
@@ -67,9 +66,14 @@ def test_explain_errors_are_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_explain_rejects_a_directory_that_is_not_a_supported_model(tmp_path, capsys):
+    """A model that cannot be loaded is a runtime error: exit 1, one line."""
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    assert main(["explain", "hi", "--model", str(tmp_path)]) == 2
-    assert "expected a BERT-family or Llama-family checkpoint" in capsys.readouterr().err
+    assert main(["explain", "hi", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--model: " in err and "expected a BERT-family or Llama-family checkpoint" in err
+    assert err.count("\n") == 1
+    assert main(["explain", "hi", "--model", "/nonexistent/model"]) == 1
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_explain_a_llama_checkpoint(tmp_path, capsys):

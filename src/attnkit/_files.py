@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "user_cache_dir"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -64,3 +64,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def user_cache_dir() -> Path:
+    """attnkit's per-user cache: ``$XDG_CACHE_HOME/attnkit`` (default ``~/.cache/attnkit``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attnkit"

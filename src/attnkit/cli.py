@@ -7,16 +7,58 @@ attnkit data translate|summarize         build a corpus from Debian's archive
 attnkit train translate|summarize --config FILE [--resume]
 attnkit eval RUN [--split test]          sacreBLEU/chrF or ROUGE on held-out data
 attnkit translate|summarize TEXT|-       run a trained model (beam search)
+attnkit tune [--dtype ...] [--force]     measure this machine's kernel rates for blocksparse
+
+Exit codes: 0 success; 2 a usage error (bad arguments, one line); 1 a runtime error (a missing
+or invalid file, a corpus that cannot be built: one line); an internal error (a bug) keeps its
+traceback; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_RUNS = {"translate": "translate-en-de", "summarize": "summarize-debian"}
+
+
+class UsageError(Exception):
+    """The command line asks for something invalid: exit 2 with one line."""
+
+
+class InputError(Exception):
+    """A file or model the command was pointed at is missing or invalid: exit 1 with one line."""
+
+
+@contextlib.contextmanager
+def _usage(name: str) -> Iterator[None]:
+    """Report a ``ValueError``/``TypeError`` raised while interpreting argument ``name`` as a
+    usage error. Scoped to the call that reads the argument, so bugs elsewhere keep their
+    traceback."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{name}: {e}") from e
+
+
+@contextlib.contextmanager
+def _input(name: str) -> Iterator[None]:
+    """Report a ``ValueError`` raised while reading the file or model given as ``name`` as a
+    runtime error."""
+    try:
+        yield
+    except ValueError as e:
+        raise InputError(f"{name}: {e}") from e
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, but got {value}.")
 
 
 def _warn(msg: str) -> None:
@@ -43,11 +85,17 @@ def _explain(args: argparse.Namespace) -> int:
     from .viz.heads import summarize_heads
     from .viz.terminal import color_enabled, render_head_summary, render_matrix, render_top_k
 
-    for name, value in (("--top-k", args.top_k), ("--dims", args.dims), ("--max-tokens", args.max_tokens)):
-        if value < 1:
-            raise ValueError(f"{name}: expected a positive integer, but got {value}.")
+    _positive(top_k=args.top_k, dims=args.dims, max_tokens=args.max_tokens)
     text = _read_text(args.text)
-    loaded = load_model(args.model, pattern=args.pattern)
+    if not text.strip():
+        raise UsageError(f"TEXT: expected a non-empty TEXT, but got {text!r}.")
+    if args.pattern is not None:
+        from .patterns import parse_pattern
+
+        with _usage("--pattern"):
+            parse_pattern(args.pattern)
+    with _input("--model"):
+        loaded = load_model(args.model, pattern=args.pattern)
     ex = explain(text, loaded=loaded, capture_inputs=args.steps)
     rec = ex.record
     if ex.truncated:
@@ -56,7 +104,7 @@ def _explain(args: argparse.Namespace) -> int:
     L, H = len(rec.layers), len(rec.heads)
     for name, value, n in (("--layer", args.layer, L), ("--head", args.head, H)):
         if value is not None and not 0 <= value < n:
-            raise ValueError(
+            raise UsageError(
                 f"{name}: expected 0..{n - 1} ({rec.model} has {L} layers of {H} heads), but got {value}."
             )
     layer, head = default_head(rec)
@@ -100,7 +148,8 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .apps.demo import render, walkthrough
 
-    w = walkthrough(args.text, d_model=args.d_model, d_k=args.d_k, seed=args.seed, causal=args.causal)
+    with _usage("TEXT/--d-model/--d-k"):
+        w = walkthrough(args.text, d_model=args.d_model, d_k=args.d_k, seed=args.seed, causal=args.causal)
     print(render(w))
     return 0
 
@@ -108,12 +157,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _patterns(args: argparse.Namespace) -> int:
     from .patterns import parse_pattern
 
-    pattern = parse_pattern(args.spec)
+    with _usage("SPEC"):
+        pattern = parse_pattern(args.spec)
     n, s = args.n, args.s if args.s is not None else args.n
-    for name, value in (("--block", args.block), ("--width", args.width)):
-        if value < 1:
-            raise ValueError(f"{name}: expected a positive integer, but got {value}.")
-    print(pattern.to_string(n, s, block=args.tile, width=args.width))
+    _positive(block=args.block, width=args.width)
+    with _usage("SPEC/-n/-s/--tile"):
+        drawing = pattern.to_string(n, s, block=args.tile, width=args.width)
+    print(drawing)
     bm = pattern.block_map(n, s, args.block)
     c = bm.counts
     print(
@@ -158,15 +208,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from .apps.train import Trainer, load_config
 
-    cfg = load_config(args.config)
+    with _input("--config"):
+        cfg = load_config(args.config)
     if cfg.task != args.task:
-        raise ValueError(
+        raise UsageError(
             f"--config: expected a {args.task!r} config, but {args.config!r} has task {cfg.task!r}."
         )
     overrides = {
         k: v for k, v in (("max_steps", args.max_steps), ("max_minutes", args.max_minutes)) if v is not None
     }
-    cfg = cfg.replace(**overrides) if overrides else cfg
+    with _usage("--max-steps/--max-minutes"):
+        cfg = cfg.replace(**overrides) if overrides else cfg
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _run_dir(args, args.task)
@@ -194,19 +246,19 @@ def _generate(args: argparse.Namespace) -> int:
     from .apps.tasks import cross_attention, load_task_model
     from .viz.terminal import color_enabled, render_matrix
 
-    tm = load_task_model(args.model or _run_dir(args, args.command))
+    with _input("--model"):
+        tm = load_task_model(args.model or _run_dir(args, args.command))
     if tm.task["task"] != args.command:
-        raise ValueError(
+        raise UsageError(
             f"--model: expected a {args.command!r} model, but {str(tm.path)!r} is for {tm.task['task']!r}."
         )
     texts = [ln.strip() for ln in sys.stdin.read().splitlines()] if args.text == "-" else [args.text]
     texts = [t.strip() for t in texts if t.strip()]
     if not texts:
-        raise ValueError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
+        raise UsageError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
     if args.beam is not None and args.beam < 1:
-        raise ValueError(f"--beam: expected >= 1, but got {args.beam}.")
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens: expected a positive integer, but got {args.max_tokens}.")
+        raise UsageError(f"--beam: expected >= 1, but got {args.beam}.")
+    _positive(max_tokens=args.max_tokens)
     ids = tm.generate_ids(texts, beam_size=args.beam)
     for out in ids:
         print(tm.tokenizer.decode(out))
@@ -221,6 +273,37 @@ def _generate(args: argparse.Namespace) -> int:
             "Alignment: " + ", ".join(f"{t}->{src[int(w[i].argmax())]}" for i, t in enumerate(tgt)),
             file=sys.stderr,
         )
+    return 0
+
+
+# -- tune ---------------------------------------------------------------------------------------
+def _tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends import _tuning
+
+    if args.threads is not None:
+        _positive(threads=args.threads)
+        torch.set_num_threads(args.threads)
+    if not _tuning.enabled():
+        raise UsageError("ATTNKIT_TUNE=off is set: the built-in rates are used and nothing is measured.")
+    print(f"tuning file: {_tuning.tuning_file()}")
+    for name in args.dtype:
+        dtype = getattr(torch, name)
+        key = _tuning.machine_key(dtype)
+        if args.force:
+            _tuning.forget()
+            tuning = _tuning.calibrate(dtype)
+            _tuning.store(tuning)
+        else:
+            tuning = _tuning.current(dtype)
+        print(f"\n{key} ({'measured now' if tuning.source == 'measured' else 'from the file'})")
+        for direction, layouts in tuning.kernel_rates.items():
+            for layout, rates in layouts.items():
+                cells = "  ".join(f"{b:>3}: {r:6.1f}" for b, r in rates.items())
+                print(f"  {direction:<8} {layout:<6} GFLOP/s by tile  {cells}")
+        print(f"  gathered tile cost (copy included) {tuning.gather_copy:.2f}x its kernel time")
+        print(f"  dense SDPA with a boolean mask     {tuning.sdpa_mask_rate:.1f} GFLOP/s")
     return 0
 
 
@@ -304,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     ev.set_defaults(func=_eval)
 
+    tu = sub.add_parser(
+        "tune", help="measure this machine's attention kernels for the block-sparse cost model"
+    )
+    tu.add_argument(
+        "--dtype", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"),
+        help="dtypes to measure (default float32 bfloat16)",
+    )  # fmt: skip
+    tu.add_argument("--force", action="store_true", help="measure again even if the file has this machine")
+    tu.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    tu.set_defaults(func=_tune)
+
     for task, what in (("translate", "translate English text"), ("summarize", "summarize a description")):
         g = sub.add_parser(task, help=f"{what} with a trained model ('-': one input per line on stdin)")
         g.add_argument("text", help="the input, or '-' for stdin")
@@ -324,14 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # exits 2 on malformed arguments
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, DataError) as e:
+    except UsageError as e:
         print(f"attnkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (InputError, OSError, ImportError, DataError) as e:
+        print(f"attnkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"attnkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -121,22 +121,25 @@ def test_eval_translate_and_show_attention(tmp_path, cache, capsys):
 
 
 def test_cli_errors(tmp_path, cache, capsys):
+    """Missing or invalid files are runtime errors (1); arguments that contradict each other
+    are usage errors (2). Both are one line."""
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{")
     cases = [
-        (["train", "translate", "--config", str(tmp_path / "none.json")], "expected a config file"),
-        (["train", "translate", "--config", str(bad_json)], "is not valid JSON"),
+        (["train", "translate", "--config", str(tmp_path / "none.json")], 1, "expected a config file"),
+        (["train", "translate", "--config", str(bad_json)], 1, "is not valid JSON"),
         (
             ["train", "translate", "--config", str(_config(tmp_path, bogus=1))],
+            1,
             "unknown config fields ['bogus']",
         ),
-        (["train", "translate", "--config", str(_config(tmp_path, lr=-1))], "expected lr > 0"),
-        (["train", "summarize", "--config", str(_config(tmp_path))], "expected a 'summarize' config"),
-        (["eval", str(tmp_path / "nothing")], "expected a trained model directory"),
-        (["translate", "hi", "--model", str(tmp_path / "nothing")], "expected a trained model directory"),
+        (["train", "translate", "--config", str(_config(tmp_path, lr=-1))], 1, "expected lr > 0"),
+        (["train", "summarize", "--config", str(_config(tmp_path))], 2, "expected a 'summarize' config"),
+        (["eval", str(tmp_path / "nothing")], 1, "expected a trained model directory"),
+        (["translate", "hi", "--model", str(tmp_path / "nothing")], 1, "expected a trained model directory"),
     ]
-    for argv, message in cases:
-        assert main(argv) == 2, argv
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (argv, err)
 

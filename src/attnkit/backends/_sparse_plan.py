@@ -13,14 +13,14 @@ attend to ``L`` key tiles, so one batched attention call computes it:
   layouts), copied per row and grouped by how many each row has.
 
 The band is chosen by a cost model: a diagonal joins it when computing it for every row
-(wasted where empty) is cheaper than gathering its non-empty tiles (``GATHER_COST`` band tiles
-each); the best contiguous range is a maximum-sum subarray. Each segment stores the pattern's
+(wasted where empty) is cheaper than gathering its non-empty tiles (``Tuning.gather_cost``
+band tiles each); the best contiguous range is a maximum-sum subarray. Each segment stores the pattern's
 element mask over its keys (``allowed``); tiles outside the matrix and missing tiles are False.
 
-The tile size is chosen per pattern (:func:`choose_block`): each candidate's plan is priced
-with the measured speed of torch's kernel on band and gathered layouts (``KERNEL_RATES``).
-Small tiles waste less at a band's edges; large ones run the kernel faster, above all in the
-backward.
+The tile size is chosen per pattern and dtype (:func:`choose_block`): each candidate's plan is
+priced with the speed of torch's kernel on band and gathered layouts, measured on the machine
+that runs (``_tuning.py``). Small tiles waste less at a band's edges; large ones run the kernel
+faster, above all in the backward.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from torch import Tensor
 
 from .. import caches
 from ..patterns import EMPTY, FULL, PARTIAL, Pattern
+from . import _tuning
 
 __all__ = [
-    "GATHER_COST",
-    "KERNEL_RATES",
     "Segment",
     "SparsePlan",
     "block_and_cost",
@@ -43,25 +42,9 @@ __all__ = [
     "sparse_plan",
 ]
 
-#: Cost of computing one gathered tile, in units of one band tile (copying its keys and values
-#: and running smaller batched calls).
-GATHER_COST = 1.5
-#: A gathered bucket admits rows with up to this many times the tiles of its smallest row.
+#: A gathered bucket admits rows with up to this many times the tiles of its smallest row: a
+#: rule trading padding (at most 25% extra tiles per row) against more, smaller calls.
 BUCKET_SLACK = 1.25
-#: Computed GFLOP/s of torch's CPU kernel per tile size (bench/results/sparse-tiles.json, float32,
-#: 2 threads): band layout with 512 keys per tile, gathered layout with 256.
-KERNEL_RATES = {
-    "forward": {
-        "band": {32: 151, 64: 150, 128: 137, 256: 160},
-        "gather": {32: 99, 64: 106, 128: 103, 256: 126},
-    },
-    "backward": {
-        "band": {32: 38, 64: 104, 128: 124, 256: 155},
-        "gather": {32: 35, 64: 87, 128: 108, 256: 122},
-    },
-}
-#: Extra cost of a gathered tile for copying its keys and values, on top of its kernel time.
-GATHER_COPY = 1.2
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,39 +102,52 @@ _PLANS = caches.register("plans", 256 * caches.MiB)
 _TILE_CHOICES = caches.register("tile_choices", 4 * caches.MiB)
 
 
-def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward") -> int:
-    """The tile size whose plan ``KERNEL_RATES`` predicts to run fastest (cached)."""
-    return block_and_cost(pattern, n, s, direction)[0]
+def choose_block(pattern: Pattern, n: int, s: int, direction: str = "forward", dtype=torch.float32) -> int:
+    """The tile size whose plan this machine's kernel rates predict to run fastest (cached)."""
+    return block_and_cost(pattern, n, s, direction, dtype)[0]
 
 
-def block_and_cost(pattern: Pattern, n: int, s: int, direction: str = "forward") -> tuple[int, float]:
-    """The best tile size and its predicted cost (GFLOP / (GFLOP/s) units, i.e. relative time)."""
-    return _TILE_CHOICES.get((pattern, n, s, direction), lambda: _price_tiles(pattern, n, s, direction))
+def block_and_cost(
+    pattern: Pattern, n: int, s: int, direction: str = "forward", dtype=torch.float32
+) -> tuple[int, float]:
+    """The best tile size and its predicted time in seconds per ``4 * D`` FLOPs per pair, i.e.
+    ``sum(pairs computed / rate)`` (relative between plans; ``* 4 * D / 1e9`` gives seconds
+    per key/value head)."""
+    tuning = _tuning.current(dtype)
+    return _TILE_CHOICES.get(
+        (pattern, n, s, direction, tuning), lambda: _price_tiles(pattern, n, s, direction, tuning)
+    )
 
 
-def _price_tiles(pattern: Pattern, n: int, s: int, direction: str) -> tuple[int, float]:
-    rates = KERNEL_RATES[direction]
+def _price_tiles(
+    pattern: Pattern, n: int, s: int, direction: str, tuning: _tuning.Tuning
+) -> tuple[int, float]:
+    rates = tuning.kernel_rates[direction]
     costs = {}
-    for b in rates["band"]:
-        pieces = _pieces(pattern.block_map(n, s, b), b, s)
+    for b in _tuning.TILES:
+        pieces = _pieces(pattern.block_map(n, s, b), b, s, tuning.gather_cost(b))
         band = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if strided)
         gathered = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if not strided)
-        costs[b] = b * b * (band / rates["band"][b] + GATHER_COPY * gathered / rates["gather"][b])
+        costs[b] = b * b * (band / rates["band"][b] + tuning.gather_copy * gathered / rates["gather"][b])
         if b >= max(n, s):  # one tile already covers everything: larger ones only add padding
             break
     best = min(costs, key=costs.get)
     return best, costs[best]
 
 
-def sparse_plan(pattern: Pattern, n: int, s: int, block: int) -> SparsePlan:
-    """The (cached) plan for ``pattern`` on an ``(n, s)`` matrix with ``block x block`` tiles."""
-    return _PLANS.get((pattern, n, s, block), lambda: _build(pattern, n, s, block))
+def sparse_plan(pattern: Pattern, n: int, s: int, block: int, dtype=torch.float32) -> SparsePlan:
+    """The (cached) plan for ``pattern`` on an ``(n, s)`` matrix with ``block x block`` tiles,
+    its band chosen with the gather cost measured for ``dtype``."""
+    gather_cost = _tuning.current(dtype).gather_cost(block)
+    return _PLANS.get((pattern, n, s, block, gather_cost), lambda: _build(pattern, n, s, block, gather_cost))
 
 
-def _choose_band(rows: Tensor, cols: Tensor, nqb: int, nkb: int) -> tuple[int, int] | None:
-    """Diagonal range ``[lo, hi]`` maximizing ``sum(GATHER_COST * occupancy - rows)``; None if < 0."""
+def _choose_band(
+    rows: Tensor, cols: Tensor, nqb: int, nkb: int, gather_cost: float
+) -> tuple[int, int] | None:
+    """Diagonal range ``[lo, hi]`` maximizing ``sum(gather_cost * occupancy - rows)``; None if < 0."""
     occupancy = torch.bincount(cols - rows + (nqb - 1), minlength=nqb + nkb - 1).double()
-    gain = GATHER_COST * occupancy - nqb
+    gain = gather_cost * occupancy - nqb
     best, best_range, run, start = 0.0, None, 0.0, 0
     for d, g in enumerate(gain.tolist()):  # Kadane's maximum-sum subarray
         if run <= 0:
@@ -183,11 +179,11 @@ def _buckets(counts: Tensor) -> list[Tensor]:
     return groups
 
 
-def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
+def _build(pattern: Pattern, n: int, s: int, b: int, gather_cost: float) -> SparsePlan:
     bm = pattern.block_map(n, s, b)
     states = bm.states
     nqb, nkb = states.shape
-    pieces = _pieces(bm, b, s)
+    pieces = _pieces(bm, b, s, gather_cost)
     segments = tuple(_segment(pattern, states, n, s, b, rows, cols, band_) for rows, cols, band_ in pieces)
     return SparsePlan(
         n=n,
@@ -201,7 +197,7 @@ def _build(pattern: Pattern, n: int, s: int, b: int) -> SparsePlan:
     )
 
 
-def _pieces(bm, b: int, s: int) -> list[tuple[Tensor, Tensor, bool]]:
+def _pieces(bm, b: int, s: int, gather_cost: float) -> list[tuple[Tensor, Tensor, bool]]:
     """How a block map's non-empty tiles are covered: ``(rows, cols, strided)`` per segment."""
     states = bm.states
     nqb, nkb = states.shape
@@ -210,7 +206,7 @@ def _pieces(bm, b: int, s: int) -> list[tuple[Tensor, Tensor, bool]]:
     covered = torch.zeros_like(nonempty)
     pieces: list[tuple[Tensor, Tensor, bool]] = []  # (rows, cols in real tile units, band)
 
-    band = _choose_band(r_idx, c_idx, nqb, nkb) if r_idx.numel() else None
+    band = _choose_band(r_idx, c_idx, nqb, nkb, gather_cost) if r_idx.numel() else None
     if band is not None:
         lo, hi = band
         offsets = torch.arange(lo, hi + 1)

@@ -25,8 +25,9 @@ Known limitations: a tile-level method, so a pattern whose allowed keys are scat
 tile (and not periodic, or with a user mask or dropout that prevents regrouping) visits whole
 tiles for them. Rows with few keys (a ~100-key window) run torch's kernel on short calls, at a
 fraction of its dense speed. A float bias with gradients, or dropout, runs on the eager engine
-(slower). ``auto`` picks this backend when the cost model predicts it faster than SDPA with the
-pattern as a mask (``SDPA_MASK_RATE``); dense and causal attention stay on ``sdpa``.
+(slower). ``auto`` picks this backend on CPU when the cost model, priced with this machine's
+measured kernel rates (``_tuning.py``), predicts it faster than SDPA with the pattern as a
+mask; dense and causal attention stay on ``sdpa``.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from torch import Tensor
 
 from ..patterns import And, Causal, Full, KeyPadding, Pattern
 from . import _rows
+from . import _tuning as tuning
 from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
 from ._residue import regroup, residue_split, ungroup
-from ._sparse_plan import KERNEL_RATES, Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
+from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
+from ._tuning import TILES
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
 __all__ = ["BlockSparseBackend"]
@@ -55,15 +58,11 @@ class BlockSparseBackend(Backend):
     supports_dropout = True
     supports_lse = True
 
-    #: Tile size of the forward and of the backward; ``None`` lets a cost model built on
-    #: bench/results/sparse-tiles.json pick it per pattern (``_sparse_plan.choose_block``).
+    #: Tile size of the forward and of the backward; ``None`` lets the cost model pick it per
+    #: pattern and dtype from this machine's kernel rates (``_sparse_plan.choose_block``,
+    #: ``_tuning.py``).
     block: int | None = None
     backward_block: int | None = None
-    #: Forward GFLOP/s of torch SDPA with a boolean mask (what ``auto`` runs otherwise): median
-    #: of bench/results/dispatch.json (N = 4096 and 8192, float32). ``auto`` picks blocksparse
-    #: when the cost model predicts it faster than that; the predictions track the measured
-    #: speed-ups within about 15% near the crossover (docs/bench/dispatch.md).
-    SDPA_MASK_RATE = 157.5
     #: Memory one batched call may use for gathered keys, biases and gradients.
     chunk_bytes = 64 * 2**20
 
@@ -72,12 +71,15 @@ class BlockSparseBackend(Backend):
         p = inp.pattern
         if p is None or isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r} runs natively on sdpa"]
-        smallest = min(KERNEL_RATES["forward"]["band"])
+        if inp.device.type != "cpu":  # its rates and its fused engine are CPU's
+            return [f"device={inp.device.type}: blocksparse is measured and fused on CPU only"]
+        smallest = min(TILES)
         if min(inp.N, inp.S) <= smallest:  # decoding steps, tiny inputs: no tile to skip
             return [f"N={inp.N}, S={inp.S}: a single tile of {smallest}, nothing to skip"]
         static, lengths = split_key_lengths(p)
-        cost = cls._pieces_of(static, inp.N, inp.S, _splittable(inp) and lengths is None)[1]
-        dense = inp.N * inp.S / cls.SDPA_MASK_RATE
+        splittable = _splittable(inp) and lengths is None
+        cost = cls._pieces_of(static, inp.N, inp.S, splittable, inp.dtype)[1]
+        dense = inp.N * inp.S / tuning.current(inp.dtype).sdpa_mask_rate
         if cost >= dense:
             return [
                 f"pattern {p!r} is too dense: predicted {dense / cost:.2f}x the speed of sdpa with its mask"
@@ -102,6 +104,7 @@ class BlockSparseBackend(Backend):
             inp.S,
             splittable=_splittable(inp) and lengths is None,
             backward=fused and inp.requires_grad,
+            dtype=inp.dtype,
         )
         bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
         out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
@@ -109,26 +112,38 @@ class BlockSparseBackend(Backend):
 
     @classmethod
     def plan(
-        cls, pattern, n: int, s: int, *, splittable: bool = True, backward: bool = False
+        cls,
+        pattern,
+        n: int,
+        s: int,
+        *,
+        splittable: bool = True,
+        backward: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[_Part, ...]:
         """The parts a call computes: per pattern piece, its forward plan and (with
         ``backward``, for the fused kernel's own tile size) its backward plan. ``splittable``:
-        the call has no mask, bias or dropout, so periodic patterns may be regrouped."""
+        the call has no mask, bias or dropout, so periodic patterns may be regrouped. Tiles are
+        chosen for ``dtype`` on this machine."""
         parts = []
-        for piece, stride in cls._pieces_of(pattern, n, s, splittable)[0]:
-            fplan = sparse_plan(piece, n, s, cls.block or choose_block(piece, n, s, "forward"))
-            bplan = fplan
+        for piece, stride in cls._pieces_of(pattern, n, s, splittable, dtype)[0]:
+            fb = cls.block or choose_block(piece, n, s, "forward", dtype)
+            fplan = bplan = sparse_plan(piece, n, s, fb, dtype)
             if backward:
-                bplan = sparse_plan(piece, n, s, cls.backward_block or choose_block(piece, n, s, "backward"))
+                bb = cls.backward_block or choose_block(piece, n, s, "backward", dtype)
+                bplan = sparse_plan(piece, n, s, bb, dtype)
             parts.append(_Part(fplan, bplan, stride))
         return tuple(parts)
 
     @classmethod
-    def _pieces_of(cls, pattern, n: int, s: int, splittable: bool) -> tuple[list[tuple], float]:
+    def _pieces_of(
+        cls, pattern, n: int, s: int, splittable: bool, dtype=torch.float32
+    ) -> tuple[list[tuple], float]:
         """``([(pattern, regroup stride or None)], predicted forward cost)``. A periodic pattern
         splits in two when the regrouped computation is predicted to cost under 80% of plain
-        tiles (``_sparse_plan.KERNEL_RATES``)."""
-        whole = block_and_cost(pattern, n, s)[1]
+        tiles: the margin pays for regrouping ``q``, ``k``, ``v`` and the output, which the
+        tile prices do not include."""
+        whole = block_and_cost(pattern, n, s, "forward", dtype)[1]
         if splittable:
             split = residue_split(pattern, n, s)
             if split is not None:
@@ -136,7 +151,7 @@ class BlockSparseBackend(Backend):
                 pieces = [(rest, None), (regrouped, stride)]
                 if rest.num_allowed(n, s) == 0:
                     pieces = pieces[1:]
-                cost = sum(block_and_cost(p, n, s)[1] for p, _ in pieces)
+                cost = sum(block_and_cost(p, n, s, "forward", dtype)[1] for p, _ in pieces)
                 if cost < 0.8 * whole:
                     return pieces, cost
         return [(pattern, None)], whole

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .._files import atomic_write
+from .._files import atomic_write, user_cache_dir
 from ._apt import DataError
 
 __all__ = ["SPLITS", "Pair", "cache_root", "load_pairs", "read_meta", "split_of", "write_corpus"]
@@ -40,8 +40,7 @@ def cache_root(path: str | os.PathLike | None = None) -> Path:
         return Path(path).expanduser()
     if os.environ.get("ATTNKIT_DATA"):
         return Path(os.environ["ATTNKIT_DATA"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attnkit"
+    return user_cache_dir()
 
 
 def split_of(doc: str, valid_percent: int = 5, test_percent: int = 5) -> str:
