@@ -67,6 +67,35 @@ def environment() -> dict:
     }
 
 
+def calibration(dtypes) -> dict:
+    """This machine's block-sparse tuning per dtype (measured now if not yet in the tuning
+    file), to store beside results that depend on it."""
+    from attnkit.backends import _tuning
+
+    out = {}
+    for dtype in dtypes:
+        t = _tuning.current(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        out[str(dtype).replace("torch.", "")] = {
+            "key": t.key or "built-in",
+            "source": t.source,
+            **t.to_json(),
+        }
+    return out
+
+
+def calibration_line(cal: dict) -> str:
+    """One markdown sentence summarizing :func:`calibration` for a results page."""
+    parts = []
+    for dtype, c in cal.items():
+        fwd = c["kernel_rates"]["forward"]["band"]
+        rates = ", ".join(f"{b}: {r:.0f}" for b, r in fwd.items())
+        parts.append(
+            f"{dtype}: forward band GFLOP/s by tile {{{rates}}}, gathered tile {c['gather_copy']:.2f}x, "
+            f"masked SDPA {c['sdpa_mask_rate']:.0f} GFLOP/s ({c['source']})"
+        )
+    return "Block-sparse calibration (`attnkit tune`): " + "; ".join(parts) + "."
+
+
 def alternate(
     fns: dict[str, Callable[[], object]], *, rounds: int = 5, budget_s: float = 3.0, max_rounds: int = 25
 ) -> dict:

@@ -36,7 +36,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, RESULTS, MaxRss, alternate, env_line, environment, fmt_time, peak_memory, save
+from _common import (
+    DOCS,
+    RESULTS,
+    MaxRss,
+    alternate,
+    calibration,
+    calibration_line,
+    env_line,
+    environment,
+    fmt_time,
+    peak_memory,
+    save,
+)
 from attnkit import attention
 from attnkit import patterns as P
 
@@ -172,6 +184,7 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     env = environment()
+    cal = calibration(args.dtypes)
     rows, flex_info = [], []
     if args.resume and (RESULTS / f"{args.name}.json").exists():
         done = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -228,10 +241,12 @@ def main() -> None:
                 if flex is not None:
                     flex_info[-1]["backward"] = flex_backward(bm, base)
                 # checkpoint after every configuration: a long run loses nothing if stopped
-                save(args.name, {"benchmark": "sparse", "env": env, "results": rows, "flex": flex_info})
+                save(args.name, {"benchmark": "sparse", "env": env, "calibration": cal, "results": rows,
+                                 "flex": flex_info})  # fmt: skip
     payload = {
         "benchmark": "sparse",
         "env": env,
+        "calibration": cal,
         "shape": {"B": B, "H": H, "D": D},
         "patterns": {k: repr(v) for k, v in PATTERNS.items()},
         "flop_model": "useful: 4*B*H*D*allowed_pairs forward; x3.5 forward+backward",
@@ -262,6 +277,7 @@ def write_docs(payload: dict, name: str) -> None:
         f"Machine: {env_line(payload['env'])}. B={B}, H={H}, D={D}, N = S.",
         f"Patterns: {patterns}.",
         f"FLOP model: {payload.get('flop_model', '')}. Memory: {payload.get('memory_model', '')}.",
+        *([calibration_line(payload["calibration"])] if "calibration" in payload else []),
         "*eff* = useful GFLOP/s of `blocksparse` / GFLOP/s of dense SDPA (no mask) in the same run. "
         f"Dense and masked SDPA run for N <= {payload.get('dense_max', 16384)} only "
         f"(one dense call at 64k takes minutes), `tiled` for N <= {payload.get('tiled_max', 16384)}.",
