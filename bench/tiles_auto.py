@@ -50,8 +50,9 @@ def main() -> None:
         for backward in (False, True):
             q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_(backward) for _ in range(3))
             dout = torch.randn(B, H, N, D).to(dtype) if backward else None
-            fns = {"auto": lambda: run(q, k, v, dout, None)}
-            fns |= {f"b={b}": (lambda b=b: run(q, k, v, dout, b)) for b in TILES}
+            args = (q, k, v, dout)
+            fns = {"auto": lambda args=args: run(*args, None)}
+            fns |= {f"b={b}": (lambda b=b, args=args: run(*args, b)) for b in TILES}
             timing = alternate(fns, rounds=7, budget_s=20)
             best = min((n for n in fns if n != "auto"), key=lambda n: timing[n]["median_s"])
             row = {
@@ -64,8 +65,8 @@ def main() -> None:
             }
             rows.append(row)
             cells = "  ".join(f"{n}={t['median_s'] * 1e3:.0f}ms" for n, t in timing.items())
-            print(f"{row['dtype']} {row['mode']}: auto {chosen} {cells} -> auto/best {row['auto_over_best']:.3f}",
-                  flush=True)  # fmt: skip
+            ratio = row["auto_over_best"]
+            print(f"{row['dtype']} {row['mode']}: auto {chosen} {cells} -> auto/best {ratio:.3f}", flush=True)
     save("tiles-auto", {"benchmark": "tiles-auto", "env": env, "calibration": cal, "pattern": repr(PATTERN),
                         "shape": {"B": B, "H": H, "D": D, "N": N}, "results": rows})  # fmt: skip
     lines = [
@@ -88,7 +89,8 @@ def main() -> None:
         t = r["timing"]
         lines.append(
             f"| {r['dtype']} | {'forward + backward' if r['mode'] == 'fwdbwd' else 'forward'} "
-            f"| {r['auto_tiles']['forward']}/{r['auto_tiles']['backward']} | {t['auto']['median_s'] * 1e3:.0f} ms | "
+            f"| {r['auto_tiles']['forward']}/{r['auto_tiles']['backward']} "
+            f"| {t['auto']['median_s'] * 1e3:.0f} ms | "
             + " | ".join(f"{t[f'b={b}']['median_s'] * 1e3:.0f} ms" for b in TILES)
             + f" | {r['auto_over_best']:.2f} |"
         )
