@@ -94,3 +94,58 @@ def assert_block_map_exact(pattern: Pattern, n: int, s: int, block: tuple[int, i
             assert bm.states[r, c] == want, (
                 f"tile ({r}, {c}) of {pattern!r}: {int(bm.states[r, c])} != {want}"
             )
+
+
+def spec_dense(pattern: Pattern, n: int, s: int) -> Tensor:
+    """``pattern``'s mask from its documented definition, evaluated pair by pair in plain Python:
+    ``(N, S)``, or ``(B, 1, N, S)`` when it has a batch dimension.
+
+    Independent of the patterns' own code (no ``mask_mod``, no tensors), except for the cells
+    ``Random`` draws, whose hash is pinned by its own test. Compositions combine their parts'
+    answers with ``and``/``or``.
+    """
+    import attnkit.patterns as P
+
+    def rule(p: Pattern, i: int, j: int, b: int) -> bool:
+        q = i + (s - n if getattr(p, "align", "bottom_right") == "bottom_right" else 0)
+        if isinstance(p, P.And):
+            return all(rule(part, i, j, b) for part in p.parts)
+        if isinstance(p, P.Or):
+            return any(rule(part, i, j, b) for part in p.parts)
+        if isinstance(p, P.Full):
+            return True
+        if isinstance(p, P.Causal):
+            return j <= q
+        if isinstance(p, P.SlidingWindow):
+            return q - p.before <= j <= q + p.after
+        if isinstance(p, P.Dilated):
+            return q - p.before <= j <= q + p.after and (q - j) % p.dilation == 0
+        if isinstance(p, P.Strided):
+            return abs(q - j) < p.stride or (q - j) % p.stride == 0
+        if isinstance(p, P.Fixed):
+            return q // p.block == j // p.block or j % p.block >= p.block - p.summary
+        if isinstance(p, P.Global):
+            return q in p.indices or j in p.indices
+        if isinstance(p, P.Document):
+            ends = [sum(p.lengths[: k + 1]) for k in range(len(p.lengths))]
+            if not 0 <= q < s:
+                return False
+            return next(k for k, e in enumerate(ends) if q < e) == next(
+                k for k, e in enumerate(ends) if j < e
+            )
+        if isinstance(p, P.KeyPadding):
+            return j < p.lengths[b]
+        if isinstance(p, P.BlockLayout):
+            return bool(p.layout[i // p.block, j // p.block])
+        if isinstance(p, P.Random):
+            first, table = p.cells(n, s)
+            r = q // p.block - first
+            return bool(table[r, j // p.block])  # every query block draws, wherever it sits
+        raise TypeError(f"spec_dense: no definition for {type(p).__name__}")
+
+    batch = pattern.batch_size
+    dense = torch.tensor(
+        [[[rule(pattern, i, j, b) for j in range(s)] for i in range(n)] for b in range(batch or 1)],
+        dtype=torch.bool,
+    )
+    return dense[:, None] if batch is not None else dense[0]

@@ -118,7 +118,7 @@ def test_tiled_is_deterministic(small_tiles):
 
 
 # ------------------------------------------------------------------ lse and weights
-@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("backend", ["reference", "tiled", "blocksparse"])
 def test_lse_is_the_log_sum_exp_of_the_masked_scores(backend, small_tiles):
     q, k, v = qkv(dtype=torch.float64)
     pattern = P.SlidingWindow(3) & P.Causal()

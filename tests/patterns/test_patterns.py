@@ -15,7 +15,7 @@ from attnkit.patterns import parse_pattern
 
 from ..reference import assert_block_map_exact
 
-SIZES = [(1, 1), (5, 5), (7, 13), (13, 7), (17, 17)]
+SIZES = [(1, 1), (5, 5), (7, 13), (13, 7), (17, 17), (1, 70), (70, 1), (61, 97), (100, 37), (129, 129)]
 ALIGNS = ["bottom_right", "top_left"]
 
 
@@ -103,7 +103,9 @@ def test_random_is_reproducible_and_has_the_right_count():
     assert table[0].nonzero().flatten().tolist() == _FIRST_ROW_SEED_11
 
 
-_FIRST_ROW_SEED_11 = P.Random(3, 8, seed=11).cells(100, 100)[1][0].nonzero().flatten().tolist()
+# Computed once (attnkit 0.1.0) and written down: a change to the hash or to the draw changes
+# which keys every Random pattern picks, on every machine, and must fail here.
+_FIRST_ROW_SEED_11 = [1, 6, 9]
 
 
 def test_random_with_fewer_key_blocks_than_requested_keeps_all():
@@ -111,13 +113,19 @@ def test_random_with_fewer_key_blocks_than_requested_keeps_all():
 
 
 def test_composition_formulas():
-    n = s = 16
-    a, b = P.SlidingWindow(2), P.Global((5,))
-    assert torch.equal((a | b).to_dense(n, s), a.to_dense(n, s) | b.to_dense(n, s))
-    assert torch.equal((a & b).to_dense(n, s), a.to_dense(n, s) & b.to_dense(n, s))
+    """Compositions against the formulas of their parts, evaluated pair by pair."""
+    n, s = 16, 19
+    window = FORMULAS["SlidingWindow(2,4)"][1]
+    glob = FORMULAS["Global(0,4)"][1]
+    a, b = P.SlidingWindow(2, 4), P.Global((0, 4))
+    assert torch.equal((a | b).to_dense(n, s), brute(lambda p, j, i: window(p, j, i) or glob(p, j, i), n, s))
+    assert torch.equal((a & b).to_dense(n, s), brute(lambda p, j, i: window(p, j, i) and glob(p, j, i), n, s))
     both = P.KeyPadding([10, 3]) & P.Causal()
-    assert both.to_dense(n, s).shape == (2, 1, n, s)
-    assert repr(a & (b | P.Causal())) == "SlidingWindow(before=2) & (Global((5,)) | Causal())"
+    dense = both.to_dense(n, s)
+    assert dense.shape == (2, 1, n, s)
+    for b_, length in enumerate((10, 3)):
+        assert torch.equal(dense[b_, 0], brute(lambda p, j, i, L=length: j <= p and j < L, n, s))
+    assert repr(a & (b | P.Causal())) == "SlidingWindow(before=2, after=4) & (Global((0, 4)) | Causal())"
 
 
 BLOCK_CASES = [

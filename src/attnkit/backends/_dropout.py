@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["draw_seed", "keep_mask"]
+__all__ = ["draw_seed", "keep_grid", "keep_mask"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -48,3 +48,13 @@ def keep_mask(seed: int, b: Tensor, h: Tensor, i: Tensor, j: Tensor, dropout_p: 
     x = _hash32(x ^ (j & _MASK32))
     threshold = round(dropout_p * (1 << 24))
     return (x >> 8) >= threshold
+
+
+def keep_grid(
+    seed: int, dropout_p: float, batch: Tensor, heads: Tensor, queries: Tensor, keys: Tensor
+) -> Tensor:
+    """Keep mask ``(len(batch), len(heads), len(queries), len(keys))`` over the grid of the
+    given 1-D index vectors (the materialized and tiled layouts; the block-sparse backend's
+    gathered keys call :func:`keep_mask` with its own index tensors)."""
+    b, h = batch.view(-1, 1, 1, 1), heads.view(1, -1, 1, 1)
+    return keep_mask(seed, b, h, queries.view(1, 1, -1, 1), keys.view(1, 1, 1, -1), dropout_p)

@@ -31,13 +31,11 @@ def pattern_mask(pattern: Pattern, n: int, s: int, device: torch.device) -> Tens
     evaluated on broadcast index vectors, so a pattern that ignores the query index stays a
     row.
     """
-    q_idx = torch.arange(n, device=device).view(n, 1)
-    kv_idx = torch.arange(s, device=device).view(1, s)
+    m = pattern.evaluate(
+        torch.arange(n, device=device).view(n, 1), torch.arange(s, device=device).view(1, s), n, s
+    )
     if pattern.batch_size is None:
-        m = pattern.mask_mod(q_idx, kv_idx, n, s)
         return m.view(1, 1, *m.shape)
-    b = torch.arange(pattern.batch_size, device=device).view(-1, 1, 1)
-    m = pattern.mask_mod(q_idx, kv_idx, n, s, b)
     return m.view(m.shape[0], 1, *m.shape[1:])
 
 

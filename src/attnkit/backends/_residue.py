@@ -19,42 +19,13 @@ log-sum-exps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..patterns import Document, Pattern
+from ..patterns.offsets import OffsetRange, Without
 
-__all__ = ["OffsetRange", "Without", "regroup", "residue_split", "ungroup"]
-
-
-@dataclass(frozen=True, repr=False)
-class OffsetRange(Pattern):
-    """``lo <= i - j <= hi`` (``N = S``): a band, possibly excluding the diagonal."""
-
-    lo: int
-    hi: int
-    is_toeplitz = True
-
-    def _offset_rule(self, t: Tensor, n: int, s: int) -> Tensor:
-        return (t >= self.lo) & (t <= self.hi)
-
-
-@dataclass(frozen=True, repr=False)
-class Without(Pattern):
-    """``base`` without the offsets ``stride * m`` for ``lo <= m <= hi`` (``N = S``)."""
-
-    base: Pattern
-    stride: int
-    lo: int
-    hi: int
-    is_toeplitz = True
-
-    def _offset_rule(self, t: Tensor, n: int, s: int) -> Tensor:
-        m = torch.div(t, self.stride, rounding_mode="floor")
-        periodic = (torch.remainder(t, self.stride) == 0) & (m >= self.lo) & (m <= self.hi)
-        return self.base._offset_rule(t, n, s) & ~periodic
+__all__ = ["regroup", "residue_split", "ungroup"]
 
 
 def residue_split(pattern: Pattern, n: int, s: int) -> tuple[Pattern, Pattern, int] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _rows
-from ._dropout import keep_mask
+from ._dropout import keep_grid
 from ._masks import dense_allowed
 from .base import AttentionInputs, AttentionResult, Backend, lse_dtype
 
@@ -50,13 +50,8 @@ class ReferenceBackend(Backend):
         if inp.dropout_p > 0:
             B, H, N, S = probs.shape
             dev = probs.device
-            keep = keep_mask(
-                inp.dropout_seed,
-                torch.arange(B, device=dev).view(B, 1, 1, 1),
-                torch.arange(H, device=dev).view(1, H, 1, 1),
-                torch.arange(N, device=dev).view(1, 1, N, 1),
-                torch.arange(S, device=dev).view(1, 1, 1, S),
-                inp.dropout_p,
+            keep = keep_grid(
+                inp.dropout_seed, inp.dropout_p, *(torch.arange(x, device=dev) for x in (B, H, N, S))
             )
             probs = probs * keep / (1.0 - inp.dropout_p)
         out = torch.einsum("bhns,bhsd->bhnd", probs, v).to(inp.dtype)

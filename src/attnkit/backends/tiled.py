@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..patterns import BlockMap, Full
 from . import _rows
-from ._dropout import keep_mask
+from ._dropout import keep_grid
 from ._masks import heads_as_groups, reduce_to, tile
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
@@ -71,12 +71,8 @@ class _Plan:
             dev = inp.device
             q_idx = torch.arange(i0, i1, device=dev).view(-1, 1)
             kv_idx = torch.arange(j0, j1, device=dev).view(1, -1)
-            p = inp.pattern
-            if p.batch_size is None:
-                allowed = p.mask_mod(q_idx, kv_idx, inp.N, inp.S)
-            else:
-                b = torch.arange(p.batch_size, device=dev).view(-1, 1, 1)
-                allowed = p.mask_mod(q_idx, kv_idx, inp.N, inp.S, b)
+            allowed = inp.pattern.evaluate(q_idx, kv_idx, inp.N, inp.S)
+            if inp.pattern.batch_size is not None:
                 allowed = allowed.view(allowed.shape[0], 1, 1, *allowed.shape[1:])
         if inp.mask is not None:
             m = tile(heads_as_groups(inp.mask, inp.Hkv), i0, i1, j0, j1)
@@ -89,14 +85,15 @@ class _Plan:
         i0, i1 = bm.q_range(r)
         j0, j1 = bm.k_range(c)
         dev = inp.device
-        return keep_mask(
+        keep = keep_grid(
             inp.dropout_seed,
-            torch.arange(inp.B, device=dev).view(-1, 1, 1, 1, 1),
-            torch.arange(inp.H, device=dev).view(1, inp.Hkv, inp.G, 1, 1),
-            torch.arange(i0, i1, device=dev).view(-1, 1),
-            torch.arange(j0, j1, device=dev).view(1, -1),
             inp.dropout_p,
+            torch.arange(inp.B, device=dev),
+            torch.arange(inp.H, device=dev),
+            torch.arange(i0, i1, device=dev),
+            torch.arange(j0, j1, device=dev),
         )
+        return keep.view(inp.B, inp.Hkv, inp.G, i1 - i0, j1 - j0)
 
     def scores(self, q_tile: Tensor, k_tile: Tensor, r: int, c: int, full: bool, bias5) -> Tensor:
         """Masked, biased scores of tile ``(r, c)`` as ``(B, Hkv, G, bq, bk)``.

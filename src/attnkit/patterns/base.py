@@ -140,6 +140,19 @@ class Pattern:
         raise NotImplementedError(f"{type(self).__name__} must implement _block_states")
 
     # ----------------------------------------------------------------- public API
+    def evaluate(self, q_idx: Tensor, kv_idx: Tensor, n: int, s: int) -> Tensor:
+        """:meth:`mask_mod` on broadcastable index tensors, batch items included: the result
+        has the broadcast shape of ``q_idx`` and ``kv_idx``, with a leading ``B`` dimension for
+        per-batch patterns. The one place where a pattern's rule is evaluated on indices (dense
+        masks, tile masks and the backends' masks all come through here)."""
+        if self.batch_size is None:
+            return self.mask_mod(q_idx, kv_idx, n, s)
+        rank = max(q_idx.dim(), kv_idx.dim())
+        b = torch.arange(self.batch_size, device=q_idx.device).view(-1, *([1] * rank))
+        return self.mask_mod(q_idx, kv_idx, n, s, b).expand(
+            self.batch_size, *torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        )
+
     def to_dense(self, n: int, s: int | None = None, device: torch.device | str | None = None) -> Tensor:
         """Materialize the pattern: ``(N, S)`` bool, or ``(B, 1, N, S)`` for per-batch patterns.
 
@@ -148,13 +161,11 @@ class Pattern:
         """
         n, s = _sizes(n, s)
         self.check(n, s)
-        q_idx = torch.arange(n, device=device).view(n, 1)
-        kv_idx = torch.arange(s, device=device).view(1, s)
+        dense = self.evaluate(
+            torch.arange(n, device=device).view(n, 1), torch.arange(s, device=device).view(1, s), n, s
+        )
         if self.batch_size is None:
-            dense = self.mask_mod(q_idx, kv_idx, n, s)
             return dense.expand(n, s).contiguous()
-        b = torch.arange(self.batch_size, device=device).view(-1, 1, 1)
-        dense = self.mask_mod(q_idx, kv_idx, n, s, b)
         return dense.expand(self.batch_size, n, s).unsqueeze(1).contiguous()
 
     def block_map(self, n: int, s: int | None = None, block: int | tuple[int, int] = 64) -> BlockMap:
@@ -180,12 +191,6 @@ class Pattern:
         the elements inside it (ragged last tiles). Indices are CPU int64 tensors.
         """
         return _tile_masks(self, Grid(n, s, *block), rows, cols)
-
-    def to_flex(self, n: int, s: int | None = None, *, block: int = 128, device=None):
-        """This pattern as a FlexAttention ``BlockMask`` (see :mod:`attnkit.integrations.flex`)."""
-        from ..integrations.flex import block_mask
-
-        return block_mask(self, n, s, block=block, device=device)
 
     def num_allowed(self, n: int, s: int | None = None) -> int:
         """Number of allowed (query, key) pairs; summed over batch items for per-batch patterns."""
@@ -346,12 +351,7 @@ def _tile_masks(pattern: Pattern, grid: Grid, rows: Tensor, cols: Tensor) -> tup
     valid = (q < grid.n)[:, :, None] & (k < grid.s)[:, None, :]
     q = q.clamp(max=grid.n - 1)[:, :, None]
     k = k.clamp(max=grid.s - 1)[:, None, :]
-    if pattern.batch_size is None:
-        m = pattern.mask_mod(q, k, grid.n, grid.s)
-    else:
-        b = torch.arange(pattern.batch_size).view(-1, 1, 1, 1)
-        m = pattern.mask_mod(q, k, grid.n, grid.s, b)
-    return m & valid, valid
+    return pattern.evaluate(q, k, grid.n, grid.s) & valid, valid
 
 
 def _refine(pattern: Pattern, grid: Grid, states: Tensor, uncertain: Tensor) -> None:
