@@ -159,3 +159,21 @@ def test_torchs_mask_keywords_are_refused_with_the_replacement(make, args, keywo
         make()(*args, **{keyword: torch.zeros(1, 4, dtype=torch.bool)})
     with pytest.raises(TypeError, match="unexpected keyword argument 'typo'"):
         make()(*args, typo=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_rms_norm_matches_the_llama_formula(dtype):
+    """The fused float32 path and the explicit one compute Llama's RMSNorm: in float32, then
+    cast back before the weight."""
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, dtype=dtype) + 0.5)
+    x = (torch.randn(3, 5, 48) * 4).to(dtype)
+    x32 = x.float()
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:  # the fused kernel: equal up to the order of the mean's sum
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
