@@ -61,8 +61,12 @@ class FusedCPU:
             q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
         )
         # Rows whose bias hides every key: the convention (0, -inf), not whatever the kernel
-        # returns there.
-        lse = torch.where(torch.isfinite(bias).any(-1), lse, -torch.inf)
+        # returns there. Checked on the (small, often shared) bias; the output is only
+        # rewritten when such rows exist.
+        seen = torch.isfinite(bias).any(-1)
+        if bool(seen.all()):
+            return out, lse
+        lse = torch.where(seen, lse, -torch.inf)
         return _rows.zero_unseen(out, lse), lse
 
     @staticmethod

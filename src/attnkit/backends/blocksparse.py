@@ -439,8 +439,11 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     q_rows = job.to_rows(q, plan)
     k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
     X, T, M = q_rows.shape[:3]
-    # Rows no call covers keep the convention of _rows: output 0, lse -inf.
-    out_acc = torch.zeros(X, T, M, inp.Dv, dtype=ct, device=q.device)
+    # Every row starts at lse -inf. Its output is first assigned by the call that writes it
+    # (``written``); a later call combines through _rows.combine, which selects a side whose
+    # lse is -inf away rather than reading it. Rows no call writes are zeroed at the end. So
+    # no uninitialized value is ever read, and the output needs no zero-fill pass.
+    out_acc = torch.empty(X, T, M, inp.Dv, dtype=ct, device=q.device)
     lse_acc = torch.full((X, T, M), float("-inf"), dtype=ct, device=q.device)
     written = torch.zeros(inp.B, T, dtype=torch.bool)
     for seg in plan.segments:
@@ -460,6 +463,8 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
                 )
             rows = _row_selector(seg, lo, hi, q.device)
             _merge(out_acc[xs], lse_acc[xs], written[call.items], rows, out_c, lse_c)
+    if not bool(written.all()):  # tile rows (per batch item) that no call wrote: output 0
+        out_acc[(~written).repeat_interleave(inp.Hkv, 0).to(q.device)] = 0
     return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
 
 
