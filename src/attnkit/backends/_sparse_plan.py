@@ -221,7 +221,7 @@ def _pieces(bm, b: int, s: int, gather_cost: float) -> list[tuple[Tensor, Tensor
         covered[rows[:, None].expand_as(cols)[keep], cols[keep]] = True
         # Rows whose whole range holds real keys read a strided view of K; the ends gather.
         whole = (cols[:, 0] >= 0) & ((cols[:, -1] + 1) * b <= s)
-        for run, strided in _runs(whole):
+        for run, strided in runs(whole):
             pieces.append((rows[run], cols[run], strided))
 
     extra = nonempty & ~covered
@@ -235,15 +235,15 @@ def _pieces(bm, b: int, s: int, gather_cost: float) -> list[tuple[Tensor, Tensor
     return pieces
 
 
-def _runs(flags: Tensor) -> list[tuple[slice, bool]]:
-    """Maximal runs of equal values in a 1-D bool tensor, as ``(slice, value)``."""
-    values = flags.tolist()
-    runs, start = [], 0
+def runs(values: Tensor | list) -> list[tuple[slice, object]]:
+    """Maximal runs of equal values in a 1-D tensor or list, as ``(slice, value)``."""
+    values = values.tolist() if isinstance(values, Tensor) else values
+    out, start = [], 0
     for i in range(1, len(values) + 1):
         if i == len(values) or values[i] != values[start]:
-            runs.append((slice(start, i), values[start]))
+            out.append((slice(start, i), values[start]))
             start = i
-    return runs
+    return out
 
 
 def _segment(

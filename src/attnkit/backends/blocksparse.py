@@ -46,7 +46,7 @@ from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
 from ._residue import regroup, residue_split, ungroup
-from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, sparse_plan
+from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, runs, sparse_plan
 from ._tuning import TILES
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
@@ -317,10 +317,7 @@ class _Job:
         ``PADDED`` (its mask differs per batch item). All ``CLEAN`` without key lengths."""
         if self.key_lengths is None:
             return [CLEAN] * seg.rows.numel()
-        shortest, longest = int(self.key_lengths.min()), int(self.key_lengths.max())
-        clean = seg.key_hi < shortest
-        dead = seg.key_lo >= longest
-        return torch.where(clean, CLEAN, torch.where(dead, DEAD, PADDED)).tolist()
+        return _classify(seg.key_lo, seg.key_hi, int(self.key_lengths.min()), int(self.key_lengths.max()))
 
     def chunks(self, seg: Segment, backward: bool) -> list[tuple[int, int, bool]]:
         """``(lo, hi, padded)`` row ranges of ``seg`` for one batched call each, within
@@ -369,15 +366,21 @@ class _Job:
             else:
                 key_lo, key_hi = seg.key_lo[lo:hi], seg.key_hi[lo:hi]
                 for item, length in enumerate(self.key_lengths.tolist()):
-                    how = torch.where(key_hi < length, CLEAN, torch.where(key_lo >= length, DEAD, PADDED))
                     xs = slice(item * inp.Hkv, (item + 1) * inp.Hkv)
-                    for run, c in _runs(how.tolist()):
+                    for run, c in runs(_classify(key_lo, key_hi, length, length)):
                         if c != DEAD:
                             limit = self.key_lengths[item : item + 1] if c == PADDED else None
                             yield _Call(xs, slice(item, item + 1), lo + run.start, lo + run.stop, limit)
 
 
 CLEAN, PADDED, DEAD = 0, 1, 2
+
+
+def _classify(key_lo: Tensor, key_hi: Tensor, shortest: int, longest: int) -> list[int]:
+    """Per row, from the smallest and largest key it may see: ``CLEAN`` when all its keys lie
+    below every length (``< shortest``), ``DEAD`` when none lies below any (``>= longest``),
+    ``PADDED`` otherwise."""
+    return torch.where(key_hi < shortest, CLEAN, torch.where(key_lo >= longest, DEAD, PADDED)).tolist()
 
 
 @dataclass(frozen=True)
@@ -390,15 +393,6 @@ class _Call:
     lo: int
     hi: int
     key_limit: Tensor | None
-
-
-def _runs(values: list) -> Iterator[tuple[slice, object]]:
-    """Maximal runs of equal values, as ``(slice, value)``."""
-    start = 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            yield slice(start, i), values[start]
-            start = i
 
 
 def _row_selector(seg: Segment, lo: int, hi: int, device) -> slice | Tensor:
