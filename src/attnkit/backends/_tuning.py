@@ -228,7 +228,10 @@ def calibrate(
 ) -> Tuning:
     """Measure the rates on this machine (a few seconds): torch's fused CPU kernel on band
     (512 keys per tile) and gathered (256 keys per tile) layouts for every tile size, forward
-    and backward; the copy of gathered keys; dense SDPA with a boolean mask."""
+    and backward; the copy of gathered keys; dense SDPA with a boolean mask.
+
+    All the measured calls are set up first and then timed in turns (:func:`_best_times`), so
+    a burst of load on a shared machine slows one round of every call, not every run of one."""
     fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     g = torch.Generator().manual_seed(0)
@@ -237,8 +240,7 @@ def calibrate(
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    rates: dict = {"forward": {"band": {}, "gather": {}}, "backward": {"band": {}, "gather": {}}}
-    copy_ratios = []
+    calls, flops = {}, {}
     for b in TILES:
         nr = max(1, rows // b)
         for layout, want in (("band", 512), ("gather", 256)):
@@ -252,44 +254,50 @@ def calibrate(
                 k_src, v_src = randn(X, nr * R, D), randn(X, nr * R, D)
                 index = torch.randperm(nr * R, generator=g)
                 k, v = k_src[:, index].view(X, nr, R, D), v_src[:, index].view(X, nr, R, D)
+                calls["copy", layout, b] = lambda k_src=k_src, v_src=v_src, index=index: (
+                    k_src[:, index],
+                    v_src[:, index],
+                )
             bias = torch.zeros(1, 1, b, R, dtype=dtype)
             out, lse = fwd(q, k, v, 0.0, False, attn_mask=bias)
             do = torch.randn(out.shape, generator=g).to(dtype)
-            flops = 4 * X * nr * b * R * D
-            t_f = _best_time(lambda q=q, k=k, v=v, bias=bias: fwd(q, k, v, 0.0, False, attn_mask=bias))
-            t_b = _best_time(
-                lambda q=q, k=k, v=v, bias=bias, out=out, lse=lse, do=do: bwd(
-                    do, q, k, v, out, lse, 0.0, False, attn_mask=bias
-                )
+            calls["forward", layout, b] = lambda q=q, k=k, v=v, bias=bias: fwd(
+                q, k, v, 0.0, False, attn_mask=bias
             )
-            rates["forward"][layout][b] = flops / t_f / 1e9
-            rates["backward"][layout][b] = 2.5 * flops / t_b / 1e9
-            if layout == "gather":
-                t_copy = _best_time(
-                    lambda k_src=k_src, v_src=v_src, index=index: (k_src[:, index], v_src[:, index])
-                )
-                copy_ratios.append(1 + t_copy / t_f)
+            calls["backward", layout, b] = lambda q=q, k=k, v=v, bias=bias, out=out, lse=lse, do=do: bwd(
+                do, q, k, v, out, lse, 0.0, False, attn_mask=bias
+            )
+            flops["forward", layout, b] = 4 * X * nr * b * R * D
+            flops["backward", layout, b] = 2.5 * 4 * X * nr * b * R * D
     n = rows
-    q, k, v = (randn(1, X, n, D) for _ in range(3))
+    qs, ks, vs = (randn(1, X, n, D) for _ in range(3))
     mask = torch.rand(n, n, generator=g) < 0.5
-    t_sdpa = _best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    copy_ratios.sort()
+    calls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+    best = _best_times(calls)
+
+    rates: dict = {d: {lay: {} for lay in ("band", "gather")} for d in ("forward", "backward")}
+    for (direction, layout, b), f in flops.items():
+        rates[direction][layout][b] = f / best[direction, layout, b] / 1e9
+    copy_ratios = sorted(1 + best["copy", "gather", b] / best["forward", "gather", b] for b in TILES)
     return Tuning(
         kernel_rates=rates,
         gather_copy=copy_ratios[len(copy_ratios) // 2],
-        sdpa_mask_rate=4 * X * n * n * D / t_sdpa / 1e9,
+        sdpa_mask_rate=4 * X * n * n * D / best["sdpa"] / 1e9,
         source="measured",
         key=machine_key(dtype),
     )
 
 
-def _best_time(fn, repeats: int = 5) -> float:
-    """The fastest of ``repeats`` warm runs: on a shared machine, interference only ever adds
-    time, so the minimum is the steadiest estimate of what the kernel itself takes."""
-    fn()  # warm up
-    best = float("inf")
+def _best_times(calls: dict, repeats: int = 5) -> dict:
+    """Per call, the fastest of ``repeats`` warm runs, the calls taken in turns. On a shared
+    machine interference only ever adds time, so the minimum is the steadiest estimate of what
+    the kernel itself takes."""
+    for fn in calls.values():
+        fn()  # warm up
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return max(best, 1e-9)
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: max(t, 1e-9) for name, t in best.items()}
