@@ -180,11 +180,7 @@ def _read_all() -> dict:
             raise ValueError(f"expected {{'format': {FORMAT}, 'entries': {{...}}}}")
         return data["entries"]
     except (OSError, ValueError) as e:
-        warnings.warn(
-            f"attnkit: ignoring the tuning file {str(path)!r} ({e}); it will be measured and rewritten.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _warn(f"attnkit: ignoring the tuning file {str(path)!r} ({e}); it will be measured and rewritten.")
         return {}
 
 
@@ -195,10 +191,8 @@ def _read_entry(key: str) -> Tuning | None:
     try:
         return Tuning.from_json(entry, key)
     except (KeyError, TypeError, ValueError) as e:
-        warnings.warn(
-            f"attnkit: ignoring the tuning entry {key!r} in {str(tuning_file())!r} ({e!r}); measuring again.",
-            RuntimeWarning,
-            stacklevel=4,
+        _warn(
+            f"attnkit: ignoring the tuning entry {key!r} in {str(tuning_file())!r} ({e!r}); measuring again."
         )
         return None
 
@@ -211,7 +205,19 @@ def store(tuning: Tuning) -> None:
     try:
         atomic_write(tuning_file(), lambda p: p.write_text(text + "\n", encoding="utf-8"))
     except OSError as e:  # a read-only home: keep the rates for this process only
-        warnings.warn(f"attnkit: could not save the tuning file ({e}).", RuntimeWarning, stacklevel=3)
+        _warn(f"attnkit: could not save the tuning file ({e}).")
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _warn(message: str) -> None:
+    """A ``RuntimeWarning`` attributed to the first caller outside attnkit (the user's line
+    that needed the rates), however deep inside attnkit it was raised."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is _warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def forget() -> None:
