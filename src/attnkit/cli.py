@@ -89,13 +89,14 @@ def _explain(args: argparse.Namespace) -> int:
     text = _read_text(args.text)
     if not text.strip():
         raise UsageError(f"TEXT: expected a non-empty TEXT, but got {text!r}.")
+    pattern = None
     if args.pattern is not None:
         from .patterns import parse_pattern
 
         with _usage("--pattern"):
-            parse_pattern(args.pattern)
+            pattern = parse_pattern(args.pattern)
     with _input("--model"):
-        loaded = load_model(args.model, pattern=args.pattern)
+        loaded = load_model(args.model, pattern=pattern)
     ex = explain(text, loaded=loaded, capture_inputs=args.steps)
     rec = ex.record
     if ex.truncated:
