@@ -269,3 +269,36 @@ def test_generated_pictures_are_current(tool):
         [sys.executable, str(root / "tools" / tool), "--check"], capture_output=True, text=True, check=False
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+CROPS = [((0, 45), (0, 47)), ((3, 20), (0, 47)), ((20, 45), (11, 30)), ((0, 1), (46, 47)), ((44, 45), (0, 5))]
+
+
+@pytest.mark.parametrize("rect", CROPS, ids=str)
+@pytest.mark.parametrize("pattern", BLOCK_CASES, ids=repr)
+def test_crop_is_the_rectangle_of_the_whole_pattern(pattern, rect):
+    (r0, r1), (c0, c1) = rect
+    part = P.crop(pattern, BLOCK_N, BLOCK_S, (r0, r1), (c0, c1))
+    n, s = r1 - r0, c1 - c0
+    want = pattern.to_dense(BLOCK_N, BLOCK_S)[..., r0:r1, c0:c1]
+    assert torch.equal(part.to_dense(n, s), want)
+    assert part.num_allowed(n, s) == int(want.sum())
+    for block in [(8, 8), (5, 7)]:
+        assert_block_map_exact(part, n, s, block)
+
+
+def test_crop_keeps_simple_patterns_simple_and_checks_its_rectangle():
+    pad = P.KeyPadding((47, 20, 0)) & P.SlidingWindow(4, 4)
+    part = P.crop(pad, 45, 47, (10, 20), (15, 40))
+    assert isinstance(part, P.And) and P.KeyPadding((25, 5, 0)) in part.parts
+    assert P.crop(P.Full(), 45, 47, (1, 2), (3, 4)) == P.Full()
+    assert P.crop(P.Causal(), 45, 47, (0, 45), (0, 47)) == P.Causal()
+    assert (
+        repr(P.crop(P.Causal(), 8, 8, (4, 8), (0, 4))) == "Crop(Causal(), N=8, S=8, rows=(4, 8), cols=(0, 4))"
+    )
+    with pytest.raises(ValueError, match=r"rows = \(start, stop\).*rows=\(5, 5\)"):
+        P.crop(P.Causal(), 8, 8, (5, 5), (0, 8))
+    with pytest.raises(ValueError, match=r"0 <= start < stop <= 8.*cols=\(0, 9\)"):
+        P.crop(P.Causal(), 8, 8, (0, 8), (0, 9))
+    with pytest.raises(ValueError, match=r"\(N, S\) = \(4, 4\)"):
+        P.crop(P.Causal(), 8, 8, (4, 8), (0, 4)).to_dense(4, 5)

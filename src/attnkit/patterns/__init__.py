@@ -16,12 +16,14 @@ default, see :class:`Causal`); key ``j`` of ``S``. ``True`` means "may attend".
 ``Document(lengths)``        same segment of the packed sequence
 ``KeyPadding(lengths)``      ``j < lengths[b]`` (per batch item)
 ``a & b``, ``a | b``         both, either
+``crop(p, N, S, rows, cols)``  a rectangle of ``p`` (context parallelism's shard pairs)
 ===========================  ==========================================================
 """
 
 from .base import And, Or, Pattern
 from .basic import Causal, Full
 from .blockmap import EMPTY, FULL, PARTIAL, BlockMap
+from .crop import Crop, crop
 from .document import Document, KeyPadding
 from .global_tokens import Global
 from .layout import BlockLayout
@@ -53,6 +55,7 @@ __all__ = [
     "BlockLayout",
     "BlockMap",
     "Causal",
+    "Crop",
     "Dilated",
     "Document",
     "Fixed",
@@ -64,5 +67,6 @@ __all__ = [
     "Random",
     "SlidingWindow",
     "Strided",
+    "crop",
     "parse_pattern",
 ]

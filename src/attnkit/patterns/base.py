@@ -42,30 +42,48 @@ _CHUNK_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class Grid:
-    """Tile geometry of an ``(n, s)`` matrix cut into ``bq x bk`` tiles (CPU int64 tensors)."""
+    """Tile geometry of an ``(n, s)`` matrix cut into ``bq x bk`` tiles (CPU int64 tensors).
+
+    By default the tiles cover the whole matrix. A grid may cover only the rectangle of rows
+    ``[q_lo, q_hi)`` and columns ``[k_lo, k_hi)`` (tiles starting at ``q_lo`` and ``k_lo``);
+    ``n`` and ``s`` stay the whole matrix's sizes, so a pattern's alignment is unchanged and
+    its tile states come out for that rectangle alone (see :class:`attnkit.patterns.Crop`).
+    """
 
     n: int
     s: int
     bq: int
     bk: int
+    q_lo: int = 0
+    k_lo: int = 0
+    q_hi: int | None = None
+    k_hi: int | None = None
+
+    @property
+    def q_end(self) -> int:
+        return self.n if self.q_hi is None else self.q_hi
+
+    @property
+    def k_end(self) -> int:
+        return self.s if self.k_hi is None else self.k_hi
 
     @property
     def nqb(self) -> int:
-        return -(-self.n // self.bq)
+        return -(-(self.q_end - self.q_lo) // self.bq)
 
     @property
     def nkb(self) -> int:
-        return -(-self.s // self.bk)
+        return -(-(self.k_end - self.k_lo) // self.bk)
 
     def q_bounds(self) -> tuple[Tensor, Tensor]:
         """First and last (inclusive) query index of each tile row, ``(nqb,)`` each."""
-        start = torch.arange(self.nqb) * self.bq
-        return start, torch.clamp(start + self.bq, max=self.n) - 1
+        start = self.q_lo + torch.arange(self.nqb) * self.bq
+        return start, torch.clamp(start + self.bq, max=self.q_end) - 1
 
     def k_bounds(self) -> tuple[Tensor, Tensor]:
         """First and last (inclusive) key index of each tile column, ``(nkb,)`` each."""
-        start = torch.arange(self.nkb) * self.bk
-        return start, torch.clamp(start + self.bk, max=self.s) - 1
+        start = self.k_lo + torch.arange(self.nkb) * self.bk
+        return start, torch.clamp(start + self.bk, max=self.k_end) - 1
 
 
 def classify(count: Tensor, area: Tensor) -> Tensor:
