@@ -88,6 +88,39 @@ class BlockSparseBackend(Backend):
 
     @classmethod
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
+        job, parts = cls._job(inp, backward=inp.requires_grad)
+        bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
+        out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
+        return AttentionResult(out, None, lse if inp.return_lse else None)
+
+    @classmethod
+    def partial_forward(cls, inp: AttentionInputs) -> tuple[Tensor, Tensor]:
+        """``(out, lse)`` of ``inp`` in the compute dtype (float32, or float64), no autograd
+        graph: one piece of a larger softmax, to be merged through the log-sum-exps
+        (:func:`attnkit.backends._rows.combine`) and differentiated by
+        :meth:`partial_backward`. No dropout; a float bias gets no gradient."""
+        job, parts = cls._job(inp, backward=True)
+        with torch.no_grad():
+            return _run_forward(job, parts, inp.q, inp.k, inp.v, inp.bias)
+
+    @classmethod
+    def partial_backward(
+        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients ``(dq, dk, dv)`` (compute dtype) of this piece's queries, keys and values
+        when ``out`` ``(B, H, N, Dv)`` and ``lse`` ``(B, H, N)`` are the *merged* output and
+        log-sum-exp of the whole softmax the piece belongs to and ``dout`` is the gradient of
+        that output: the probabilities are recomputed against the whole row's normalizer, so
+        the pieces' gradients add up to the whole's (as in ring attention)."""
+        job, parts = cls._job(inp, backward=True)
+        with torch.no_grad():
+            grads = _run_backward(
+                job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, inp.bias, False
+            )
+        return grads[0], grads[1], grads[2]
+
+    @classmethod
+    def _job(cls, inp: AttentionInputs, backward: bool) -> tuple[_Job, tuple[_Part, ...]]:
         fused = (
             inp.device.type == "cpu"
             and inp.Dv == inp.D  # torch's CPU kernel needs one head size for q, k and v
@@ -103,12 +136,10 @@ class BlockSparseBackend(Backend):
             inp.N,
             inp.S,
             splittable=_splittable(inp) and lengths is None,
-            backward=fused and inp.requires_grad,
+            backward=fused and backward,
             dtype=inp.dtype,
         )
-        bias = inp.bias if inp.bias is not None else torch.empty(0, device=inp.device)
-        out, lse = _BlockSparseAttention.apply(inp.q, inp.k, inp.v, bias, job, parts)
-        return AttentionResult(out, None, lse if inp.return_lse else None)
+        return job, parts
 
     @classmethod
     def plan(
@@ -504,18 +535,41 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
     return dq, dk_acc[:, : inp.S].reshape(k.shape), dv_acc[:, : inp.S].reshape(v.shape), dbias
 
 
+def _run_forward(job: _Job, parts: tuple[_Part, ...], q, k, v, user_bias) -> tuple[Tensor, Tensor]:
+    """Every part's forward, merged: ``out`` and ``lse`` in the compute dtype."""
+    out = lse = None
+    for part in parts:
+        s = part.stride
+        args = (q, k, v) if s is None else (regroup(q, s), regroup(k, s), regroup(v, s))
+        out_p, lse_p = _forward_plan(job, part.forward_plan, *args, user_bias)
+        if s is not None:
+            out_p, lse_p = ungroup(out_p, s), ungroup(lse_p, s)
+        out, lse = (out_p, lse_p) if out is None else _rows.combine(out, lse, out_p, lse_p)
+    return out, lse
+
+
+def _run_backward(job: _Job, parts: tuple[_Part, ...], q, k, v, dout, out, lse, user_bias, want_dbias):
+    """Every part's backward from the final ``out``/``lse``, summed: ``(dq, dk, dv, dbias)``."""
+    grads = None
+    for part in parts:
+        s = part.stride
+        tensors = (q, k, v, dout, out, lse)
+        if s is not None:
+            tensors = tuple(regroup(t, s) for t in tensors)
+        g = _backward_plan(job, part.backward_plan, *tensors, user_bias, want_dbias)
+        if s is not None:
+            g = (ungroup(g[0], s), ungroup(g[1], s), ungroup(g[2], s), g[3])
+        grads = (
+            g if grads is None else tuple(a if b_ is None else a + b_ for a, b_ in zip(grads, g, strict=True))
+        )
+    return grads
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, job: _Job, parts: tuple[_Part, ...]):
         user_bias = bias if bias.numel() else None
-        out = lse = None
-        for part in parts:
-            s = part.stride
-            args = (q, k, v) if s is None else (regroup(q, s), regroup(k, s), regroup(v, s))
-            out_p, lse_p = _forward_plan(job, part.forward_plan, *args, user_bias)
-            if s is not None:
-                out_p, lse_p = ungroup(out_p, s), ungroup(lse_p, s)
-            out, lse = (out_p, lse_p) if out is None else _rows.combine(out, lse, out_p, lse_p)
+        out, lse = _run_forward(job, parts, q, k, v, user_bias)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.job, ctx.parts = job, parts
@@ -525,25 +579,11 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        job: _Job = ctx.job
         user_bias = bias if bias.numel() else None
         want_dbias = user_bias is not None and ctx.needs_input_grad[3]
-        dout = dout.contiguous()
-        grads = None
-        for part in ctx.parts:
-            s = part.stride
-            tensors = (q, k, v, dout, out, lse)
-            if s is not None:
-                tensors = tuple(regroup(t, s) for t in tensors)
-            g = _backward_plan(job, part.backward_plan, *tensors, user_bias, want_dbias)
-            if s is not None:
-                g = (ungroup(g[0], s), ungroup(g[1], s), ungroup(g[2], s), g[3])
-            grads = (
-                g
-                if grads is None
-                else tuple(a if b_ is None else a + b_ for a, b_ in zip(grads, g, strict=True))
-            )
-        dq, dk, dv, dbias = grads
+        dq, dk, dv, dbias = _run_backward(
+            ctx.job, ctx.parts, q, k, v, dout.contiguous(), out, lse, user_bias, want_dbias
+        )
         db = dbias.to(bias.dtype) if dbias is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db, None, None
 

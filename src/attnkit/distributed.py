@@ -1,0 +1,756 @@
+"""Context parallelism: attention over a sequence sharded across processes, any pattern.
+
+Each rank of a ``torch.distributed`` group holds a shard of the sequence (made by
+:func:`shard_sequence`). :func:`context_parallel_attention` returns this rank's shard of what
+:func:`attnkit.attention` would give on the whole sequence, forward and backward, by one of two
+methods:
+
+* ``ring``: every rank keeps its queries; key/value shards travel between ranks with
+  ``isend``/``irecv``, the next shard's transfer overlapping the current one's compute. Each
+  (query shard, key shard) pair is an ordinary attention call on the pattern's rectangle
+  (:func:`attnkit.patterns.crop`); partial results merge exactly through their log-sum-exps.
+  The backward re-sends the key/value shards and sends each pair's ``dK``/``dV`` back to the
+  shard's owner. A pair the pattern never connects (its block map has no tile there) is
+  neither sent nor computed, so a sliding window talks only to neighbouring shards and
+  ``Document`` only to shards that share a document. ``layout="zigzag"`` (shard ``r`` holds
+  chunks ``r`` and ``2P - 1 - r`` of ``2P``) balances causal work.
+* ``all_to_all`` (DeepSpeed-Ulysses): swap sequence sharding for head sharding, run the whole
+  sequence with the full pattern on ``H / P`` heads through any local backend, swap back.
+  Needs ``H % P == 0``.
+
+Only ``torch.distributed`` point-to-point operations move data (gloo on CPU, NCCL on GPU).
+Every wait has a timeout (``timeout=``, default ``ATTNKIT_DIST_TIMEOUT`` seconds or 300) and
+names the peer it waited for, so a rank that raised or died makes the others fail with
+:class:`PeerError` instead of hanging. Every call first checks that all ranks agree on shapes,
+dtype, pattern, layout and method.
+
+Shape legend: ``B`` batch, ``H``/``Hkv`` query/key-value heads, ``N``/``S`` whole query/key
+lengths, ``N_local`` a rank's share, ``D``/``Dv`` head dims, ``P`` ranks in the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional
+from .backends import _rows
+from .backends.base import compute_dtype, lse_dtype
+from .backends.blocksparse import BlockSparseBackend
+from .patterns import EMPTY, Full, Pattern, crop
+
+__all__ = [
+    "LAYOUTS",
+    "METHODS",
+    "PeerError",
+    "context_parallel_attention",
+    "gather_sequence",
+    "shard_ranges",
+    "shard_sequence",
+]
+
+LAYOUTS = ("contiguous", "zigzag")
+METHODS = ("auto", "ring", "all_to_all")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class PeerError(RuntimeError):
+    """A peer rank did not answer in time, or its connection failed (it raised or died)."""
+
+    def __init__(self, message: str, peer: int) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+# --------------------------------------------------------------------------- layouts
+def shard_ranges(
+    n: int, world_size: int, layout: str = "contiguous"
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The ``[start, stop)`` ranges of an ``n``-token sequence that each of ``world_size``
+    ranks holds, in the order the rank stores them.
+
+    ``contiguous``: rank ``r`` holds one run; the first ``n % P`` ranks one token more.
+    ``zigzag``: the sequence is cut in ``2P`` runs the same way and rank ``r`` holds runs ``r``
+    and ``2P - 1 - r``, so causal and windowed work is the same on every rank.
+
+    Raises:
+        ValueError: unknown layout, or fewer tokens than the layout has runs.
+    """
+    _check_layout(layout)
+    for name, value in (("n", n), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"shard_ranges(): expected {name} to be a positive int, but got {name}={value!r}."
+            )
+    runs = world_size if layout == "contiguous" else 2 * world_size
+    if n < runs:
+        raise ValueError(
+            f"shard_ranges(): the {layout} layout cuts the sequence in {runs} runs for {world_size} "
+            f"ranks, so it needs at least {runs} tokens, but got n={n}."
+        )
+    q, extra = divmod(n, runs)
+    bounds = [0]
+    for i in range(runs):
+        bounds.append(bounds[-1] + q + (i < extra))
+    cut = [(bounds[i], bounds[i + 1]) for i in range(runs)]
+    if layout == "contiguous":
+        return tuple((c,) for c in cut)
+    return tuple((cut[r], cut[runs - 1 - r]) for r in range(world_size))
+
+
+def shard_sequence(
+    x: Tensor, *, dim: int = 2, group: dist.ProcessGroup | None = None, layout: str = "contiguous"
+) -> Tensor:
+    """This rank's shard of ``x`` along ``dim`` (default 2, the sequence axis of ``(B, H, N,
+    D)``); a view for the contiguous layout. Lengths not divisible by the ranks are fine."""
+    g = _Group.of(group, None)
+    ranges = shard_ranges(x.shape[dim], g.size, layout)[g.rank]
+    parts = [x.narrow(dim, a, b - a) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def gather_sequence(
+    x_local: Tensor,
+    *,
+    dim: int = 2,
+    n: int,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    timeout: float | None = None,
+) -> Tensor:
+    """The whole ``n``-token sequence on every rank, from each rank's shard (the inverse of
+    :func:`shard_sequence`). Differentiable: the gradient of a rank's shard is the sum over
+    ranks of the gradients of its positions (as an all-gather's is)."""
+    g = _Group.of(group, timeout)
+    ranges = shard_ranges(n, g.size, layout)
+    dim = dim % x_local.dim()
+    have, want = x_local.shape[dim], sum(b - a for a, b in ranges[g.rank])
+    if have != want:
+        raise ValueError(
+            f"gather_sequence(): expected rank {g.rank}'s shard to hold {want} of the n={n} tokens "
+            f"along dim={dim} ({layout} layout, {g.size} ranks), but got "
+            f"x_local.shape={tuple(x_local.shape)}."
+        )
+    return _Gather.apply(x_local, dim, ranges, g)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim: int, ranges, g: _Group):
+        ctx.dim, ctx.ranges, ctx.g = dim, ranges, g
+        return _all_gather_seq(x, dim, ranges, g, "gather_sequence")
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = _all_reduce_sum(grad.contiguous(), ctx.g, "gather_sequence backward")
+        mine = [total.narrow(ctx.dim, a, b - a) for a, b in ctx.ranges[ctx.g.rank]]
+        return (mine[0] if len(mine) == 1 else torch.cat(mine, ctx.dim)), None, None, None
+
+
+# --------------------------------------------------------------------------- the attention
+def context_parallel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern: Pattern | None = None,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    method: str = "auto",
+    return_lse: bool = False,
+    timeout: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """This rank's shard of ``attention(q_full, k_full, v_full, pattern=..., mask=...)``.
+
+    Args:
+        q: This rank's queries ``(B, H, N_local, D)``, from :func:`shard_sequence`.
+        k: This rank's keys ``(B, Hkv, S_local, D)`` (``H % Hkv == 0``), sharded alike.
+        v: This rank's values ``(B, Hkv, S_local, Dv)``.
+        pattern: Any :class:`~attnkit.patterns.Pattern` of the whole ``(N, S)`` matrix
+            (positions, alignment and documents are global). ``None`` is ``Full()``.
+        mask: Optional bool mask or float bias broadcastable to the *whole* ``(B, H, N, S)``
+            (each rank reads its rows; costs what it holds). A float bias gets no gradient.
+        scale: Multiplier of ``q @ k^T``; default ``D ** -0.5``.
+        group: The process group whose ranks hold the shards; default the world.
+        layout: ``"contiguous"`` or ``"zigzag"``, as the shards were made.
+        method: ``"ring"``, ``"all_to_all"`` or ``"auto"`` (the one moving fewer bytes per
+            rank, of those that can run; see ``docs/distributed.md``).
+        return_lse: Also return this rank's rows of the log-sum-exp ``(B, H, N_local)``.
+        timeout: Seconds to wait for any peer; default ``ATTNKIT_DIST_TIMEOUT`` or 300.
+
+    Returns:
+        ``out`` ``(B, H, N_local, Dv)``, or ``(out, lse)``. Gradients of ``q``, ``k``, ``v``
+        are this rank's slices of the whole-sequence gradients.
+
+    Raises:
+        TypeError, ValueError: bad arguments, or ranks that disagree (shapes, dtype, pattern,
+            layout, method, scale), or shards that are not the layout's.
+        PeerError: a peer did not answer within ``timeout`` or its connection failed.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"context_parallel_attention(): expected {name} to be a Tensor, but got {type(t).__name__}."
+            )
+    _check_layout(layout)
+    if method not in METHODS:
+        raise ValueError(
+            f"context_parallel_attention(): expected method in {METHODS}, but got method={method!r}."
+        )
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"context_parallel_attention(): expected pattern to be an attnkit.patterns.Pattern or None, "
+            f"but got {type(pattern).__name__}."
+        )
+    # local validation (shapes, dtypes, GQA, scale) through attention()'s own checks
+    local = functional.build_inputs(q, k, v, scale=scale)
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(
+                f"context_parallel_attention(): expected mask to be a Tensor, but got {type(mask).__name__}."
+            )
+        if mask.is_floating_point() and mask.requires_grad:
+            raise ValueError(
+                "context_parallel_attention(): a float mask that requires grad is not supported "
+                "(its gradient would be sharded by rows and columns); detach it, or express it "
+                "as a pattern."
+            )
+    g = _Group.of(group, timeout)
+    pattern = Full() if pattern is None else pattern
+    metas = _agree(g, local, pattern, mask, layout, method)
+    N = sum(m[3] for m in metas)
+    S = sum(m[4] for m in metas)
+    q_ranges, k_ranges = shard_ranges(N, g.size, layout), shard_ranges(S, g.size, layout)
+    for r, m in enumerate(metas):
+        for name, got, ranges in (("q", m[3], q_ranges), ("k", m[4], k_ranges)):
+            want = sum(b - a for a, b in ranges[r])
+            if got != want:
+                raise ValueError(
+                    f"context_parallel_attention(): rank {r} holds {got} tokens of {name}, but the "
+                    f"{layout} layout gives it {want} of {N if name == 'q' else S}: shard with "
+                    f"shard_sequence(..., layout={layout!r})."
+                )
+    pattern.check(N, S)
+    if pattern.batch_size is not None and pattern.batch_size != local.B:
+        raise ValueError(
+            f"context_parallel_attention(): expected the pattern's batch size to equal B={local.B}, "
+            f"but got {pattern!r}."
+        )
+    if mask is not None:
+        _check_mask(mask, local.B, local.H, N, S)
+    plan = _Plan(g, pattern, N, S, q_ranges, k_ranges, layout)
+    chosen = _choose(method, plan, local)
+    if chosen == "all_to_all":
+        return _all_to_all_attention(q, k, v, plan, mask, local.scale, return_lse)
+    out, lse = _Ring.apply(q, k, v, plan, mask, local.scale)
+    return (out, lse.to(lse_dtype(q.dtype))) if return_lse else out
+
+
+def _check_mask(mask: Tensor, B: int, H: int, N: int, S: int) -> None:
+    ok = mask.dim() <= 4 and (mask.dtype == torch.bool or mask.is_floating_point())
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(tuple(mask.shape), (B, H, N, S)) == (B, H, N, S)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"context_parallel_attention(): expected mask to be a bool or float tensor broadcastable "
+            f"to the whole (B, H, N, S) = {(B, H, N, S)}, but got {mask.dtype} "
+            f"mask.shape={tuple(mask.shape)}."
+        )
+
+
+# --------------------------------------------------------------------------- plan and choice
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What every rank agrees on for one call."""
+
+    g: _Group
+    pattern: Pattern
+    N: int
+    S: int
+    q_ranges: tuple
+    k_ranges: tuple
+    layout: str
+
+    @property
+    def connected(self) -> tuple[tuple[bool, ...], ...]:
+        """``connected[a][b]``: rank ``a``'s queries see some key of rank ``b``."""
+        pairs = _pair_blocks(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)
+        P = self.g.size
+        return tuple(tuple(any(pairs[a][b]) for b in range(P)) for a in range(P))
+
+    def pieces(self, a: int, b: int) -> list[tuple[int, int, Pattern]]:
+        """The (query run, key run, cropped pattern) triples of ranks ``a`` and ``b`` that the
+        pattern connects; run numbers index the ranks' ``q_ranges``/``k_ranges``."""
+        pairs = _pair_blocks(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)[a][b]
+        out = []
+        for idx, live in enumerate(pairs):
+            if live:
+                i, j = divmod(idx, len(self.k_ranges[b]))
+                out.append(
+                    (i, j, crop(self.pattern, self.N, self.S, self.q_ranges[a][i], self.k_ranges[b][j]))
+                )
+        return out
+
+
+@lru_cache(maxsize=64)
+def _pair_blocks(pattern: Pattern, n: int, s: int, q_ranges, k_ranges) -> tuple:
+    """Per rank pair ``[a][b]``, per (query run, key run) of theirs, whether the pattern allows
+    any pair there (from the cropped block maps: structural, no ``N x S`` evaluation)."""
+    out = []
+    for qa in q_ranges:
+        row = []
+        for kb in k_ranges:
+            live = []
+            for qr in qa:
+                for kr in kb:
+                    part = crop(pattern, n, s, qr, kr)
+                    h, w = qr[1] - qr[0], kr[1] - kr[0]
+                    bm = part.block_map(h, w, (min(h, 256), min(w, 256)))
+                    live.append(bool((bm.states != EMPTY).any()))
+            row.append(tuple(live))
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _choose(method: str, plan: _Plan, inp) -> str:
+    P = plan.g.size
+    if method == "all_to_all" and inp.H % P:
+        raise ValueError(
+            f"context_parallel_attention(): method='all_to_all' shards heads, so it needs H divisible "
+            f"by the {P} ranks, but got H={inp.H}. Use method='ring' (any H)."
+        )
+    if method != "auto":
+        return method
+    if P == 1 or inp.H % P:
+        return "ring"
+    return "ring" if _ring_bytes(plan, inp) <= _all_to_all_bytes(plan, inp) else "all_to_all"
+
+
+def _ring_bytes(plan: _Plan, inp) -> int:
+    """Forward bytes the busiest rank sends in a ring: its key/value shard to each rank that
+    needs it."""
+    size = inp.q.element_size()
+    conn = plan.connected
+    worst = 0
+    for b in range(plan.g.size):
+        peers = sum(conn[a][b] for a in range(plan.g.size) if a != b)
+        tokens = sum(y - x for x, y in plan.k_ranges[b])
+        worst = max(worst, peers * inp.B * inp.Hkv * tokens * (inp.D + inp.Dv) * size)
+    return worst
+
+
+def _all_to_all_bytes(plan: _Plan, inp) -> int:
+    """Forward bytes a rank sends in all-to-all: (P - 1) / P of its q, k, v and output."""
+    P, size = plan.g.size, inp.q.element_size()
+    n = max(sum(y - x for x, y in r) for r in plan.q_ranges)
+    s = max(sum(y - x for x, y in r) for r in plan.k_ranges)
+    hkv = inp.Hkv if inp.Hkv % P == 0 else inp.H
+    total = inp.B * (n * inp.H * (inp.D + inp.Dv) + s * hkv * (inp.D + inp.Dv))
+    return total * size * (P - 1) // P
+
+
+# --------------------------------------------------------------------------- ring
+def _kv_tokens(plan: _Plan, r: int) -> int:
+    return sum(b - a for a, b in plan.k_ranges[r])
+
+
+def _offsets(ranges) -> list[int]:
+    out, at = [], 0
+    for a, b in ranges:
+        out.append(at)
+        at += b - a
+    return out
+
+
+def _mask_piece(mask: Tensor | None, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor | None:
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m.shape[2] > 1:
+        m = m[:, :, rows[0] : rows[1]]
+    if m.shape[3] > 1:
+        m = m[:, :, :, cols[0] : cols[1]]
+    return m
+
+
+class _PairCalls:
+    """The attention calls between this rank's queries and one rank's keys/values."""
+
+    def __init__(self, plan: _Plan, mask, scale: float, q: Tensor, src: int, D: int) -> None:
+        self.plan, self.mask, self.scale, self.q, self.src, self.D = plan, mask, scale, q, src, D
+        me = plan.g.rank
+        self.q_off, self.k_off = _offsets(plan.q_ranges[me]), _offsets(plan.k_ranges[src])
+        self.items = plan.pieces(me, src)
+
+    def inputs(self, kv: Tensor):
+        plan, me = self.plan, self.plan.g.rank
+        for i, j, part in self.items:
+            qr, kr = plan.q_ranges[me][i], plan.k_ranges[self.src][j]
+            qs = slice(self.q_off[i], self.q_off[i] + qr[1] - qr[0])
+            ks = slice(self.k_off[j], self.k_off[j] + kr[1] - kr[0])
+            kvp = kv[:, :, ks]
+            inp = functional.build_inputs(
+                self.q[:, :, qs], kvp[..., : self.D], kvp[..., self.D :],
+                pattern=part, mask=_mask_piece(self.mask, qr, kr), scale=self.scale,
+            )  # fmt: skip
+            yield qs, ks, inp
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, mask, scale: float):
+        g = plan.g
+        B, H, n, D = q.shape
+        ct = compute_dtype(q.dtype)
+        kv = torch.cat([k, v], -1).contiguous()
+        conn = plan.connected
+        out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
+        lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
+        ex = _Exchanges(g, "ring forward")
+        for _, src, buf in ex.rotate(kv, conn, lambda r: _kv_shape(kv, plan, r)):
+            if buf is None:
+                continue
+            for qs, _, inp in _PairCalls(plan, mask, scale, q, src, D).inputs(buf):
+                o, s = BlockSparseBackend.partial_forward(inp)
+                out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
+        ex.finish()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.plan, ctx.mask, ctx.scale, ctx.D = plan, mask, scale, D
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, kv, out, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        g, me, D = plan.g, plan.g.rank, ctx.D
+        ct = compute_dtype(q.dtype)
+        conn = plan.connected
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+        dkv_mine = torch.zeros(kv.shape, dtype=ct, device=q.device)
+        ex = _Exchanges(g, "ring backward")
+        grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=1 << 20)
+        for step, src, buf in ex.rotate(kv, conn, lambda r: _kv_shape(kv, plan, r)):
+            send = None
+            if buf is not None:
+                dkv = dkv_mine if src == me else torch.zeros(buf.shape, dtype=ct, device=q.device)
+                for qs, ks, inp in _PairCalls(plan, ctx.mask, ctx.scale, q, src, D).inputs(buf):
+                    dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
+                        inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs]
+                    )
+                    dq[:, :, qs] += dq_p
+                    dkv[:, :, ks, :D] += dk_p
+                    dkv[:, :, ks, D:] += dv_p
+                send = (src, dkv) if src != me else None
+            # my gradient of src's keys goes back to src; rank dst used mine and sends its part
+            dst = (me + step) % g.size
+            recv = None
+            if dst != me and conn[dst][me]:
+                recv = (dst, torch.empty(kv.shape, dtype=ct, device=q.device))
+            grads.post(send=send, recv=recv, step=step)
+        ex.finish()
+        for _, received in grads.finish():
+            dkv_mine += received
+        dkv_mine = dkv_mine.to(kv.dtype)
+        return dq.to(q.dtype), dkv_mine[..., :D], dkv_mine[..., D:], None, None, None
+
+
+def _kv_shape(kv: Tensor, plan: _Plan, r: int) -> tuple[int, ...]:
+    B, Hkv, _, E = kv.shape
+    return (B, Hkv, _kv_tokens(plan, r), E)
+
+
+# --------------------------------------------------------------------------- all-to-all
+def _all_to_all_attention(q, k, v, plan: _Plan, mask, scale, return_lse):
+    P, me = plan.g.size, plan.g.rank
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv % P:  # this rank's query heads need key heads that other ranks need too: expand
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    qh = _SeqToHeads.apply(q, plan.q_ranges, plan.g)
+    kh = _SeqToHeads.apply(k, plan.k_ranges, plan.g)
+    vh = _SeqToHeads.apply(v, plan.k_ranges, plan.g)
+    mh = None
+    if mask is not None:
+        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        per = H // P
+        mh = m[:, me * per : (me + 1) * per] if m.shape[1] > 1 else m
+    res = functional.attention(qh, kh, vh, pattern=plan.pattern, mask=mh, scale=scale, return_lse=return_lse)
+    if return_lse:
+        out_h, lse_h = res
+        lse = _SeqToHeads.apply(lse_h[..., None], plan.q_ranges, plan.g, True)[..., 0]
+        return _SeqToHeads.apply(out_h, plan.q_ranges, plan.g, True), lse
+    return _SeqToHeads.apply(res, plan.q_ranges, plan.g, True)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """``(B, X, n_local, E)`` sequence-sharded <-> ``(B, X / P, n, E)`` head-sharded (``back``)."""
+
+    @staticmethod
+    def forward(ctx, x, ranges, g: _Group, back: bool = False):
+        ctx.ranges, ctx.g, ctx.back = ranges, g, back
+        return _swap(x, ranges, g, back)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _swap(grad.contiguous(), ctx.ranges, ctx.g, not ctx.back), None, None, None
+
+
+def _swap(x: Tensor, ranges, g: _Group, back: bool) -> Tensor:
+    P, me = g.size, g.rank
+    lengths = [sum(b - a for a, b in r) for r in ranges]
+    if not back:  # send head chunk r of my tokens to rank r; receive my head chunk of theirs
+        B, X, _, E = x.shape
+        chunks = [c.contiguous() for c in x.chunk(P, 1)]
+        shape = lambda r: (B, X // P, lengths[r], E)  # noqa: E731
+        got = _exchange_all(g, chunks, shape, x.dtype, "all_to_all (sequence to heads)")
+        full = torch.cat(got, 2)
+        return _reorder(full, ranges, to_global=True)
+    B, Xp, _, E = x.shape
+    ordered = _reorder(x, ranges, to_global=False)
+    chunks = [c.contiguous() for c in ordered.split(lengths, 2)]
+    got = _exchange_all(
+        g, chunks, lambda r: (B, Xp, lengths[me], E), x.dtype, "all_to_all (heads to sequence)"
+    )
+    return torch.cat(got, 1)
+
+
+def _reorder(x: Tensor, ranges, to_global: bool) -> Tensor:
+    """Rank-concatenated order <-> global position order along dim 2 (identity when contiguous)."""
+    order = [range(a, b) for r in ranges for a, b in r]
+    if all(len(ranges[i]) == 1 for i in range(len(ranges))):
+        return x
+    perm = torch.tensor([p for rg in order for p in rg], device=x.device)
+    if to_global:  # x[:, :, i] holds position perm[i]
+        return x.index_select(2, torch.argsort(perm))
+    return x.index_select(2, perm)
+
+
+# --------------------------------------------------------------------------- transport
+@dataclass(frozen=True)
+class _Group:
+    handle: dist.ProcessGroup | None
+    rank: int
+    size: int
+    timeout: datetime.timedelta
+
+    @staticmethod
+    def of(group, timeout: float | None) -> _Group:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "attnkit.distributed: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group(...) first (torchrun sets up its environment)."
+            )
+        if timeout is None:
+            timeout = float(os.environ.get("ATTNKIT_DIST_TIMEOUT", "300"))
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(
+                f"attnkit.distributed: expected timeout > 0 seconds, but got timeout={timeout!r}."
+            )
+        return _Group(
+            group, dist.get_rank(group), dist.get_world_size(group), datetime.timedelta(seconds=timeout)
+        )
+
+    def peer(self, r: int) -> int:
+        """The global rank of group rank ``r`` (what point-to-point operations take)."""
+        return r if self.handle is None else dist.get_global_rank(self.handle, r)
+
+
+def _wait(g: _Group, work, peer: int, what: str) -> None:
+    try:
+        work.wait(g.timeout)
+    except RuntimeError as e:
+        raise PeerError(
+            f"attnkit.distributed: rank {g.rank} got no answer from rank {peer} during {what} within "
+            f"{g.timeout.total_seconds():g} s (rank {peer} raised, died, or is not calling the same "
+            f"operation): {str(e).splitlines()[0]}",
+            peer,
+        ) from e
+
+
+class _Exchanges:
+    """Point-to-point transfers posted ahead and waited for with a timeout that names the peer."""
+
+    def __init__(self, g: _Group, what: str, tag_base: int = 0) -> None:
+        self.g, self.what, self.tag_base = g, what, tag_base
+        self.pending: dict[int, tuple[object, int, Tensor | None]] = {}
+
+    def post(self, send, recv, step: int) -> list[int]:
+        """Post ``send = (peer, tensor)`` and ``recv = (peer, buffer)`` (either may be None);
+        return handles for :meth:`collect`."""
+        g, tag = self.g, self.tag_base + step
+        handles = []
+        if recv is not None:
+            work = dist.irecv(recv[1], src=g.peer(recv[0]), group=g.handle, tag=tag)
+            handles.append(self._keep(work, recv[0], recv[1]))
+        if send is not None:
+            work = dist.isend(send[1], dst=g.peer(send[0]), group=g.handle, tag=tag)
+            handles.append(self._keep(work, send[0], None))
+        return handles
+
+    def _keep(self, work, peer: int, buf: Tensor | None) -> int:
+        self.pending[id(work)] = (work, peer, buf)
+        return id(work)
+
+    def collect(self, handles: list[int]) -> Tensor | None:
+        """Wait for the given transfers; return the buffer received among them, if any."""
+        received = None
+        for h in handles:
+            work, peer, buf = self.pending.pop(h)
+            _wait(self.g, work, peer, self.what)
+            if buf is not None:
+                received = buf
+        return received
+
+    def finish(self) -> list[tuple[int, Tensor]]:
+        """Wait for everything still pending; return what was received, ``(peer, buffer)``."""
+        got = []
+        for work, peer, buf in self.pending.values():
+            _wait(self.g, work, peer, self.what)
+            if buf is not None:
+                got.append((peer, buf))
+        self.pending = {}
+        return got
+
+    def rotate(self, mine: Tensor, conn, shape_of):
+        """Yield ``(step, src, tensor or None)`` for every step: this rank's own shard first,
+        then the shard of rank ``me - step``, or ``None`` when this rank's queries never see
+        it (nothing is sent then). Meanwhile this rank's shard goes to ``me + step`` when that
+        rank needs it. Step ``t + 1``'s transfers are in flight while the caller computes
+        step ``t``."""
+        me, P = self.g.rank, self.g.size
+
+        def post(step):
+            src, dst = (me - step) % P, (me + step) % P
+            recv = (
+                (src, torch.empty(shape_of(src), dtype=mine.dtype, device=mine.device))
+                if conn[me][src]
+                else None
+            )
+            send = (dst, mine) if conn[dst][me] else None
+            return self.post(send, recv, step)
+
+        ahead = post(1) if P > 1 else None
+        yield 0, me, (mine if conn[me][me] else None)
+        for step in range(1, P):
+            current = ahead
+            ahead = post(step + 1) if step + 1 < P else None
+            yield step, (me - step) % P, self.collect(current)
+
+
+def _exchange_all(
+    g: _Group, chunks: list[Tensor], shape_of, dtype, what: str, tag_base: int = 2 << 20
+) -> list[Tensor]:
+    """All-to-all by point-to-point: send ``chunks[r]`` to rank ``r``; return what each rank
+    sent here (a buffer of ``shape_of(r)``), in rank order."""
+    ex = _Exchanges(g, what, tag_base=tag_base)
+    got: list[Tensor | None] = [None] * g.size
+    got[g.rank] = chunks[g.rank]
+    for r in range(g.size):
+        if r != g.rank:
+            buf = torch.empty(shape_of(r), dtype=dtype, device=chunks[0].device)
+            ex.post(send=(r, chunks[r]), recv=(r, buf), step=0)
+            got[r] = buf
+    ex.finish()
+    return got  # type: ignore[return-value]
+
+
+def _all_gather_seq(x: Tensor, dim: int, ranges, g: _Group, what: str) -> Tensor:
+    xs = x.movedim(dim, 0).contiguous()
+    lengths = [sum(b - a for a, b in r) for r in ranges]
+    got = _exchange_all(g, [xs] * g.size, lambda r: (lengths[r], *xs.shape[1:]), x.dtype, what, 4 << 20)
+    full = torch.cat(got, 0)
+    order = [p for r in ranges for a, b in r for p in range(a, b)]
+    if order != list(range(len(order))):
+        full = full.index_select(0, torch.argsort(torch.tensor(order, device=x.device)))
+    return full.movedim(0, dim)
+
+
+def _all_reduce_sum(x: Tensor, g: _Group, what: str) -> Tensor:
+    got = _exchange_all(g, [x] * g.size, lambda r: x.shape, x.dtype, what, 5 << 20)
+    return torch.stack(got).sum(0)
+
+
+# --------------------------------------------------------------------------- agreement
+def _agree(g: _Group, inp, pattern: Pattern, mask, layout: str, method: str) -> list[list[int]]:
+    """Exchange every rank's call description; raise when ranks disagree. Returns each rank's
+    description (``[B, H, Hkv, N_local, S_local, D, Dv, dtype, layout, method, scale, pattern,
+    mask]``)."""
+    mine = [
+        inp.B, inp.H, inp.Hkv, inp.N, inp.S, inp.D, inp.Dv, _DTYPES.index(inp.dtype),
+        LAYOUTS.index(layout), METHODS.index(method), struct.unpack("<q", struct.pack("<d", inp.scale))[0],
+        _fingerprint(pattern), -1 if mask is None else len(mask.shape) * 1000 + int(mask.dtype == torch.bool),
+    ]  # fmt: skip
+    t = torch.tensor(mine, dtype=torch.int64)
+    metas = [
+        m.tolist()
+        for m in _exchange_all(g, [t] * g.size, lambda r: t.shape, torch.int64, "the shape check", 3 << 20)
+    ]
+    names = ["B", "H", "Hkv", None, None, "D", "Dv", "dtype", "layout", "method", "scale", "pattern", "mask"]
+    for r, m in enumerate(metas):
+        for i, name in enumerate(names):
+            if name is not None and m[i] != mine[i]:
+                raise ValueError(
+                    f"context_parallel_attention(): ranks disagree on {name}: rank {g.rank} has "
+                    f"{_show(name, mine[i], pattern)} but rank {r} has {_show(name, m[i], None)}. "
+                    f"Every rank must make the same call on its own shard."
+                )
+    return metas
+
+
+def _show(name: str, value: int, pattern) -> str:
+    if name == "dtype":
+        return str(_DTYPES[value])
+    if name == "layout":
+        return repr(LAYOUTS[value])
+    if name == "method":
+        return repr(METHODS[value])
+    if name == "scale":
+        return f"{struct.unpack('<d', struct.pack('<q', value))[0]:.6g}"
+    if name == "pattern":
+        return f"{pattern!r}" if pattern is not None else "another pattern"
+    return str(value)
+
+
+def _fingerprint(pattern: Pattern) -> int:
+    """A hash of the pattern that is the same in every process (``hash()`` is salted)."""
+    h = hashlib.sha256()
+
+    def feed(p):
+        h.update(type(p).__name__.encode())
+        if dataclasses.is_dataclass(p):
+            for f in dataclasses.fields(p):
+                feed(getattr(p, f.name))
+        elif hasattr(p, "parts"):
+            for part in p.parts:
+                feed(part)
+        elif isinstance(p, Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(p, (tuple, list)):
+            for x in p:
+                feed(x)
+        else:
+            h.update(repr(p).encode())
+
+    feed(pattern)
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"attnkit.distributed: expected layout in {LAYOUTS}, but got layout={layout!r}.")

@@ -1,0 +1,213 @@
+"""Context-parallel attention on 2-4 gloo ranks equals single-process attention, forward and
+backward, for every pattern kind, both layouts and both methods."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import attnkit.patterns as P
+from attnkit import attention
+from attnkit.distributed import (
+    PeerError,
+    context_parallel_attention,
+    gather_sequence,
+    shard_ranges,
+    shard_sequence,
+)
+
+from ._spawn import NO_RESULT, run_ranks, values
+
+N, S_CROSS, B, H, HKV, D = 37, 29, 2, 12, 2, 8  # N divisible by none of 2, 3, 4; GQA
+
+
+def _cases():
+    bigbird = P.SlidingWindow(3, 3) | P.Global((0, 20)) | P.Random(1, 4, seed=1)
+    return [
+        ("full", P.Full(), None, N),
+        ("causal", P.Causal(), None, N),
+        ("window", P.SlidingWindow(4), None, N),
+        ("document", P.Document((5, 14, 3, 15)) & P.Causal(), None, N),
+        ("bigbird", bigbird, None, N),
+        ("padding", P.KeyPadding((N - 3, 11)) & P.Causal(), None, N),
+        ("bool mask", P.Causal(), "bool", N),
+        ("cross", P.SlidingWindow(6, 2), None, S_CROSS),
+    ]
+
+
+def _inputs(s: int, mask_kind):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, H, N, D, generator=g)
+    k = torch.randn(B, HKV, s, D, generator=g)
+    v = torch.randn(B, HKV, s, D, generator=g)
+    dout = torch.randn(B, H, N, D, generator=g)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, N, s, generator=g) > 0.3
+    return q, k, v, dout, mask
+
+
+def _compare(rank: int, world: int, layouts, methods) -> dict:
+    """Max errors of this rank's output and gradients against the single-process result."""
+    errors = {}
+    for name, pattern, mask_kind, s in _cases():
+        q, k, v, dout, mask = _inputs(s, mask_kind)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = attention(*leaves, pattern=pattern, mask=mask)
+        want.backward(dout)
+        for layout in layouts:
+            qr, kr = shard_ranges(N, world, layout)[rank], shard_ranges(s, world, layout)[rank]
+
+            def rows(t, ranges):
+                return torch.cat([t[:, :, a:b] for a, b in ranges], 2)
+
+            for method in methods:
+                if method == "all_to_all" and H % world:
+                    continue
+                local = [shard_sequence(t, layout=layout).clone().requires_grad_() for t in (q, k, v)]
+                out, lse = context_parallel_attention(
+                    *local, pattern=pattern, mask=mask, layout=layout, method=method, return_lse=True
+                )
+                out.backward(rows(dout, qr))
+                err = max(
+                    (out - rows(want, qr)).abs().max().item(),
+                    (local[0].grad - rows(leaves[0].grad, qr)).abs().max().item(),
+                    (local[1].grad - rows(leaves[1].grad, kr)).abs().max().item(),
+                    (local[2].grad - rows(leaves[2].grad, kr)).abs().max().item(),
+                )
+                errors[(name, layout, method)] = err
+                full_lse = attention(q, k, v, pattern=pattern, mask=mask, return_lse=True)[1]
+                want_lse = rows(full_lse, qr)
+                finite = torch.isfinite(want_lse)
+                assert torch.equal(finite, torch.isfinite(lse)), (name, layout, method)
+                errors[(name, layout, method, "lse")] = (lse - want_lse)[finite].abs().max().item()
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_context_parallel_equals_single_process(world):
+    results = values(run_ranks(_compare, world, ("contiguous", "zigzag"), ("ring", "all_to_all")))
+    worst = {}
+    for errors in results:
+        for key, err in errors.items():
+            worst[key] = max(err, worst.get(key, 0.0))
+    methods = {key[2] for key in worst}
+    assert methods == ({"ring", "all_to_all"} if H % world == 0 else {"ring"})
+    assert len(worst) == len(_cases()) * 2 * len(methods) * 2
+    bad = {key: err for key, err in worst.items() if not err <= 1e-5}
+    assert not bad, bad
+
+
+def _sends(rank: int, world: int) -> dict:
+    """Count this rank's point-to-point sends per pattern."""
+    import torch.distributed as dist
+
+    counted = {"n": 0}
+    real = dist.isend
+
+    def counting(tensor, *args, **kwargs):
+        counted["n"] += 1
+        return real(tensor, *args, **kwargs)
+
+    dist.isend = counting
+    n = 64
+    sends = {}
+    for name, pattern in [("full", P.Full()), ("window", P.SlidingWindow(4)), ("docs", P.Document((16, 48)))]:
+        q = torch.randn(1, 2, n, 8)
+        local = shard_sequence(q).clone().requires_grad_()
+        counted["n"] = 0
+        out = context_parallel_attention(local, local, local, pattern=pattern, method="ring")
+        out.sum().backward()
+        sends[name] = counted["n"]
+    return sends
+
+
+def test_ring_sends_only_to_connected_shards():
+    sends = values(run_ranks(_sends, 4))
+    shape_check = 3  # each rank tells the 3 others its call description
+    # Full: 3 key/value shards out in the forward, 3 again and 3 gradients in the backward
+    assert [s["full"] - shape_check for s in sends] == [9, 9, 9, 9]
+    # a 4-token window over 16-token shards: rank r's keys reach only rank r + 1's queries, so
+    # r sends them to r + 1 (forward and backward) and gets their gradient back from r + 1
+    assert [s["window"] - shape_check for s in sends] == [2, 3, 3, 1]
+    # documents [0, 16) and [16, 64): rank 0's shard is alone; ranks 1-3 share one document
+    docs = [s["docs"] - shape_check for s in sends]
+    assert docs[0] == 0 and docs[1:] == [6, 6, 6]
+
+
+def _gather(rank: int, world: int) -> bool:
+    x = torch.arange(2 * 11 * 3, dtype=torch.float64).view(2, 11, 3)
+    ok = True
+    for layout in ("contiguous", "zigzag"):
+        local = shard_sequence(x, dim=1, layout=layout).clone().requires_grad_()
+        full = gather_sequence(local, dim=1, n=11, layout=layout)
+        ok &= torch.equal(full, x)
+        (full * (rank + 1)).sum().backward()  # every rank's loss uses every position
+        ok &= torch.equal(local.grad, torch.full_like(local, sum(range(1, world + 1))))
+    return bool(ok)
+
+
+def test_shard_and_gather_round_trip():
+    assert values(run_ranks(_gather, 3)) == [True, True, True]
+
+
+def test_shard_ranges():
+    assert shard_ranges(10, 3) == (((0, 4),), ((4, 7),), ((7, 10),))
+    assert shard_ranges(10, 2, "zigzag") == (((0, 3), (8, 10)), ((3, 6), (6, 8)))
+    with pytest.raises(ValueError, match=r"zigzag layout cuts the sequence in 8 runs.*n=7"):
+        shard_ranges(7, 4, "zigzag")
+    with pytest.raises(ValueError, match=r"layout in \('contiguous', 'zigzag'\).*'ring'"):
+        shard_ranges(7, 4, "ring")
+
+
+def _disagree(rank: int, world: int) -> str:
+    x = torch.randn(1, 2, 4, 8)
+    pattern = P.Causal() if rank == 0 else P.SlidingWindow(2)
+    try:
+        context_parallel_attention(x, x, x, pattern=pattern, timeout=20)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_disagree_are_reported():
+    messages = values(run_ranks(_disagree, 2))
+    assert "ranks disagree on pattern" in messages[0] and "rank 1" in messages[0]
+    assert "ranks disagree on pattern" in messages[1] and "rank 0" in messages[1]
+
+
+def _fault(rank: int, world: int, mode: str) -> str:
+    x = torch.randn(1, 2, 4, 8)
+    if rank == world - 1:
+        if mode == "dies":
+            os._exit(1)
+        time.sleep(4)  # "hangs": never calls (the others give up after 2 s)
+        return "slept"
+    start = time.monotonic()
+    try:
+        context_parallel_attention(x, x, x, pattern=P.Causal(), timeout=2)
+    except PeerError as e:
+        return f"{time.monotonic() - start:.1f} {e.peer} {e}"
+    return "no error"
+
+
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_a_lost_rank_fails_the_others_within_the_timeout(mode):
+    outcomes = run_ranks(_fault, 3, mode, deadline=60)
+    assert outcomes[2][1] == (NO_RESULT if mode == "dies" else "slept")
+    for status, text in outcomes[:2]:
+        assert status == "ok", text
+        seconds, peer, message = text.split(" ", 2)
+        assert peer == "2" and "rank 2" in message, message
+        assert float(seconds) < 4.0, message
+
+
+def test_errors_without_a_process_group():
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialized"):
+        context_parallel_attention(x, x, x)
+    with pytest.raises(ValueError, match=r"method in .*'fast'"):
+        context_parallel_attention(x, x, x, method="fast")
