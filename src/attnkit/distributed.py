@@ -51,9 +51,11 @@ from .patterns import EMPTY, Full, Pattern, crop
 __all__ = [
     "LAYOUTS",
     "METHODS",
+    "ContextParallel",
     "PeerError",
     "context_parallel_attention",
     "gather_sequence",
+    "set_context_parallel",
     "shard_ranges",
     "shard_sequence",
 ]
@@ -154,6 +156,91 @@ class _Gather(torch.autograd.Function):
         total = _all_reduce_sum(grad.contiguous(), ctx.g, "gather_sequence backward")
         mine = [total.narrow(ctx.dim, a, b - a) for a, b in ctx.ranges[ctx.g.rank]]
         return (mine[0] if len(mine) == 1 else torch.cat(mine, ctx.dim)), None, None, None
+
+
+# --------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ContextParallel:
+    """How a model's sequence is sharded: hand one to :func:`set_context_parallel`.
+
+    Every rank runs the model on its shard of the tokens (``shard``); positions, rotary angles
+    and patterns stay those of the whole sequence; self- and cross-attention run through
+    :func:`context_parallel_attention`; everything else is per token and needs no
+    communication.
+
+    Example (under ``torchrun --nproc-per-node 4``)::
+
+        cp = ContextParallel(layout="zigzag")
+        set_context_parallel(model, cp)
+        logits = model(cp.shard(input_ids, dim=1))  # this rank's (B, N_local, V)
+    """
+
+    group: dist.ProcessGroup | None = None
+    layout: str = "contiguous"
+    method: str = "auto"
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_layout(self.layout)
+        if self.method not in METHODS:
+            raise ValueError(
+                f"ContextParallel: expected method in {METHODS}, but got method={self.method!r}."
+            )
+
+    def shard(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's tokens of ``x`` along ``dim`` (1 for ``(B, T, ...)`` model inputs)."""
+        return shard_sequence(x, dim=dim, group=self.group, layout=self.layout)
+
+    def gather(self, x: Tensor, n: int, dim: int = 1) -> Tensor:
+        """The whole ``n`` tokens along ``dim`` from every rank's shard (differentiable)."""
+        return gather_sequence(x, dim=dim, n=n, group=self.group, layout=self.layout, timeout=self.timeout)
+
+    def positions(self, n_local: int, device: torch.device | str | None = None) -> Tensor:
+        """The whole-sequence positions ``(n_local,)`` of this rank's tokens. Learns the whole
+        length from the other ranks (one small exchange)."""
+        g = _Group.of(self.group, self.timeout)
+        mine = torch.tensor([n_local], dtype=torch.int64)
+        lengths = _exchange_all(
+            g, [mine] * g.size, lambda r: (1,), torch.int64, "the length exchange", 6 << 20
+        )
+        n = int(sum(int(x) for x in lengths))
+        ranges = shard_ranges(n, g.size, self.layout)[g.rank]
+        if sum(b - a for a, b in ranges) != n_local:
+            raise ValueError(
+                f"ContextParallel: rank {g.rank} holds {n_local} tokens, but the {self.layout} layout "
+                f"of the whole {n} gives it {sum(b - a for a, b in ranges)}: shard with cp.shard()."
+            )
+        return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+        """:func:`context_parallel_attention` with this object's group, layout and method."""
+        return context_parallel_attention(
+            q, k, v, group=self.group, layout=self.layout, method=self.method, timeout=self.timeout, **kwargs
+        )
+
+
+def set_context_parallel(model: torch.nn.Module, cp: ContextParallel | None) -> torch.nn.Module:
+    """Run ``model``'s attention context-parallel as ``cp`` says (``None`` turns it off).
+
+    Sets ``context_parallel`` on every submodule that has the attribute: attnkit's
+    :class:`~attnkit.nn.MultiHeadAttention` and the models (``DecoderLM``, ``BertEncoder``),
+    which then take this rank's shard of the tokens and count positions globally. Returns
+    ``model``.
+    """
+    if cp is not None and not isinstance(cp, ContextParallel):
+        raise TypeError(
+            f"set_context_parallel(): expected a ContextParallel or None, but got {type(cp).__name__}."
+        )
+    found = False
+    for m in model.modules():
+        if hasattr(m, "context_parallel"):
+            m.context_parallel = cp
+            found = True
+    if not found:
+        raise ValueError(
+            f"set_context_parallel(): {type(model).__name__} has no attnkit attention modules to shard."
+        )
+    return model
 
 
 # --------------------------------------------------------------------------- the attention

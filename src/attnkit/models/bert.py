@@ -123,8 +123,10 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        n = input_ids.shape[1]
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        n = input_ids.shape[1] if positions is None else int(positions.max()) + 1
         if n > self.position.num_embeddings:
             raise ValueError(
                 f"BertEncoder: expected at most max_position_embeddings={self.position.num_embeddings} "
@@ -132,7 +134,7 @@ class BertEmbeddings(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        pos = torch.arange(n, device=input_ids.device)
+        pos = torch.arange(n, device=input_ids.device) if positions is None else positions
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(pos)
         return self.dropout(self.norm(x))
 
@@ -159,6 +161,9 @@ class BertEncoder(nn.Module):
     """
 
     model_name = "BertEncoder"
+    #: Set by :func:`attnkit.distributed.set_context_parallel`: inputs are then this rank's
+    #: shard of the tokens, and positions count over the whole sequence.
+    context_parallel = None
 
     def __init__(
         self, config: BertConfig, tokenizer: Tokenizer | None = None, *, backend: str = "auto"
@@ -201,7 +206,16 @@ class BertEncoder(nn.Module):
                 f"BertEncoder: expected input_ids int64 of shape (B, T), but got {input_ids.dtype} "
                 f"{tuple(input_ids.shape)}."
             )
-        x = self.embeddings(input_ids, token_type_ids)
+        cp = self.context_parallel
+        positions = None
+        if cp is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "BertEncoder: under context parallelism, pad with a patterns.KeyPadding pattern "
+                    "instead of attention_mask."
+                )
+            positions = cp.positions(input_ids.shape[1], input_ids.device)
+        x = self.embeddings(input_ids, token_type_ids, positions)
         key_mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(
             x, key_mask=key_mask, pattern=self.pattern if pattern is None else pattern,

@@ -134,6 +134,9 @@ class DecoderLM(nn.Module):
     """
 
     model_name = "DecoderLM"
+    #: Set by :func:`attnkit.distributed.set_context_parallel`: inputs are then this rank's
+    #: shard of the tokens, and positions count over the whole sequence.
+    context_parallel = None
 
     def __init__(self, config: DecoderLMConfig, *, backend: str = "auto") -> None:
         super().__init__()
@@ -194,6 +197,12 @@ class DecoderLM(nn.Module):
                 f"DecoderLM: expected input_ids int64 of shape (B, T), but got {input_ids.dtype} "
                 f"{tuple(input_ids.shape)}."
             )
+        cp = self.context_parallel
+        if cp is not None and (cache is not None or attention_mask is not None):
+            raise ValueError(
+                "DecoderLM: under context parallelism, pass neither cache (decode on one rank) nor "
+                "attention_mask (pad with patterns.KeyPadding in the config's pattern)."
+            )
         past = 0 if cache is None else cache.length
         key_mask = None
         if attention_mask is not None:
@@ -204,7 +213,9 @@ class DecoderLM(nn.Module):
                     f"{tuple(attention_mask.shape)}."
                 )
             key_mask = attention_mask.bool()
-        if position_ids is None:  # one tensor for every layer, so their rotary angles are shared
+        if position_ids is None and cp is not None:  # this rank's tokens' places in the whole
+            position_ids = cp.positions(input_ids.shape[1], input_ids.device)
+        elif position_ids is None:  # one tensor for every layer, so their rotary angles are shared
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         out = self.decoder(
             self.embed(input_ids), key_mask=key_mask, positions=position_ids, cache=cache,

@@ -42,6 +42,12 @@ class MultiHeadAttention(nn.Module):
             self-attention (keys are cached rotated, as Llama-family models do).
         device, dtype: Factory arguments of the parameters.
 
+    With :func:`attnkit.distributed.set_context_parallel`, ``x`` and ``context`` are this
+    rank's shards of the sequences and attention runs through
+    :func:`attnkit.distributed.context_parallel_attention` (positions count globally; no KV
+    cache, weights, ``key_mask`` or attention dropout then: padding is a ``KeyPadding``
+    pattern).
+
     Shape:
         - ``x``: ``(B, N, C)`` (or ``(N, B, C)`` with ``batch_first=False``).
         - ``context``: ``(B, S, context_dim)``; ``None`` for self-attention.
@@ -56,6 +62,9 @@ class MultiHeadAttention(nn.Module):
         >>> mha(torch.randn(2, 10, 64)).shape
         torch.Size([2, 10, 64])
     """
+
+    #: A :class:`attnkit.distributed.ContextParallel` (set by ``set_context_parallel``) or None.
+    context_parallel = None
 
     def __init__(
         self,
@@ -171,6 +180,9 @@ class MultiHeadAttention(nn.Module):
             x = x.transpose(0, 1)
             context = None if context is None else context.transpose(0, 1)
         self._check_input("x", x, self.embed_dim)
+        cp = self.context_parallel
+        if cp is not None:
+            self._check_context_parallel(cache, need_weights, key_mask)
         q = _split_heads(self.q_proj(x), self.num_heads)
         if cache is not None and cache.static:  # cross-attention, later steps: reuse
             k, v = cache.keys, cache.values
@@ -182,21 +194,29 @@ class MultiHeadAttention(nn.Module):
             v = _split_heads(self.v_proj(source), self.num_kv_heads)
             if self.rotary is not None and context is None:
                 offset = 0 if cache is None else cache.length
-                if positions is None:
+                if positions is None and cp is not None:
+                    positions = cp.positions(x.shape[1], x.device)
+                elif positions is None:
                     positions = torch.arange(offset, offset + x.shape[1], device=x.device)
                 q, k = self.rotary(q, positions), self.rotary(k, positions)
             if cache is not None:
                 k, v = cache.update(k, v) if context is None else cache.fill(k, v)
         attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
-        result = attention(
-            q, k, v,
-            pattern=self.pattern if pattern is None else pattern,
-            mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            return_weights=need_weights,
-            backend=self.backend,
-        )  # fmt: skip
-        out, weights = result if need_weights else (result, None)
+        if cp is not None:
+            out, weights = (
+                cp.attention(q, k, v, pattern=self.pattern if pattern is None else pattern, mask=attn_mask),
+                None,
+            )
+        else:
+            result = attention(
+                q, k, v,
+                pattern=self.pattern if pattern is None else pattern,
+                mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                return_weights=need_weights,
+                backend=self.backend,
+            )  # fmt: skip
+            out, weights = result if need_weights else (result, None)
         if hooks_active():
             call_attention_hooks(AttentionCall(
                 self, q, k, v, out, self.pattern if pattern is None else pattern, attn_mask, None, x,
@@ -206,6 +226,16 @@ class MultiHeadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out, weights) if need_weights else out
+
+    def _check_context_parallel(self, cache, need_weights: bool, key_mask) -> None:
+        for bad, what in (
+            (cache is not None, "a KV cache (decode on one rank)"),
+            (need_weights, "need_weights=True"),
+            (key_mask is not None, "key_mask (pass patterns.KeyPadding(lengths) as the pattern)"),
+            (self.training and self.dropout > 0, f"attention dropout (dropout={self.dropout}) in training"),
+        ):
+            if bad:
+                raise ValueError(f"MultiHeadAttention: context parallelism does not support {what}.")
 
     def _check_input(self, name: str, t: Tensor, width: int, batch: int | None = None) -> None:
         layout = "(B, N, C)" if self.batch_first else "(N, B, C)"
