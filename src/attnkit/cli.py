@@ -4,7 +4,7 @@ attnkit explain [TEXT]                   what a pretrained model attends to (def
 attnkit demo [TEXT] [--causal]           self-attention step by step on a tiny fixed model
 attnkit patterns SPEC [--png FILE]       draw a pattern and its block map
 attnkit data translate|summarize         build a corpus from Debian's archive
-attnkit train translate|summarize --config FILE [--resume]
+attnkit train translate|summarize --config FILE [--resume]   (data-parallel under torchrun)
 attnkit eval RUN [--split test]          sacreBLEU/chrF or ROUGE on held-out data
 attnkit translate|summarize TEXT|-       run a trained model (beam search)
 attnkit tune [--dtype ...] [--force]     measure this machine's kernel rates for blocksparse
@@ -223,11 +223,39 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _run_dir(args, args.task)
-    trainer = Trainer(cfg, out, cache=args.cache_dir, progress=not args.no_progress, device=args.device)
-    state = trainer.run(resume=args.resume)
-    print(f"{out}: step {state['step']}, best valid loss {state['best_valid']:.3f}, "
-          f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
+    device, started = _data_parallel(args.device)
+    try:
+        trainer = Trainer(cfg, out, cache=args.cache_dir, progress=not args.no_progress, device=device)
+        state = trainer.run(resume=args.resume)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    if trainer.main:
+        print(f"{out}: step {state['step']}, best valid loss {state['best_valid']:.3f}, "
+              f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
     return 130 if state.get("interrupted") else 0
+
+
+def _data_parallel(device: str) -> tuple[str, bool]:
+    """Under ``torchrun`` (``WORLD_SIZE > 1``), join the process group: NCCL on CUDA (each rank
+    on GPU ``LOCAL_RANK``), gloo on CPU, with ``ATTNKIT_DIST_TIMEOUT`` seconds (default 300)
+    for every collective. Returns this rank's device and whether the group was started here."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    with _usage("ATTNKIT_DIST_TIMEOUT"):
+        seconds = float(os.environ.get("ATTNKIT_DIST_TIMEOUT", "300"))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=seconds))
+    return device, True
 
 
 def _eval(args: argparse.Namespace) -> int:

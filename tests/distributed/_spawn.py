@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -25,7 +26,9 @@ def _entry(fn, rank: int, world: int, init: str, results, args) -> None:
         dist.init_process_group(
             "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
         )
-        results.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle copies tensors into the message (the queue would share their memory,
+        # which dies with this process)
+        results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:  # report everything to the parent, which re-raises
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -36,9 +39,9 @@ def _entry(fn, rank: int, world: int, init: str, results, args) -> None:
 def run_ranks(fn, world: int, *args, deadline: float = 120.0) -> list:
     """``[fn(rank, world, *args) for rank in range(world)]``, each in its own process.
 
-    A rank that raises makes this raise ``RuntimeError`` with its traceback, unless the test
-    asked for errors (then the entry is ``("error", text)``); a rank that exits without a
-    result gives :data:`NO_RESULT`.
+    Returns ``(status, value)`` per rank: ``("ok", pickled result)`` (see :func:`values`),
+    ``("error", traceback text)``, or ``("none", NO_RESULT)`` for a rank that exited without
+    a result.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -75,4 +78,4 @@ def values(outcomes: list) -> list:
     for rank, (status, value) in enumerate(outcomes):
         if status != "ok":
             raise RuntimeError(f"rank {rank} failed:\n{value}")
-    return [value for _, value in outcomes]
+    return [pickle.loads(value) for _, value in outcomes]

@@ -197,9 +197,11 @@ def _fault(rank: int, world: int, mode: str) -> str:
 @pytest.mark.parametrize("mode", ["dies", "hangs"])
 def test_a_lost_rank_fails_the_others_within_the_timeout(mode):
     outcomes = run_ranks(_fault, 3, mode, deadline=60)
-    assert outcomes[2][1] == (NO_RESULT if mode == "dies" else "slept")
-    for status, text in outcomes[:2]:
-        assert status == "ok", text
+    if mode == "dies":
+        assert outcomes[2] == ("none", NO_RESULT)
+    else:
+        assert values(outcomes[2:]) == ["slept"]
+    for text in values(outcomes[:2]):
         seconds, peer, message = text.split(" ", 2)
         assert peer == "2" and "rank 2" in message, message
         assert float(seconds) < 4.0, message

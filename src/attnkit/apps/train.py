@@ -5,6 +5,12 @@ the training split), ``checkpoint.pt`` (model, optimizer, data position and rand
 ``--resume`` continues exactly), ``model/`` (the best model by validation loss, with its
 tokenizer, ready for ``attnkit eval/translate/summarize``) and ``log.jsonl``. Every file is
 written atomically; Ctrl-C finishes the current step, saves and exits.
+
+Data-parallel: under ``torchrun --nproc-per-node P`` (``torch.distributed`` initialized), every
+rank builds the same global batches and trains on its share of each one's rows through
+``DistributedDataParallel``; the loss is the whole batch's token mean, so the steps are those of
+one process on the same batches. Rank 0 alone validates, writes files and shows progress;
+``--resume`` continues with any number of ranks (the data position counts global batches).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._files import atomic_write
@@ -103,6 +110,9 @@ class Batch:
     src: Tensor  # (B, S) with eos, padded
     tgt: Tensor  # (B, T) bos ... eos, padded
     tokens: int  # real tokens, both sides
+    #: Factor of the summed token loss; None: 1 / this batch's predicted tokens (the mean).
+    #: A data-parallel rank's share of a batch gets ``ranks / the whole batch's tokens``.
+    weight: float | None = None
 
 
 def encode_pairs(
@@ -183,18 +193,34 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
 
 
+class _Loss(nn.Module):
+    """A model's weighted, summed token loss as a ``forward`` (what DistributedDataParallel
+    wraps: its gradient hooks start in ``forward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, tgt: Tensor, label_smoothing: float, weight: float) -> Tensor:
+        return self.model.loss(src, tgt, label_smoothing=label_smoothing, reduction="sum") * weight
+
+
 def train_step(
     model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, step: int
 ) -> float:
     """One optimizer step on ``batch`` (``step`` is the 1-based number of this step); returns
-    the loss."""
-    model.train()
+    the loss. ``model`` is a :class:`Seq2Seq` or its (data-parallel) loss wrapper."""
+    net = model if isinstance(model, (_Loss, nn.parallel.DistributedDataParallel)) else _Loss(model)
+    net.train()
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
-    device = next(model.parameters()).device
+    device = next(net.parameters()).device
     src, tgt = batch.src.to(device, non_blocking=True), batch.tgt.to(device, non_blocking=True)
+    weight = batch.weight
+    if weight is None:
+        weight = 1.0 / max(1, int((batch.tgt[:, 1:] != PAD).sum()))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss = model.loss(src, tgt, label_smoothing=cfg.label_smoothing)
+        loss = net(src, tgt, cfg.label_smoothing, weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_norm > 0:
@@ -248,7 +274,11 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = torch.device(device)
         self.cache = cache_root(cache)
-        self.progress, self.log = progress, log
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        self.log = log if self.main else (lambda message: None)
         self._stop = False
 
     # files
@@ -264,14 +294,19 @@ class Trainer:
         if meta.get("task") != cfg.task:
             raise ValueError(f"train: config task {cfg.task!r} but corpus {str(self.corpus)!r} is for "
                              f"{meta.get('task')!r}.")  # fmt: skip
-        self.out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write(self.out / "train.json", lambda p: p.write_text(text, encoding="utf-8"))
         train = load_pairs(self.corpus, "train")
         tok_path = self.out / "tokenizer.json"
-        if not tok_path.is_file():
-            self.log(f"training a {cfg.vocab_size}-token BPE vocabulary on {len(train):,} training pairs")
-            train_tokenizer((x for p in train for x in (p.src, p.tgt)), tok_path, vocab_size=cfg.vocab_size)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            atomic_write(self.out / "train.json", lambda p: p.write_text(text, encoding="utf-8"))
+            if not tok_path.is_file():
+                self.log(f"training a {cfg.vocab_size}-token BPE vocabulary on {len(train):,} training pairs")
+                train_tokenizer(
+                    (x for p in train for x in (p.src, p.tgt)), tok_path, vocab_size=cfg.vocab_size
+                )
+        if self.world > 1:
+            dist.barrier()  # the others read rank 0's tokenizer
         self.tokenizer = Tokenizer(tok_path)
         assert [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD, BOS, EOS, 3]
         self.train = encode_pairs(self.tokenizer, train, cfg, drop_long=True)
@@ -280,6 +315,10 @@ class Trainer:
         self.lengths = [(len(s), len(t)) for s, t in self.train]
         torch.manual_seed(cfg.seed)
         self.model = Seq2Seq(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
+        self.net: nn.Module = _Loss(self.model)
+        if self.world > 1:  # broadcasts rank 0's parameters; averages gradients in backward
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.opt = make_optimizer(self.model, cfg)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0, "tokens": 0,
                                       "best_valid": math.inf}  # fmt: skip
@@ -346,8 +385,9 @@ class Trainer:
             self.log(f"resumed at step {self.state['step']} (epoch {self.state['epoch']})")
         cfg, st = self.cfg, self.state
         n_params = sum(p.numel() for p in self.model.parameters())
+        ranks = f", {self.world} data-parallel ranks" if self.world > 1 else ""
         self.log(f"{cfg.task}: {len(self.train):,} training pairs, vocabulary {self.tokenizer.vocab_size}, "
-                 f"{n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")  # fmt: skip
+                 f"{n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads{ranks}")  # fmt: skip
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -359,8 +399,13 @@ class Trainer:
         window_tokens, window_time = 0, 0.0
         epoch_batches: tuple[int, list[list[int]]] = (-1, [])
         try:
-            while st["step"] < cfg.max_steps and not self._stop:
-                if cfg.max_minutes and st["elapsed"] >= cfg.max_minutes * 60:
+            while st["step"] < cfg.max_steps:
+                over_budget = bool(cfg.max_minutes) and st["elapsed"] >= cfg.max_minutes * 60
+                if self.world > 1:  # every rank stops at the same step, or none does
+                    self._stop, over_budget = self._agree(self._stop, over_budget)
+                if self._stop:
+                    break
+                if over_budget:
                     self.log(f"time budget of {cfg.max_minutes} min reached at step {st['step']}")
                     break
                 if epoch_batches[0] != st["epoch"]:  # the order depends only on (seed, epoch)
@@ -372,9 +417,13 @@ class Trainer:
                 if st["position"] >= len(batches):
                     st["epoch"], st["position"] = st["epoch"] + 1, 0
                     continue
-                batch = collate([self.train[i] for i in batches[st["position"]]])
+                batch = self._batch(batches[st["position"]])
                 t0 = time.perf_counter()
-                loss = train_step(self.model, self.opt, batch, cfg, st["step"] + 1)
+                if self.world > 1:  # dropout masks depend on (seed, step, rank): resumable anywhere
+                    torch.manual_seed(hash((cfg.seed, st["step"], self.rank)) & (2**63 - 1))
+                loss = train_step(self.net, self.opt, batch, cfg, st["step"] + 1)
+                if self.world > 1:
+                    loss = self._mean(loss)
                 dt = time.perf_counter() - t0
                 st["step"] += 1
                 st["position"] += 1
@@ -396,7 +445,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if self._stop:
-            self.save()
+            if self.main:
+                self.save()
             self.log(f"interrupted: saved step {st['step']} to {str(self.checkpoint_path)!r}; "
                      "continue with --resume")  # fmt: skip
             return {**st, "interrupted": True}
@@ -404,7 +454,38 @@ class Trainer:
             self._validate(None, window_tokens / window_time)
         return st
 
+    # data parallelism
+    def _batch(self, idx: list[int]) -> Batch:
+        """This rank's rows of the global batch ``idx``, weighted so that the ranks' summed
+        gradients are the whole batch's mean (a rank left without rows trains on a row at
+        weight 0, so that every rank joins the gradient all-reduce)."""
+        examples = [self.train[i] for i in idx]
+        if self.world == 1:
+            return collate(examples)
+        predicted = sum(len(t) - 1 for _, t in examples)
+        mine, weight = examples[self.rank :: self.world], self.world / predicted
+        if not mine:
+            mine, weight = examples[:1], 0.0
+        part = collate(mine)
+        return Batch(part.src, part.tgt, sum(len(s) + len(t) for s, t in examples), weight)
+
+    def _agree(self, stop: bool, over_budget: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(stop), float(over_budget)], device=self._comm_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def _mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
     def _validate(self, loss: float | None, tokens_per_s: float) -> None:
+        if not self.main:  # rank 0 validates and writes; the others go on to the next step
+            return
         st = self.state
         v = valid_loss(self.model, self.valid, self.cfg)
         improved = v < st["best_valid"]

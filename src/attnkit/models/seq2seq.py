@@ -195,13 +195,17 @@ class Seq2Seq(nn.Module):
         memory, src_key_mask = self.encode(src)
         return self.decode(tgt_in, memory, src_key_mask)
 
-    def loss(self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        """Mean token cross-entropy of ``tgt (B, T)`` (``bos ... eos`` then padding): the decoder
-        reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``; padding is ignored."""
+    def loss(
+        self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0, reduction: str = "mean"
+    ) -> Tensor:
+        """Token cross-entropy of ``tgt (B, T)`` (``bos ... eos`` then padding): the decoder
+        reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``; padding is ignored. ``reduction``:
+        ``"mean"`` over the predicted tokens, or their ``"sum"`` (data-parallel training
+        divides by the whole batch's token count)."""
         logits = self(src, tgt[:, :-1])
         return F.cross_entropy(
             logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing,
+            label_smoothing=label_smoothing, reduction=reduction,
         )  # fmt: skip
 
     # -- decoding ----------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""`attnkit train` data-parallel: 2 ranks train exactly as 1 process on the same global
+batches, resume on another number of ranks, and run under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit.apps.train import TrainConfig, Trainer
+from attnkit.data import build_translation_corpus
+
+from ._spawn import run_ranks, values
+
+SAMPLES = Path(__file__).parents[1] / "data" / "samples"
+# no dropout: ranks draw different masks than one process would
+TINY = dict(
+    task="translate", corpus="translate-en-de", vocab_size=300, max_src_tokens=48, max_tgt_tokens=48,
+    model={"dim": 32, "num_heads": 4, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
+    batch_tokens=400, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, valid_pairs=8, beam_size=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    build_translation_corpus(root, "de", unpacked=SAMPLES / "libreoffice")
+    d = root / "translate-en-de"
+    train = (d / "train.jsonl").read_text().splitlines()
+    for split in ("valid", "test"):
+        if not (d / f"{split}.jsonl").read_text().strip():
+            (d / f"{split}.jsonl").write_text("\n".join(train[:6]) + "\n")
+    return root
+
+
+def _train(rank: int, world: int, out: str, cache: str, steps: int, resume: bool) -> dict:
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_dict({**TINY, "max_steps": steps})
+    trainer = Trainer(cfg, out, cache=cache, progress=False, log=lambda m: None)
+    state = trainer.run(resume=resume)
+    return {"state": state, "model": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    """Largest parameter difference, key-projection biases left out: a bias added to every key
+    shifts a query's scores by one constant, which the softmax ignores, so its true gradient
+    is 0 and what backward gives is rounding noise -- which Adam scales up to full steps of
+    size ``lr``, differently in every process layout."""
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if not k.endswith("k_proj.bias"))
+
+
+def test_two_ranks_train_as_one_process_and_resume_on_one(tmp_path, cache):
+    one = _train(0, 1, str(tmp_path / "one"), str(cache), 6, False)
+    two = values(run_ranks(_train, 2, str(tmp_path / "two"), str(cache), 6, False))
+    assert two[0]["state"]["step"] == 6 and two[0]["state"]["tokens"] == one["state"]["tokens"]
+    assert _max_diff(two[0]["model"], two[1]["model"]) == 0.0  # DDP keeps the ranks identical
+    assert _max_diff(two[0]["model"], one["model"]) <= 1e-5
+    log = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6]  # written once, by rank 0
+    # 3 steps on 2 ranks, then 3 more on 1 process: the same model as 6 steps on 1 process
+    values(run_ranks(_train, 2, str(tmp_path / "mixed"), str(cache), 3, False))
+    resumed = _train(0, 1, str(tmp_path / "mixed"), str(cache), 6, True)
+    assert resumed["state"]["step"] == 6
+    assert _max_diff(resumed["model"], one["model"]) <= 1e-5
+
+
+def test_train_under_torchrun(tmp_path, cache):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**TINY, "max_steps": 2, "eval_every": 2}))
+    env = {**os.environ, "ATTNKIT_TUNE": "off", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "attnkit.cli", "train", "translate", "--config", str(cfg), "--out", str(tmp_path / "run"),
+        "--cache-dir", str(cache),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 2, best valid loss") == 1  # rank 0 reports; rank 1 stays quiet
+    assert "2 data-parallel ranks" in done.stdout
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "model").is_dir()
