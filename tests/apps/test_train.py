@@ -14,27 +14,14 @@ from attnkit.apps import train as train_mod
 from attnkit.apps.tasks import evaluate, load_task_model, score
 from attnkit.apps.train import TrainConfig, Trainer, lr_factor, token_batches
 from attnkit.cli import main
-from attnkit.data import build_translation_corpus
 
-SAMPLES = Path(__file__).parents[1] / "data" / "samples"
-
-TINY = dict(
-    task="translate", corpus="translate-en-de", vocab_size=300, max_src_tokens=48, max_tgt_tokens=48,
-    model={"dim": 32, "num_heads": 4, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.1},
-    batch_tokens=400, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, valid_pairs=8, beam_size=2,
-)  # fmt: skip
+from ..tiny_run import TINY, build_cache
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    meta = build_translation_corpus(root, "de", unpacked=SAMPLES / "libreoffice")
-    # the sample has two pages, both of which may hash to one split: make valid/test non-empty
-    d = root / "translate-en-de"
-    train = (d / "train.jsonl").read_text().splitlines()
-    for split in ("valid", "test"):
-        if not (d / f"{split}.jsonl").read_text().strip():
-            (d / f"{split}.jsonl").write_text("\n".join(train[:6]) + "\n")
+    meta = build_cache(root)
     assert meta["counts"]["train"] > 10
     return root
 

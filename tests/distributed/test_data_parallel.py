@@ -7,34 +7,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from attnkit.apps.train import TrainConfig, Trainer
-from attnkit.data import build_translation_corpus
 
+from ..tiny_run import TINY, build_cache
 from ._spawn import run_ranks, values
 
-SAMPLES = Path(__file__).parents[1] / "data" / "samples"
-# no dropout: ranks draw different masks than one process would
-TINY = dict(
-    task="translate", corpus="translate-en-de", vocab_size=300, max_src_tokens=48, max_tgt_tokens=48,
-    model={"dim": 32, "num_heads": 4, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
-    batch_tokens=400, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, valid_pairs=8, beam_size=2,
-)  # fmt: skip
+TINY = {**TINY, "model": {**TINY["model"], "dropout": 0.0}}  # ranks would draw other dropout masks
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    build_translation_corpus(root, "de", unpacked=SAMPLES / "libreoffice")
-    d = root / "translate-en-de"
-    train = (d / "train.jsonl").read_text().splitlines()
-    for split in ("valid", "test"):
-        if not (d / f"{split}.jsonl").read_text().strip():
-            (d / f"{split}.jsonl").write_text("\n".join(train[:6]) + "\n")
+    build_cache(root)
     return root
 
 
