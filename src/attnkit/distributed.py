@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 LAYOUTS = ("contiguous", "zigzag")
+#: Per rank, the ``[start, stop)`` runs of the sequence it holds (see :func:`shard_ranges`).
+Ranges = tuple[tuple[tuple[int, int], ...], ...]
 METHODS = ("auto", "ring", "all_to_all")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -368,49 +370,88 @@ class _Plan:
     pattern: Pattern
     N: int
     S: int
-    q_ranges: tuple
-    k_ranges: tuple
+    q_ranges: Ranges
+    k_ranges: Ranges
     layout: str
 
-    @property
-    def connected(self) -> tuple[tuple[bool, ...], ...]:
-        """``connected[a][b]``: rank ``a``'s queries see some key of rank ``b``."""
-        pairs = _pair_blocks(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)
-        P = self.g.size
-        return tuple(tuple(any(pairs[a][b]) for b in range(P)) for a in range(P))
+    def link(self, a: int, b: int) -> _Link | None:
+        """The keys of rank ``b`` that rank ``a``'s queries see, or None if none."""
+        return _links(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)[a][b]
 
-    def pieces(self, a: int, b: int) -> list[tuple[int, int, Pattern]]:
-        """The (query run, key run, cropped pattern) triples of ranks ``a`` and ``b`` that the
-        pattern connects; run numbers index the ranks' ``q_ranges``/``k_ranges``."""
-        pairs = _pair_blocks(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)[a][b]
-        out = []
-        for idx, live in enumerate(pairs):
-            if live:
-                i, j = divmod(idx, len(self.k_ranges[b]))
-                out.append(
-                    (i, j, crop(self.pattern, self.N, self.S, self.q_ranges[a][i], self.k_ranges[b][j]))
-                )
-        return out
+    @property
+    def connected(self) -> list[list[bool]]:
+        """``connected[a][b]``: rank ``a``'s queries see some key of rank ``b``."""
+        P = self.g.size
+        return [[self.link(a, b) is not None for b in range(P)] for a in range(P)]
+
+
+@dataclass(frozen=True)
+class _Link:
+    """What rank ``a`` receives from rank ``b``: per key run ``j`` of ``b`` that ``a`` needs,
+    the whole-sequence key interval ``[lo, hi)`` its queries see there (exact: the first and
+    last key any of them sees) and where it sits in the message; and which (query run, key run)
+    pairs have work."""
+
+    runs: tuple[tuple[int, int, int, int], ...]  # (j, lo, hi, offset in the message)
+    pairs: tuple[tuple[int, int], ...]  # (query run i of a, index into runs)
+    tokens: int
+
+    def slices(self, k_ranges_b) -> list[tuple[slice, slice]]:
+        """``(slice of b's local keys, slice of the message)`` per run."""
+        offsets = _offsets(k_ranges_b)
+        return [
+            (
+                slice(offsets[j] + lo - k_ranges_b[j][0], offsets[j] + hi - k_ranges_b[j][0]),
+                slice(m, m + hi - lo),
+            )
+            for j, lo, hi, m in self.runs
+        ]
 
 
 @lru_cache(maxsize=64)
-def _pair_blocks(pattern: Pattern, n: int, s: int, q_ranges, k_ranges) -> tuple:
-    """Per rank pair ``[a][b]``, per (query run, key run) of theirs, whether the pattern allows
-    any pair there (from the cropped block maps: structural, no ``N x S`` evaluation)."""
-    out = []
+def _links(pattern: Pattern, n: int, s: int, q_ranges: Ranges, k_ranges: Ranges) -> tuple:
+    """``[a][b]`` -> :class:`_Link` or None, from the cropped block maps of every (query run,
+    key run) pair (structural: no ``N x S`` evaluation) and the element masks of the first and
+    last live key tiles (so the interval is exact, not rounded to tiles)."""
+    table = []
     for qa in q_ranges:
         row = []
         for kb in k_ranges:
-            live = []
-            for qr in qa:
-                for kr in kb:
-                    part = crop(pattern, n, s, qr, kr)
-                    h, w = qr[1] - qr[0], kr[1] - kr[0]
-                    bm = part.block_map(h, w, (min(h, 256), min(w, 256)))
-                    live.append(bool((bm.states != EMPTY).any()))
-            row.append(tuple(live))
-        out.append(tuple(row))
-    return tuple(out)
+            runs, pairs, tokens = [], [], 0
+            for j, kr in enumerate(kb):
+                spans = [_key_span(pattern, n, s, qr, kr) for qr in qa]
+                live = [i for i, sp in enumerate(spans) if sp is not None]
+                if not live:
+                    continue
+                lo, hi = min(spans[i][0] for i in live), max(spans[i][1] for i in live)
+                pairs.extend((i, len(runs)) for i in live)
+                runs.append((j, lo, hi, tokens))
+                tokens += hi - lo
+            row.append(_Link(tuple(runs), tuple(pairs), tokens) if runs else None)
+        table.append(tuple(row))
+    return tuple(table)
+
+
+def _key_span(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int, int]):
+    """The smallest key interval ``[lo, hi)`` (whole-sequence indices) holding every key in
+    ``kr`` that some query in ``qr`` sees, or None when they see none."""
+    part = crop(pattern, n, s, qr, kr)
+    h, w = qr[1] - qr[0], kr[1] - kr[0]
+    block = (min(h, 64), min(w, 64))
+    states = part.block_map(h, w, block).states
+    cols = (states != EMPTY).any(0).nonzero().flatten()
+    if cols.numel() == 0:
+        return None
+
+    def seen_keys(col: int) -> Tensor:  # (bk,) which keys of tile column ``col`` anyone sees
+        rows = (states[:, col] != EMPTY).nonzero().flatten()
+        masks, _ = part.tile_masks(h, w, block, rows, torch.full_like(rows, col))
+        return masks.reshape(-1, block[1]).any(0)
+
+    first, last = int(cols[0]), int(cols[-1])
+    lo = first * block[1] + int(seen_keys(first).nonzero()[0])
+    hi = last * block[1] + int(seen_keys(last).nonzero()[-1]) + 1
+    return kr[0] + lo, kr[0] + hi
 
 
 def _choose(method: str, plan: _Plan, inp) -> str:
@@ -428,16 +469,14 @@ def _choose(method: str, plan: _Plan, inp) -> str:
 
 
 def _ring_bytes(plan: _Plan, inp) -> int:
-    """Forward bytes the busiest rank sends in a ring: its key/value shard to each rank that
-    needs it."""
-    size = inp.q.element_size()
-    conn = plan.connected
-    worst = 0
-    for b in range(plan.g.size):
-        peers = sum(conn[a][b] for a in range(plan.g.size) if a != b)
-        tokens = sum(y - x for x, y in plan.k_ranges[b])
-        worst = max(worst, peers * inp.B * inp.Hkv * tokens * (inp.D + inp.Dv) * size)
-    return worst
+    """Forward bytes the busiest rank sends in a ring: to each rank, the keys/values of its
+    shard that the rank's queries see."""
+    per_token = inp.B * inp.Hkv * (inp.D + inp.Dv) * inp.q.element_size()
+    P = plan.g.size
+    return max(
+        sum(link.tokens for a in range(P) if a != b and (link := plan.link(a, b)) is not None) * per_token
+        for b in range(P)
+    )
 
 
 def _all_to_all_bytes(plan: _Plan, inp) -> int:
@@ -451,10 +490,6 @@ def _all_to_all_bytes(plan: _Plan, inp) -> int:
 
 
 # --------------------------------------------------------------------------- ring
-def _kv_tokens(plan: _Plan, r: int) -> int:
-    return sum(b - a for a, b in plan.k_ranges[r])
-
-
 def _offsets(ranges) -> list[int]:
     out, at = [], 0
     for a, b in ranges:
@@ -474,44 +509,47 @@ def _mask_piece(mask: Tensor | None, rows: tuple[int, int], cols: tuple[int, int
     return m
 
 
-class _PairCalls:
-    """The attention calls between this rank's queries and one rank's keys/values."""
+def _message(kv: Tensor, plan: _Plan, dst: int) -> Tensor | None:
+    """The keys/values of this rank that rank ``dst`` needs, as one ``(B, Hkv, T, D + Dv)``
+    tensor (a view when that is the whole shard)."""
+    link = plan.link(dst, plan.g.rank)
+    if link is None:
+        return None
+    parts = [kv[:, :, local] for local, _ in link.slices(plan.k_ranges[plan.g.rank])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
-    def __init__(self, plan: _Plan, mask, scale: float, q: Tensor, src: int, D: int) -> None:
-        self.plan, self.mask, self.scale, self.q, self.src, self.D = plan, mask, scale, q, src, D
-        me = plan.g.rank
-        self.q_off, self.k_off = _offsets(plan.q_ranges[me]), _offsets(plan.k_ranges[src])
-        self.items = plan.pieces(me, src)
 
-    def inputs(self, kv: Tensor):
-        plan, me = self.plan, self.plan.g.rank
-        for i, j, part in self.items:
-            qr, kr = plan.q_ranges[me][i], plan.k_ranges[self.src][j]
-            qs = slice(self.q_off[i], self.q_off[i] + qr[1] - qr[0])
-            ks = slice(self.k_off[j], self.k_off[j] + kr[1] - kr[0])
-            kvp = kv[:, :, ks]
-            inp = functional.build_inputs(
-                self.q[:, :, qs], kvp[..., : self.D], kvp[..., self.D :],
-                pattern=part, mask=_mask_piece(self.mask, qr, kr), scale=self.scale,
-            )  # fmt: skip
-            yield qs, ks, inp
+def _pair_inputs(plan: _Plan, mask, scale: float, q: Tensor, src: int, msg: Tensor, D: int):
+    """``(query slice, message slice, AttentionInputs)`` of every (query run, key run) pair
+    between this rank's queries and ``msg``, the keys/values received from ``src``."""
+    me = plan.g.rank
+    link = plan.link(me, src)
+    q_off = _offsets(plan.q_ranges[me])
+    for i, r in link.pairs:
+        _, lo, hi, m = link.runs[r]
+        qr = plan.q_ranges[me][i]
+        qs, ms = slice(q_off[i], q_off[i] + qr[1] - qr[0]), slice(m, m + hi - lo)
+        kvp = msg[:, :, ms]
+        inp = functional.build_inputs(
+            q[:, :, qs], kvp[..., :D], kvp[..., D:], pattern=crop(plan.pattern, plan.N, plan.S, qr, (lo, hi)),
+            mask=_mask_piece(mask, qr, (lo, hi)), scale=scale,
+        )  # fmt: skip
+        yield qs, ms, inp
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, mask, scale: float):
-        g = plan.g
         B, H, n, D = q.shape
         ct = compute_dtype(q.dtype)
         kv = torch.cat([k, v], -1).contiguous()
-        conn = plan.connected
         out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
-        ex = _Exchanges(g, "ring forward")
-        for _, src, buf in ex.rotate(kv, conn, lambda r: _kv_shape(kv, plan, r)):
-            if buf is None:
+        ex = _Exchanges(plan.g, "ring forward")
+        for _, src, msg in ex.rotate(kv, plan):
+            if msg is None:
                 continue
-            for qs, _, inp in _PairCalls(plan, mask, scale, q, src, D).inputs(buf):
+            for qs, _, inp in _pair_inputs(plan, mask, scale, q, src, msg, D):
                 o, s = BlockSparseBackend.partial_forward(inp)
                 out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
         ex.finish()
@@ -527,40 +565,49 @@ class _Ring(torch.autograd.Function):
         plan: _Plan = ctx.plan
         g, me, D = plan.g, plan.g.rank, ctx.D
         ct = compute_dtype(q.dtype)
-        conn = plan.connected
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
-        dkv_mine = torch.zeros(kv.shape, dtype=ct, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=ct, device=q.device)
         ex = _Exchanges(g, "ring backward")
         grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=1 << 20)
-        for step, src, buf in ex.rotate(kv, conn, lambda r: _kv_shape(kv, plan, r)):
+        for step, src, msg in ex.rotate(kv, plan):
             send = None
-            if buf is not None:
-                dkv = dkv_mine if src == me else torch.zeros(buf.shape, dtype=ct, device=q.device)
-                for qs, ks, inp in _PairCalls(plan, ctx.mask, ctx.scale, q, src, D).inputs(buf):
+            if msg is not None:  # gradients of the keys/values received from src
+                dmsg = torch.zeros(msg.shape, dtype=ct, device=q.device)
+                for qs, ms, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, msg, D):
                     dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
                         inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs]
                     )
                     dq[:, :, qs] += dq_p
-                    dkv[:, :, ks, :D] += dk_p
-                    dkv[:, :, ks, D:] += dv_p
-                send = (src, dkv) if src != me else None
-            # my gradient of src's keys goes back to src; rank dst used mine and sends its part
+                    dmsg[:, :, ms, :D] += dk_p
+                    dmsg[:, :, ms, D:] += dv_p
+                if src == me:
+                    _scatter(dkv, dmsg, plan, me)
+                else:
+                    send = (src, dmsg)
+            # rank dst used this rank's keys/values at this step and sends their gradient back
             dst = (me + step) % g.size
             recv = None
-            if dst != me and conn[dst][me]:
-                recv = (dst, torch.empty(kv.shape, dtype=ct, device=q.device))
+            if dst != me and (link := plan.link(dst, me)) is not None:
+                recv = (dst, torch.empty(_shape(kv, link.tokens), dtype=ct, device=q.device))
             grads.post(send=send, recv=recv, step=step)
         ex.finish()
-        for _, received in grads.finish():
-            dkv_mine += received
-        dkv_mine = dkv_mine.to(kv.dtype)
-        return dq.to(q.dtype), dkv_mine[..., :D], dkv_mine[..., D:], None, None, None
+        for peer, received in grads.finish():
+            _scatter(dkv, received, plan, peer)
+        dkv = dkv.to(kv.dtype)
+        return dq.to(q.dtype), dkv[..., :D], dkv[..., D:], None, None, None
 
 
-def _kv_shape(kv: Tensor, plan: _Plan, r: int) -> tuple[int, ...]:
+def _scatter(dkv: Tensor, dmsg: Tensor, plan: _Plan, reader: int) -> None:
+    """Add the gradient of the message this rank sent to ``reader`` onto its own keys/values."""
+    me = plan.g.rank
+    for local, ms in plan.link(reader, me).slices(plan.k_ranges[me]):
+        dkv[:, :, local] += dmsg[:, :, ms]
+
+
+def _shape(kv: Tensor, tokens: int) -> tuple[int, ...]:
     B, Hkv, _, E = kv.shape
-    return (B, Hkv, _kv_tokens(plan, r), E)
+    return (B, Hkv, tokens, E)
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -714,26 +761,25 @@ class _Exchanges:
         self.pending = {}
         return got
 
-    def rotate(self, mine: Tensor, conn, shape_of):
-        """Yield ``(step, src, tensor or None)`` for every step: this rank's own shard first,
-        then the shard of rank ``me - step``, or ``None`` when this rank's queries never see
-        it (nothing is sent then). Meanwhile this rank's shard goes to ``me + step`` when that
-        rank needs it. Step ``t + 1``'s transfers are in flight while the caller computes
-        step ``t``."""
+    def rotate(self, kv: Tensor, plan: _Plan):
+        """Yield ``(step, src, message or None)`` for every step: this rank's own keys/values
+        first, then what rank ``me - step`` sends, or ``None`` when this rank's queries see
+        none of its keys (nothing is sent then). Meanwhile this rank sends rank ``me + step``
+        the part of its keys/values that rank sees. Step ``t + 1``'s transfers are in flight
+        while the caller computes step ``t``."""
         me, P = self.g.rank, self.g.size
 
         def post(step):
             src, dst = (me - step) % P, (me + step) % P
-            recv = (
-                (src, torch.empty(shape_of(src), dtype=mine.dtype, device=mine.device))
-                if conn[me][src]
-                else None
-            )
-            send = (dst, mine) if conn[dst][me] else None
+            recv, send = None, None
+            if (link := plan.link(me, src)) is not None:
+                recv = (src, torch.empty(_shape(kv, link.tokens), dtype=kv.dtype, device=kv.device))
+            if (msg := _message(kv, plan, dst)) is not None:
+                send = (dst, msg.contiguous())
             return self.post(send, recv, step)
 
         ahead = post(1) if P > 1 else None
-        yield 0, me, (mine if conn[me][me] else None)
+        yield 0, me, _message(kv, plan, me)
         for step in range(1, P):
             current = ahead
             ahead = post(step + 1) if step + 1 < P else None

@@ -102,14 +102,15 @@ def test_context_parallel_equals_single_process(world):
 
 
 def _sends(rank: int, world: int) -> dict:
-    """Count this rank's point-to-point sends per pattern."""
+    """Count this rank's point-to-point sends and the bytes of its forward key/value sends."""
     import torch.distributed as dist
 
-    counted = {"n": 0}
+    counted = {"n": 0, "bytes": 0}
     real = dist.isend
 
     def counting(tensor, *args, **kwargs):
         counted["n"] += 1
+        counted["bytes"] += tensor.numel() * tensor.element_size()
         return real(tensor, *args, **kwargs)
 
     dist.isend = counting
@@ -118,21 +119,28 @@ def _sends(rank: int, world: int) -> dict:
     for name, pattern in [("full", P.Full()), ("window", P.SlidingWindow(4)), ("docs", P.Document((16, 48)))]:
         q = torch.randn(1, 2, n, 8)
         local = shard_sequence(q).clone().requires_grad_()
-        counted["n"] = 0
+        counted.update(n=0, bytes=0)
         out = context_parallel_attention(local, local, local, pattern=pattern, method="ring")
+        forward_bytes = counted["bytes"]
         out.sum().backward()
         sends[name] = counted["n"]
+        sends[name + " forward bytes"] = forward_bytes
     return sends
 
 
-def test_ring_sends_only_to_connected_shards():
+def test_ring_sends_only_what_the_pattern_connects():
     sends = values(run_ranks(_sends, 4))
     shape_check = 3  # each rank tells the 3 others its call description
+    description = shape_check * 13 * 8
+    per_token = 2 * 2 * 8 * 4  # k and v, 2 heads, D = 8, float32
     # Full: 3 key/value shards out in the forward, 3 again and 3 gradients in the backward
     assert [s["full"] - shape_check for s in sends] == [9, 9, 9, 9]
+    assert [s["full forward bytes"] - description for s in sends] == [3 * 16 * per_token] * 4
     # a 4-token window over 16-token shards: rank r's keys reach only rank r + 1's queries, so
     # r sends them to r + 1 (forward and backward) and gets their gradient back from r + 1
     assert [s["window"] - shape_check for s in sends] == [2, 3, 3, 1]
+    # ... and only the last 4 of them, whatever the shard length
+    assert [s["window forward bytes"] - description for s in sends] == [4 * per_token] * 3 + [0]
     # documents [0, 16) and [16, 64): rank 0's shard is alone; ranks 1-3 share one document
     docs = [s["docs"] - shape_check for s in sends]
     assert docs[0] == 0 and docs[1:] == [6, 6, 6]
