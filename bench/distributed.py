@@ -1,6 +1,6 @@
 """Context parallelism on this machine: bytes sent, memory per rank, time per step.
 
-    python bench/distributed.py            # about 6 minutes on 2 cores
+    python bench/distributed.py            # about 15 minutes on 2 cores
 
 1. **Traffic.** Every ``isend`` of one ring ``context_parallel_attention`` call (forward, then
    backward) is counted per rank, for dense, causal (contiguous and zig-zag), a 256-token
@@ -12,12 +12,13 @@
    in the backward, and the gradient of what it received back to each owner; plus the 104-byte
    call description to every other rank.
 2. **Memory and time.** One training step of the attention (forward + backward), B=1, H=4,
-   D=64, float32, one thread per rank, at P = 1 (plain ``attention()``), 2 and 4: peak resident
-   memory growth per rank (first step, plan building included) and the median step time over
-   the ranks' slowest, for a 256-token window at N = 8192 and 32768 and causal attention at
-   N = 4096 and 8192 (zig-zag). Configurations run in 3 rounds in a shuffled order; the median
-   of the rounds is reported. This machine has 2 cores: P = 4 oversubscribes them, so its
-   times show the overhead, not a speed-up.
+   D=64, float32, one thread per rank, at P = 1 (plain ``attention()``, with 1 and with 2
+   threads), 2 and 4: peak resident memory growth per rank (first step, plan building
+   included) and the median step time over the ranks' slowest, for a 256-token window at
+   N = 8192, 32768 and 131072 and causal attention at N = 4096 and 8192 (zig-zag).
+   Configurations run in 3 rounds in a shuffled order; the median of the rounds is reported.
+   This machine has 2 cores: P = 4 oversubscribes them, so its times show the overhead, not a
+   speed-up.
 
 Writes ``bench/results/distributed.json`` and ``docs/bench/distributed.md``.
 """
@@ -163,8 +164,8 @@ def _step(rank: int, world: int, name: str, n: int, layout: str, steps: int) -> 
     return {"memory_mib": mem.extra_mib, "times": times}
 
 
-def _entry(fn, rank, world, init, results, args):
-    torch.set_num_threads(1)
+def _entry(fn, rank, world, init, results, args, threads):
+    torch.set_num_threads(threads)
     os.environ.setdefault("ATTNKIT_TUNE", "off")
     try:
         if world > 1:
@@ -179,12 +180,15 @@ def _entry(fn, rank, world, init, results, args):
             dist.destroy_process_group()
 
 
-def run(fn, world: int, *args) -> list:
+def run(fn, world: int, *args, threads: int = 1) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, init, results, args)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world, init, results, args, threads))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         got = dict(results.get(timeout=1800) for _ in range(world))
@@ -220,26 +224,28 @@ def main() -> None:
             print(f"traffic P={world} N={n} done", flush=True)
 
     configs = [("window", 8192, "contiguous"), ("window", 32768, "contiguous"),
-               ("causal", 4096, "zigzag"), ("causal", 8192, "zigzag")]  # fmt: skip
+               ("window", 131072, "contiguous"), ("causal", 4096, "zigzag"),
+               ("causal", 8192, "zigzag")]  # fmt: skip
+    variants = [(1, 1), (1, 2), (2, 1), (4, 1)]  # (ranks, threads per rank)
     runs: dict[tuple, list] = {}
     rng = random.Random(0)
     for round_ in range(3):
-        order = [(c, w) for c in configs for w in (1, 2, 4)]
+        order = [(c, v) for c in configs for v in variants]
         rng.shuffle(order)
-        for (name, n, layout), world in order:
-            res = run(_step, world, name, n, layout, 3)
-            runs.setdefault((name, n, layout, world), []).append({
+        for (name, n, layout), (world, threads) in order:
+            res = run(_step, world, name, n, layout, 3, threads=threads)
+            runs.setdefault((name, n, layout, world, threads), []).append({
                 "memory_mib": [r["memory_mib"] for r in res],
                 "step_s": statistics.median(max(r["times"][i] for r in res) for i in range(3)),
             })  # fmt: skip
         print(f"round {round_ + 1} done", flush=True)
     steps = []
-    for (name, n, layout, world), rounds in runs.items():
+    for (name, n, layout, world, threads), rounds in runs.items():
         steps.append({
-            "pattern": name, "N": n, "layout": layout, "P": world,
+            "pattern": name, "N": n, "layout": layout, "P": world, "threads": threads,
             "step_s": statistics.median(r["step_s"] for r in rounds),
             "step_s_rounds": [r["step_s"] for r in rounds],
-            "memory_mib_per_rank": max(max(r["memory_mib"]) for r in rounds[:1]),
+            "memory_mib_per_rank": statistics.median(max(r["memory_mib"]) for r in rounds),
         })  # fmt: skip
     payload = {"environment": env, "traffic": traffic, "steps": steps}
     save("distributed", payload)
@@ -278,19 +284,20 @@ def write_page(payload: dict) -> None:
         "",
         "## One attention training step (forward + backward), B=1, H=4, D=64, float32",
         "",
-        "Median over 3 rounds of the slowest rank's step; memory: peak resident growth of the",
-        "first step per rank (plan building included). P = 1 is plain `attention()` on the whole",
-        "sequence in one process with one thread. **This machine has 2 cores**: P = 2 uses both,",
-        "P = 4 runs two ranks per core.",
+        "Median over 3 rounds of the slowest rank's step; memory: median over the rounds of the",
+        "largest peak resident growth of a rank's first step (plan building included). P = 1 is",
+        "plain `attention()` on the whole sequence in one process, with one thread or with both",
+        "cores. **This machine has 2 cores**: P = 2 uses both, P = 4 runs two ranks per core.",
         "",
         "| pattern | N | layout | P | step | vs P = 1 | memory per rank (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    base = {(s["pattern"], s["N"]): s["step_s"] for s in payload["steps"] if s["P"] == 1}
-    for s in sorted(payload["steps"], key=lambda s: (s["pattern"], s["N"], s["P"])):
+    base = {(s["pattern"], s["N"]): s["step_s"] for s in payload["steps"] if (s["P"], s["threads"]) == (1, 1)}
+    for s in sorted(payload["steps"], key=lambda s: (s["pattern"], s["N"], s["P"], s["threads"])):
         ratio = s["step_s"] / base[(s["pattern"], s["N"])]
         layout = s["layout"] if s["P"] > 1 else "—"
-        lines.append(f"| {s['pattern']} | {s['N']} | {layout} | {s['P']} | {s['step_s'] * 1e3:,.0f} ms | "
+        who = f"{s['P']}" if s["threads"] == 1 else f"{s['P']} ({s['threads']} threads)"
+        lines.append(f"| {s['pattern']} | {s['N']} | {layout} | {who} | {s['step_s'] * 1e3:,.0f} ms | "
                      f"{ratio:.2f}x | {s['memory_mib_per_rank']:,.0f} |")  # fmt: skip
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "distributed.md").write_text("\n".join(lines) + "\n")

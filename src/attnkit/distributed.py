@@ -378,12 +378,6 @@ class _Plan:
         """The keys of rank ``b`` that rank ``a``'s queries see, or None if none."""
         return _links(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)[a][b]
 
-    @property
-    def connected(self) -> list[list[bool]]:
-        """``connected[a][b]``: rank ``a``'s queries see some key of rank ``b``."""
-        P = self.g.size
-        return [[self.link(a, b) is not None for b in range(P)] for a in range(P)]
-
 
 @dataclass(frozen=True)
 class _Link:
@@ -448,10 +442,20 @@ def _key_span(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[i
         masks, _ = part.tile_masks(h, w, block, rows, torch.full_like(rows, col))
         return masks.reshape(-1, block[1]).any(0)
 
-    first, last = int(cols[0]), int(cols[-1])
-    lo = first * block[1] + int(seen_keys(first).nonzero()[0])
-    hi = last * block[1] + int(seen_keys(last).nonzero()[-1]) + 1
-    return kr[0] + lo, kr[0] + hi
+    # block maps are exact, so the first and last live columns hold seen keys; should a
+    # pattern call an empty tile PARTIAL, the scan moves on to the next live column
+    lo = hi = None
+    for col in cols.tolist():
+        seen = seen_keys(col).nonzero()
+        if seen.numel():
+            lo = col * block[1] + int(seen[0])
+            break
+    for col in reversed(cols.tolist()):
+        seen = seen_keys(col).nonzero()
+        if seen.numel():
+            hi = col * block[1] + int(seen[-1]) + 1
+            break
+    return None if lo is None else (kr[0] + lo, kr[0] + hi)
 
 
 def _choose(method: str, plan: _Plan, inp) -> str:

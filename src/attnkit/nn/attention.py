@@ -202,26 +202,18 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v) if context is None else cache.fill(k, v)
         attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
+        pattern = self.pattern if pattern is None else pattern
         if cp is not None:
-            out, weights = (
-                cp.attention(q, k, v, pattern=self.pattern if pattern is None else pattern, mask=attn_mask),
-                None,
-            )
+            out, weights = cp.attention(q, k, v, pattern=pattern, mask=attn_mask), None
         else:
             result = attention(
-                q, k, v,
-                pattern=self.pattern if pattern is None else pattern,
-                mask=attn_mask,
+                q, k, v, pattern=pattern, mask=attn_mask,
                 dropout_p=self.dropout if self.training else 0.0,
-                return_weights=need_weights,
-                backend=self.backend,
+                return_weights=need_weights, backend=self.backend,
             )  # fmt: skip
             out, weights = result if need_weights else (result, None)
         if hooks_active():
-            call_attention_hooks(AttentionCall(
-                self, q, k, v, out, self.pattern if pattern is None else pattern, attn_mask, None, x,
-                context,
-            ))  # fmt: skip
+            call_attention_hooks(AttentionCall(self, q, k, v, out, pattern, attn_mask, None, x, context))
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
         if not self.batch_first:
             out = out.transpose(0, 1)
