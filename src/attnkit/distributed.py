@@ -513,105 +513,110 @@ def _mask_piece(mask: Tensor | None, rows: tuple[int, int], cols: tuple[int, int
     return m
 
 
-def _message(kv: Tensor, plan: _Plan, dst: int) -> Tensor | None:
-    """The keys/values of this rank that rank ``dst`` needs, as one ``(B, Hkv, T, D + Dv)``
-    tensor (a view when that is the whole shard)."""
+def _message(k: Tensor, v: Tensor, plan: _Plan, dst: int) -> Tensor | None:
+    """The keys and values of this rank that rank ``dst`` needs, as one contiguous
+    ``(B, Hkv, T, D + Dv)`` message, or None."""
     link = plan.link(dst, plan.g.rank)
     if link is None:
         return None
-    parts = [kv[:, :, local] for local, _ in link.slices(plan.k_ranges[plan.g.rank])]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    runs = link.slices(plan.k_ranges[plan.g.rank])
+    return torch.cat([torch.cat([k[:, :, local], v[:, :, local]], -1) for local, _ in runs], 2)
 
 
-def _pair_inputs(plan: _Plan, mask, scale: float, q: Tensor, src: int, msg: Tensor, D: int):
-    """``(query slice, message slice, AttentionInputs)`` of every (query run, key run) pair
-    between this rank's queries and ``msg``, the keys/values received from ``src``."""
+def _runs(plan: _Plan, src: int, k: Tensor, v: Tensor, msg: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+    """Per run of what this rank's queries see of rank ``src``: its keys and values, views of
+    this rank's own ``k``/``v`` (``src`` is this rank) or of the message received from ``src``."""
+    me, D = plan.g.rank, k.shape[-1]
+    slices = plan.link(me, src).slices(plan.k_ranges[src])
+    if src == me:
+        return [(k[:, :, local], v[:, :, local]) for local, _ in slices]
+    return [(msg[:, :, ms, :D], msg[:, :, ms, D:]) for _, ms in slices]
+
+
+def _pair_inputs(plan: _Plan, mask, scale: float, q: Tensor, src: int, runs):
+    """``(query run i, its slice, key run index, AttentionInputs)`` of every (query run, key
+    run) pair with work between this rank's queries and the keys/values ``runs`` of ``src``."""
     me = plan.g.rank
     link = plan.link(me, src)
     q_off = _offsets(plan.q_ranges[me])
     for i, r in link.pairs:
-        _, lo, hi, m = link.runs[r]
+        _, lo, hi, _ = link.runs[r]
         qr = plan.q_ranges[me][i]
-        qs, ms = slice(q_off[i], q_off[i] + qr[1] - qr[0]), slice(m, m + hi - lo)
-        kvp = msg[:, :, ms]
+        qs = slice(q_off[i], q_off[i] + qr[1] - qr[0])
         inp = functional.build_inputs(
-            q[:, :, qs], kvp[..., :D], kvp[..., D:], pattern=crop(plan.pattern, plan.N, plan.S, qr, (lo, hi)),
+            q[:, :, qs], *runs[r], pattern=crop(plan.pattern, plan.N, plan.S, qr, (lo, hi)),
             mask=_mask_piece(mask, qr, (lo, hi)), scale=scale,
         )  # fmt: skip
-        yield qs, ms, inp
+        yield i, qs, r, inp
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, mask, scale: float):
-        B, H, n, D = q.shape
+        me = plan.g.rank
+        B, H, n, _ = q.shape
         ct = compute_dtype(q.dtype)
-        kv = torch.cat([k, v], -1).contiguous()
         out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
+        written = [False] * len(plan.q_ranges[me])  # a query run's first result is assigned
         ex = _Exchanges(plan.g, "ring forward")
-        for _, src, msg in ex.rotate(kv, plan):
-            if msg is None:
+        for _, src, msg in ex.rotate(k, v, plan):
+            if plan.link(me, src) is None:
                 continue
-            for qs, _, inp in _pair_inputs(plan, mask, scale, q, src, msg, D):
+            for i, qs, _, inp in _pair_inputs(plan, mask, scale, q, src, _runs(plan, src, k, v, msg)):
                 o, s = BlockSparseBackend.partial_forward(inp)
-                out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
+                if written[i]:
+                    out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
+                else:
+                    out[:, :, qs], lse[:, :, qs], written[i] = o, s, True
         ex.finish()
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, lse)
-        ctx.plan, ctx.mask, ctx.scale, ctx.D = plan, mask, scale, D
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.mask, ctx.scale = plan, mask, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, kv, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        g, me, D = plan.g, plan.g.rank, ctx.D
+        g, me, D = plan.g, plan.g.rank, k.shape[-1]
         ct = compute_dtype(q.dtype)
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=ct, device=q.device)
+        dk = torch.zeros(k.shape, dtype=ct, device=q.device)
+        dv = torch.zeros(v.shape, dtype=ct, device=q.device)
         ex = _Exchanges(g, "ring backward")
         grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=1 << 20)
-        for step, src, msg in ex.rotate(kv, plan):
+        for step, src, msg in ex.rotate(k, v, plan):
             send = None
-            if msg is not None:  # gradients of the keys/values received from src
-                dmsg = torch.zeros(msg.shape, dtype=ct, device=q.device)
-                for qs, ms, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, msg, D):
+            if plan.link(me, src) is not None:
+                # gradients go straight onto this rank's own keys, or into a message for src
+                dmsg = None if src == me else torch.zeros(msg.shape, dtype=ct, device=q.device)
+                targets = _runs(plan, src, dk, dv, dmsg)
+                runs = _runs(plan, src, k, v, msg)
+                for _, qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
                     dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
                         inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs]
                     )
                     dq[:, :, qs] += dq_p
-                    dmsg[:, :, ms, :D] += dk_p
-                    dmsg[:, :, ms, D:] += dv_p
-                if src == me:
-                    _scatter(dkv, dmsg, plan, me)
-                else:
+                    targets[r][0].add_(dk_p)
+                    targets[r][1].add_(dv_p)
+                if dmsg is not None:
                     send = (src, dmsg)
             # rank dst used this rank's keys/values at this step and sends their gradient back
             dst = (me + step) % g.size
             recv = None
             if dst != me and (link := plan.link(dst, me)) is not None:
-                recv = (dst, torch.empty(_shape(kv, link.tokens), dtype=ct, device=q.device))
+                shape = (*k.shape[:2], link.tokens, k.shape[-1] + v.shape[-1])
+                recv = (dst, torch.empty(shape, dtype=ct, device=q.device))
             grads.post(send=send, recv=recv, step=step)
         ex.finish()
         for peer, received in grads.finish():
-            _scatter(dkv, received, plan, peer)
-        dkv = dkv.to(kv.dtype)
-        return dq.to(q.dtype), dkv[..., :D], dkv[..., D:], None, None, None
-
-
-def _scatter(dkv: Tensor, dmsg: Tensor, plan: _Plan, reader: int) -> None:
-    """Add the gradient of the message this rank sent to ``reader`` onto its own keys/values."""
-    me = plan.g.rank
-    for local, ms in plan.link(reader, me).slices(plan.k_ranges[me]):
-        dkv[:, :, local] += dmsg[:, :, ms]
-
-
-def _shape(kv: Tensor, tokens: int) -> tuple[int, ...]:
-    B, Hkv, _, E = kv.shape
-    return (B, Hkv, tokens, E)
+            for local, ms in plan.link(peer, me).slices(plan.k_ranges[me]):
+                dk[:, :, local] += received[:, :, ms, :D]
+                dv[:, :, local] += received[:, :, ms, D:]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -765,25 +770,25 @@ class _Exchanges:
         self.pending = {}
         return got
 
-    def rotate(self, kv: Tensor, plan: _Plan):
-        """Yield ``(step, src, message or None)`` for every step: this rank's own keys/values
-        first, then what rank ``me - step`` sends, or ``None`` when this rank's queries see
-        none of its keys (nothing is sent then). Meanwhile this rank sends rank ``me + step``
-        the part of its keys/values that rank sees. Step ``t + 1``'s transfers are in flight
-        while the caller computes step ``t``."""
+    def rotate(self, k: Tensor, v: Tensor, plan: _Plan):
+        """Yield ``(step, src, message)`` for every step: first this rank itself (message
+        None: its own keys are at hand), then rank ``me - step`` with what it sent, or None
+        when this rank's queries see none of its keys (nothing is sent then). Meanwhile this
+        rank sends rank ``me + step`` the part of its keys/values that rank sees. Step
+        ``t + 1``'s transfers are in flight while the caller computes step ``t``."""
         me, P = self.g.rank, self.g.size
 
         def post(step):
             src, dst = (me - step) % P, (me + step) % P
-            recv, send = None, None
+            recv = None
             if (link := plan.link(me, src)) is not None:
-                recv = (src, torch.empty(_shape(kv, link.tokens), dtype=kv.dtype, device=kv.device))
-            if (msg := _message(kv, plan, dst)) is not None:
-                send = (dst, msg.contiguous())
-            return self.post(send, recv, step)
+                shape = (*k.shape[:2], link.tokens, k.shape[-1] + v.shape[-1])
+                recv = (src, torch.empty(shape, dtype=k.dtype, device=k.device))
+            msg = _message(k, v, plan, dst)
+            return self.post(None if msg is None else (dst, msg), recv, step)
 
         ahead = post(1) if P > 1 else None
-        yield 0, me, _message(kv, plan, me)
+        yield 0, me, None
         for step in range(1, P):
             current = ahead
             ahead = post(step + 1) if step + 1 < P else None

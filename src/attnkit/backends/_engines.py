@@ -56,10 +56,16 @@ class FusedCPU:
     """torch's fused CPU flash-attention kernel (forward and backward)."""
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``bias=None`` attends to every key (top-left causally with ``causal``)."""
+        attn_mask = None if bias is None else bias.to(q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
+            q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
         )
+        if bias is None:  # every row sees a key
+            return out, lse
         # Rows whose bias hides every key: the convention (0, -inf), not whatever the kernel
         # returns there. Checked on the (small, often shared) bias; the output is only
         # rewritten when such rows exist.
@@ -70,10 +76,13 @@ class FusedCPU:
         return _rows.zero_unseen(out, lse), lse
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, bias, scale) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(
+        dout, q, k, v, out, lse, bias, scale, causal: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
         lse = _rows.for_recompute(lse)
+        attn_mask = None if bias is None else bias.to(q.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=attn_mask, scale=scale
         )
         return dq, dk, dv, None
 

@@ -101,6 +101,9 @@ class BlockSparseBackend(Backend):
         :meth:`partial_backward`. No dropout; a float bias gets no gradient."""
         job, parts = cls._job(inp, backward=True)
         with torch.no_grad():
+            whole = _whole_kind(job)
+            if whole is not None:
+                return _whole_forward(job, whole)
             return _run_forward(job, parts, inp.q, inp.k, inp.v, inp.bias)
 
     @classmethod
@@ -114,6 +117,9 @@ class BlockSparseBackend(Backend):
         the pieces' gradients add up to the whole's (as in ring attention)."""
         job, parts = cls._job(inp, backward=True)
         with torch.no_grad():
+            whole = _whole_kind(job)
+            if whole is not None:
+                return _whole_backward(job, whole, out.to(inp.dtype), lse, dout)
             grads = _run_backward(
                 job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, inp.bias, False
             )
@@ -205,6 +211,54 @@ def split_key_lengths(pattern: Pattern) -> tuple[Pattern, tuple[int, ...] | None
             if static.batch_size is None:
                 return static, pads[0].lengths
     return pattern, None
+
+
+def _whole_kind(job: _Job) -> str | None:
+    """``"full"`` when a piece's pattern allows every pair, ``"causal"`` when it is exactly
+    top-left causal on a square with one query head per key head; such a piece runs as one
+    call of the fused kernel (torch's own dense/causal speed) instead of tiles. None otherwise,
+    or with masks, key lengths or off the fused engine."""
+    inp, p = job.inp, job.inp.pattern
+    if not job.fused or inp.mask is not None or inp.bias is not None or job.key_lengths is not None:
+        return None
+    if p is None or isinstance(p, Full):
+        return "full"
+    if not p.is_toeplitz or p.batch_size is not None:
+        return None
+    t = torch.arange(-(inp.S - 1), inp.N)
+    allowed = p._offset_rule(t, inp.N, inp.S)
+    if bool(allowed.all()):
+        return "full"
+    if inp.G == 1 and inp.N == inp.S and torch.equal(allowed, t >= 0):
+        return "causal"
+    return None
+
+
+def _whole_rows(x: Tensor, job: _Job) -> Tensor:
+    """``(B, H, N, E)`` -> ``(B, Hkv, G * N, E)``: a group's query heads stacked as rows (a view
+    for contiguous inputs), so they share their key head without copying it."""
+    B, _, N, E = x.shape
+    return x.reshape(B, job.inp.Hkv, job.inp.G * N, E)
+
+
+def _whole_forward(job: _Job, kind: str) -> tuple[Tensor, Tensor]:
+    inp = job.inp
+    ct = compute_dtype(inp.dtype)
+    q = _whole_rows(inp.q.contiguous(), job)
+    out, lse = FusedCPU.forward(q, inp.k, inp.v, None, inp.scale, causal=kind == "causal")
+    return out.to(ct).reshape(inp.B, inp.H, inp.N, inp.Dv), lse.to(ct).reshape(inp.B, inp.H, inp.N)
+
+
+def _whole_backward(job: _Job, kind: str, out: Tensor, lse: Tensor, dout: Tensor):
+    inp = job.inp
+    ct = compute_dtype(inp.dtype)
+    rows = (_whole_rows(t.contiguous(), job) for t in (dout, inp.q, out))
+    do_r, q_r, out_r = rows
+    lse_r = lse.reshape(inp.B, inp.Hkv, inp.G * inp.N)
+    dq, dk, dv, _ = FusedCPU.backward(
+        do_r, q_r, inp.k, inp.v, out_r, lse_r, None, inp.scale, kind == "causal"
+    )
+    return dq.to(ct).reshape(inp.q.shape), dk.to(ct), dv.to(ct)
 
 
 def _splittable(inp: AttentionInputs) -> bool:
