@@ -384,10 +384,11 @@ class _Link:
     """What rank ``a`` receives from rank ``b``: per key run ``j`` of ``b`` that ``a`` needs,
     the whole-sequence key interval ``[lo, hi)`` its queries see there (exact: the first and
     last key any of them sees) and where it sits in the message; and which (query run, key run)
-    pairs have work."""
+    pairs have work, with the rows of the query run that see any of those keys (so a window's
+    pair of neighbouring shards computes a window's rows, not the shard's)."""
 
     runs: tuple[tuple[int, int, int, int], ...]  # (j, lo, hi, offset in the message)
-    pairs: tuple[tuple[int, int], ...]  # (query run i of a, index into runs)
+    pairs: tuple[tuple[int, int, int, int], ...]  # (query run i of a, index into runs, rows lo, hi)
     tokens: int
 
     def slices(self, k_ranges_b) -> list[tuple[slice, slice]]:
@@ -413,12 +414,12 @@ def _links(pattern: Pattern, n: int, s: int, q_ranges: Ranges, k_ranges: Ranges)
         for kb in k_ranges:
             runs, pairs, tokens = [], [], 0
             for j, kr in enumerate(kb):
-                spans = [_key_span(pattern, n, s, qr, kr) for qr in qa]
+                spans = [_spans(pattern, n, s, qr, kr) for qr in qa]
                 live = [i for i, sp in enumerate(spans) if sp is not None]
                 if not live:
                     continue
-                lo, hi = min(spans[i][0] for i in live), max(spans[i][1] for i in live)
-                pairs.extend((i, len(runs)) for i in live)
+                lo, hi = min(spans[i][1][0] for i in live), max(spans[i][1][1] for i in live)
+                pairs.extend((i, len(runs), *spans[i][0]) for i in live)
                 runs.append((j, lo, hi, tokens))
                 tokens += hi - lo
             row.append(_Link(tuple(runs), tuple(pairs), tokens) if runs else None)
@@ -426,36 +427,37 @@ def _links(pattern: Pattern, n: int, s: int, q_ranges: Ranges, k_ranges: Ranges)
     return tuple(table)
 
 
-def _key_span(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int, int]):
-    """The smallest key interval ``[lo, hi)`` (whole-sequence indices) holding every key in
-    ``kr`` that some query in ``qr`` sees, or None when they see none."""
+def _spans(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int, int]):
+    """``((row lo, row hi), (key lo, key hi))``: the smallest query and key intervals
+    (whole-sequence indices) holding every pair of ``qr x kr`` that the pattern allows, or
+    None when it allows none. From the cropped block map, refined by the element masks of the
+    first and last live tile rows and columns."""
     part = crop(pattern, n, s, qr, kr)
     h, w = qr[1] - qr[0], kr[1] - kr[0]
     block = (min(h, 64), min(w, 64))
-    states = part.block_map(h, w, block).states
-    cols = (states != EMPTY).any(0).nonzero().flatten()
-    if cols.numel() == 0:
+    live = part.block_map(h, w, block).states != EMPTY
+    if not bool(live.any()):
         return None
 
-    def seen_keys(col: int) -> Tensor:  # (bk,) which keys of tile column ``col`` anyone sees
-        rows = (states[:, col] != EMPTY).nonzero().flatten()
-        masks, _ = part.tile_masks(h, w, block, rows, torch.full_like(rows, col))
-        return masks.reshape(-1, block[1]).any(0)
+    def seen(axis: int, line: int) -> Tensor:
+        """Which elements of tile row (axis 0) or column (axis 1) ``line`` see/are seen."""
+        other = (live[line] if axis == 0 else live[:, line]).nonzero().flatten()
+        fixed = torch.full_like(other, line)
+        rows, cols = (fixed, other) if axis == 0 else (other, fixed)
+        masks, _ = part.tile_masks(h, w, block, rows, cols)
+        return masks.reshape(-1, block[0], block[1]).any(0).any(1 - axis)
 
-    # block maps are exact, so the first and last live columns hold seen keys; should a
-    # pattern call an empty tile PARTIAL, the scan moves on to the next live column
-    lo = hi = None
-    for col in cols.tolist():
-        seen = seen_keys(col).nonzero()
-        if seen.numel():
-            lo = col * block[1] + int(seen[0])
-            break
-    for col in reversed(cols.tolist()):
-        seen = seen_keys(col).nonzero()
-        if seen.numel():
-            hi = col * block[1] + int(seen[-1]) + 1
-            break
-    return None if lo is None else (kr[0] + lo, kr[0] + hi)
+    def span(axis: int) -> tuple[int, int]:
+        lines = live.any(1 - axis).nonzero().flatten().tolist()
+        size = block[axis]
+        # block maps are exact, so the first and last live lines hold allowed pairs; should a
+        # pattern call an empty tile PARTIAL, the scan moves on to the next live line
+        first = next(x * size + int(m.nonzero()[0]) for x in lines if (m := seen(axis, x)).any())
+        last = next(x * size + int(m.nonzero()[-1]) for x in reversed(lines) if (m := seen(axis, x)).any())
+        return first, last + 1
+
+    (r0, r1), (c0, c1) = span(0), span(1)
+    return (qr[0] + r0, qr[0] + r1), (kr[0] + c0, kr[0] + c1)
 
 
 def _choose(method: str, plan: _Plan, inp) -> str:
@@ -534,20 +536,21 @@ def _runs(plan: _Plan, src: int, k: Tensor, v: Tensor, msg: Tensor | None) -> li
 
 
 def _pair_inputs(plan: _Plan, mask, scale: float, q: Tensor, src: int, runs):
-    """``(query run i, its slice, key run index, AttentionInputs)`` of every (query run, key
-    run) pair with work between this rank's queries and the keys/values ``runs`` of ``src``."""
+    """``(query slice, key run index, AttentionInputs)`` of every (query run, key run) pair
+    with work between this rank's queries and the keys/values ``runs`` of ``src``: the rows of
+    the query run that see those keys, against the keys they see."""
     me = plan.g.rank
     link = plan.link(me, src)
     q_off = _offsets(plan.q_ranges[me])
-    for i, r in link.pairs:
+    for i, r, row_lo, row_hi in link.pairs:
         _, lo, hi, _ = link.runs[r]
-        qr = plan.q_ranges[me][i]
-        qs = slice(q_off[i], q_off[i] + qr[1] - qr[0])
+        start = q_off[i] + row_lo - plan.q_ranges[me][i][0]
+        qs = slice(start, start + row_hi - row_lo)
         inp = functional.build_inputs(
-            q[:, :, qs], *runs[r], pattern=crop(plan.pattern, plan.N, plan.S, qr, (lo, hi)),
-            mask=_mask_piece(mask, qr, (lo, hi)), scale=scale,
+            q[:, :, qs], *runs[r], pattern=crop(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi)),
+            mask=_mask_piece(mask, (row_lo, row_hi), (lo, hi)), scale=scale,
         )  # fmt: skip
-        yield i, qs, r, inp
+        yield qs, r, inp
 
 
 class _Ring(torch.autograd.Function):
@@ -558,17 +561,18 @@ class _Ring(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
-        written = [False] * len(plan.q_ranges[me])  # a query run's first result is assigned
+        written = torch.zeros(n, dtype=torch.bool)  # rows get their first result assigned
         ex = _Exchanges(plan.g, "ring forward")
         for _, src, msg in ex.rotate(k, v, plan):
             if plan.link(me, src) is None:
                 continue
-            for i, qs, _, inp in _pair_inputs(plan, mask, scale, q, src, _runs(plan, src, k, v, msg)):
+            for qs, _, inp in _pair_inputs(plan, mask, scale, q, src, _runs(plan, src, k, v, msg)):
                 o, s = BlockSparseBackend.partial_forward(inp)
-                if written[i]:
+                if bool(written[qs].any()):
                     out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
                 else:
-                    out[:, :, qs], lse[:, :, qs], written[i] = o, s, True
+                    out[:, :, qs], lse[:, :, qs] = o, s
+                written[qs] = True
         ex.finish()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -595,7 +599,7 @@ class _Ring(torch.autograd.Function):
                 dmsg = None if src == me else torch.zeros(msg.shape, dtype=ct, device=q.device)
                 targets = _runs(plan, src, dk, dv, dmsg)
                 runs = _runs(plan, src, k, v, msg)
-                for _, qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
+                for qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
                     dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
                         inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs]
                     )
