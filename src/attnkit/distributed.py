@@ -51,6 +51,7 @@ from .patterns import EMPTY, Full, Pattern, crop
 __all__ = [
     "LAYOUTS",
     "METHODS",
+    "BalancedLayout",
     "ContextParallel",
     "PeerError",
     "context_parallel_attention",
@@ -76,25 +77,23 @@ class PeerError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- layouts
-def shard_ranges(
-    n: int, world_size: int, layout: str = "contiguous"
-) -> tuple[tuple[tuple[int, int], ...], ...]:
+def shard_ranges(n: int, world_size: int, layout: str | BalancedLayout = "contiguous") -> Ranges:
     """The ``[start, stop)`` ranges of an ``n``-token sequence that each of ``world_size``
     ranks holds, in the order the rank stores them.
 
     ``contiguous``: rank ``r`` holds one run; the first ``n % P`` ranks one token more.
     ``zigzag``: the sequence is cut in ``2P`` runs the same way and rank ``r`` holds runs ``r``
     and ``2P - 1 - r``, so causal and windowed work is the same on every rank.
+    A :class:`BalancedLayout` chooses per length for its pattern's work.
 
     Raises:
         ValueError: unknown layout, or fewer tokens than the layout has runs.
     """
     _check_layout(layout)
-    for name, value in (("n", n), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"shard_ranges(): expected {name} to be a positive int, but got {name}={value!r}."
-            )
+    if isinstance(layout, BalancedLayout):
+        _positive_ints(n=n, world_size=world_size)
+        return _balanced(layout.pattern, layout.block, n, world_size)
+    _positive_ints(n=n, world_size=world_size)
     runs = world_size if layout == "contiguous" else 2 * world_size
     if n < runs:
         raise ValueError(
@@ -111,8 +110,79 @@ def shard_ranges(
     return tuple((cut[r], cut[runs - 1 - r]) for r in range(world_size))
 
 
+def _positive_ints(**values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"shard_ranges(): expected {name} to be a positive int, but got {name}={value!r}."
+            )
+
+
+@dataclass(frozen=True)
+class BalancedLayout:
+    """A layout that gives every rank the same work under ``pattern`` (self-attention).
+
+    For each sequence length it takes, of ``contiguous``, ``zigzag`` and contiguous runs cut
+    where the pattern's work reaches ``1/P``, ``2/P``, ... of the whole, the one whose busiest
+    rank has the least work; work is counted from the pattern's block map (``block``-sized
+    tiles a row's tile visits), so it costs no ``N x N`` evaluation. A layout later in that
+    list is taken only when its busiest rank has at least 5% less work: ``contiguous`` keeps
+    neighbours together (less traffic for windows) and both fixed layouts give every rank the
+    same number of tokens. Causal attention gets ``zigzag``; packed documents of uneven
+    lengths get cut runs.
+
+    Use it wherever a layout is taken: ``shard_sequence(x, layout=BalancedLayout(p))``, the
+    same object for ``context_parallel_attention`` and ``ContextParallel``.
+    """
+
+    pattern: Pattern
+    block: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, Pattern):
+            raise TypeError(f"BalancedLayout: expected a Pattern, but got {type(self.pattern).__name__}.")
+        _positive_ints(block=self.block)
+
+
+@lru_cache(maxsize=32)
+def _balanced(pattern: Pattern, block: int, n: int, world: int) -> Ranges:
+    pattern.check(n, n)
+    states = pattern.block_map(n, n, block).states
+    work = (states != EMPTY).sum(1).double().repeat_interleave(block)[:n]  # visited tiles per row
+    candidates = []
+    if n >= world:
+        candidates.append(shard_ranges(n, world, "contiguous"))
+    if n >= 2 * world:
+        candidates.append(shard_ranges(n, world, "zigzag"))
+    if n >= world:
+        csum = work.cumsum(0)
+        bounds = [0]
+        for r in range(1, world):
+            at = int(torch.searchsorted(csum, csum[-1] * r / world)) + 1
+            bounds.append(min(max(at, bounds[-1] + 1), n - (world - r)))
+        bounds.append(n)
+        candidates.append(tuple(((bounds[r], bounds[r + 1]),) for r in range(world)))
+    if not candidates:
+        raise ValueError(
+            f"BalancedLayout: expected at least {world} tokens for {world} ranks, but got n={n}."
+        )
+
+    def busiest(ranges: Ranges) -> float:
+        return max(sum(float(work[a:b].sum()) for a, b in runs) for runs in ranges)
+
+    best = candidates[0]
+    for other in candidates[1:]:  # equal-length layouts first: cut runs must pay for their memory
+        if busiest(other) < 0.95 * busiest(best):
+            best = other
+    return best
+
+
 def shard_sequence(
-    x: Tensor, *, dim: int = 2, group: dist.ProcessGroup | None = None, layout: str = "contiguous"
+    x: Tensor,
+    *,
+    dim: int = 2,
+    group: dist.ProcessGroup | None = None,
+    layout: str | BalancedLayout = "contiguous",
 ) -> Tensor:
     """This rank's shard of ``x`` along ``dim`` (default 2, the sequence axis of ``(B, H, N,
     D)``); a view for the contiguous layout. Lengths not divisible by the ranks are fine."""
@@ -128,7 +198,7 @@ def gather_sequence(
     dim: int = 2,
     n: int,
     group: dist.ProcessGroup | None = None,
-    layout: str = "contiguous",
+    layout: str | BalancedLayout = "contiguous",
     timeout: float | None = None,
 ) -> Tensor:
     """The whole ``n``-token sequence on every rank, from each rank's shard (the inverse of
@@ -178,7 +248,7 @@ class ContextParallel:
     """
 
     group: dist.ProcessGroup | None = None
-    layout: str = "contiguous"
+    layout: str | BalancedLayout = "contiguous"
     method: str = "auto"
     timeout: float | None = None
 
@@ -255,7 +325,7 @@ def context_parallel_attention(
     mask: Tensor | None = None,
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
-    layout: str = "contiguous",
+    layout: str | BalancedLayout = "contiguous",
     method: str = "auto",
     return_lse: bool = False,
     timeout: float | None = None,
@@ -320,6 +390,11 @@ def context_parallel_attention(
     metas = _agree(g, local, pattern, mask, layout, method)
     N = sum(m[3] for m in metas)
     S = sum(m[4] for m in metas)
+    if isinstance(layout, BalancedLayout) and N != S:
+        raise ValueError(
+            f"context_parallel_attention(): a BalancedLayout balances self-attention (N == S), but got "
+            f"N={N} queries and S={S} keys; shard cross-attention 'contiguous'."
+        )
     q_ranges, k_ranges = shard_ranges(N, g.size, layout), shard_ranges(S, g.size, layout)
     for r, m in enumerate(metas):
         for name, got, ranges in (("q", m[3], q_ranges), ("k", m[4], k_ranges)):
@@ -372,7 +447,7 @@ class _Plan:
     S: int
     q_ranges: Ranges
     k_ranges: Ranges
-    layout: str
+    layout: str | BalancedLayout
 
     def link(self, a: int, b: int) -> _Link | None:
         """The keys of rank ``b`` that rank ``a``'s queries see, or None if none."""
@@ -833,15 +908,16 @@ def _all_reduce_sum(x: Tensor, g: _Group, what: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- agreement
-def _agree(g: _Group, inp, pattern: Pattern, mask, layout: str, method: str) -> list[list[int]]:
+def _agree(g: _Group, inp, pattern: Pattern, mask, layout, method: str) -> list[list[int]]:
     """Exchange every rank's call description; raise when ranks disagree. Returns each rank's
     description (``[B, H, Hkv, N_local, S_local, D, Dv, dtype, layout, method, scale, pattern,
     mask]``)."""
     mine = [
         inp.B, inp.H, inp.Hkv, inp.N, inp.S, inp.D, inp.Dv, _DTYPES.index(inp.dtype),
-        LAYOUTS.index(layout), METHODS.index(method), struct.unpack("<q", struct.pack("<d", inp.scale))[0],
+        _fingerprint(layout), METHODS.index(method), struct.unpack("<q", struct.pack("<d", inp.scale))[0],
         _fingerprint(pattern), -1 if mask is None else len(mask.shape) * 1000 + int(mask.dtype == torch.bool),
     ]  # fmt: skip
+    own = {"pattern": pattern, "layout": layout}
     t = torch.tensor(mine, dtype=torch.int64)
     metas = [
         m.tolist()
@@ -853,23 +929,23 @@ def _agree(g: _Group, inp, pattern: Pattern, mask, layout: str, method: str) -> 
             if name is not None and m[i] != mine[i]:
                 raise ValueError(
                     f"context_parallel_attention(): ranks disagree on {name}: rank {g.rank} has "
-                    f"{_show(name, mine[i], pattern)} but rank {r} has {_show(name, m[i], None)}. "
+                    f"{_show(name, mine[i], own)} but rank {r} has {_show(name, m[i], None)}. "
                     f"Every rank must make the same call on its own shard."
                 )
     return metas
 
 
-def _show(name: str, value: int, pattern) -> str:
+def _show(name: str, value: int, own: dict | None) -> str:
+    """A description field for a message; ``own`` holds this rank's pattern and layout
+    (the other ranks' are known only by their hash)."""
     if name == "dtype":
         return str(_DTYPES[value])
-    if name == "layout":
-        return repr(LAYOUTS[value])
     if name == "method":
         return repr(METHODS[value])
     if name == "scale":
         return f"{struct.unpack('<d', struct.pack('<q', value))[0]:.6g}"
-    if name == "pattern":
-        return f"{pattern!r}" if pattern is not None else "another pattern"
+    if name in ("pattern", "layout"):
+        return repr(own[name]) if own is not None else f"another {name}"
     return str(value)
 
 
@@ -897,6 +973,9 @@ def _fingerprint(pattern: Pattern) -> int:
     return int.from_bytes(h.digest()[:8], "little", signed=True)
 
 
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"attnkit.distributed: expected layout in {LAYOUTS}, but got layout={layout!r}.")
+def _check_layout(layout) -> None:
+    if not isinstance(layout, BalancedLayout) and layout not in LAYOUTS:
+        raise ValueError(
+            f"attnkit.distributed: expected layout in {LAYOUTS} or a BalancedLayout, but got "
+            f"layout={layout!r}."
+        )

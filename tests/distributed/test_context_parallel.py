@@ -12,6 +12,7 @@ import torch
 import attnkit.patterns as P
 from attnkit import attention
 from attnkit.distributed import (
+    BalancedLayout,
     PeerError,
     context_parallel_attention,
     gather_sequence,
@@ -59,6 +60,10 @@ def _compare(rank: int, world: int, layouts, methods) -> dict:
         want = attention(*leaves, pattern=pattern, mask=mask)
         want.backward(dout)
         for layout in layouts:
+            if layout == "balanced":
+                if s != N:  # balances self-attention only
+                    continue
+                layout = BalancedLayout(pattern)
             qr, kr = shard_ranges(N, world, layout)[rank], shard_ranges(s, world, layout)[rank]
 
             def rows(t, ranges):
@@ -99,6 +104,41 @@ def test_context_parallel_equals_single_process(world):
     assert len(worst) == len(_cases()) * 2 * len(methods) * 2
     bad = {key: err for key, err in worst.items() if not err <= 1e-5}
     assert not bad, bad
+
+
+def test_balanced_layout_equals_single_process():
+    results = values(run_ranks(_compare, 3, ("balanced",), ("ring",)))
+    worst = {}
+    for errors in results:
+        for key, err in errors.items():
+            worst[key] = max(err, worst.get(key, 0.0))
+    assert len(worst) == 2 * (len(_cases()) - 1)  # every case but cross-attention, with its lse
+    assert all(err <= 1e-5 for err in worst.values()), worst
+
+
+def _work(pattern, ranges, n: int) -> list[int]:
+    """Allowed (query, key) pairs per rank."""
+    dense = pattern.to_dense(n, n)
+    return [sum(int(dense[a:b].sum()) for a, b in runs) for runs in ranges]
+
+
+def test_balanced_layout_gives_every_rank_the_same_work():
+    n, world = 1024, 4
+    causal = shard_ranges(n, world, BalancedLayout(P.Causal()))
+    assert causal == shard_ranges(n, world, "zigzag")  # zig-zag balances causal exactly
+    window = P.SlidingWindow(64)
+    assert shard_ranges(n, world, BalancedLayout(window)) == shard_ranges(n, world, "contiguous")
+    docs = P.Document((640, 128, 128, 128)) & P.Causal()  # one long document, three short
+    balanced = shard_ranges(n, world, BalancedLayout(docs))
+    busiest = {name: max(_work(docs, shard_ranges(n, world, name), n)) for name in ("contiguous", "zigzag")}
+    got = _work(docs, balanced, n)
+    assert max(got) < 0.8 * min(busiest.values())  # better than both fixed layouts
+    assert max(got) <= 1.15 * sum(got) / world  # within a tile row of perfect balance
+    assert sum(b - a for runs in balanced for a, b in runs) == n
+    with pytest.raises(TypeError, match="expected a Pattern"):
+        BalancedLayout("causal")
+    with pytest.raises(ValueError, match="or a BalancedLayout"):
+        shard_ranges(8, 2, "balanced")
 
 
 def _sends(rank: int, world: int) -> dict:
