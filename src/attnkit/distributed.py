@@ -5,15 +5,17 @@ Each rank of a ``torch.distributed`` group holds a shard of the sequence (made b
 :func:`attnkit.attention` would give on the whole sequence, forward and backward, by one of two
 methods:
 
-* ``ring``: every rank keeps its queries; key/value shards travel between ranks with
-  ``isend``/``irecv``, the next shard's transfer overlapping the current one's compute. Each
-  (query shard, key shard) pair is an ordinary attention call on the pattern's rectangle
+* ``ring``: every rank keeps its queries; keys and values travel between ranks with
+  ``isend``/``irecv``, the next step's transfer overlapping the current step's compute. Each
+  (query run, key run) pair is an ordinary attention call on the pattern's rectangle
   (:func:`attnkit.patterns.crop`); partial results merge exactly through their log-sum-exps.
-  The backward re-sends the key/value shards and sends each pair's ``dK``/``dV`` back to the
-  shard's owner. A pair the pattern never connects (its block map has no tile there) is
-  neither sent nor computed, so a sliding window talks only to neighbouring shards and
-  ``Document`` only to shards that share a document. ``layout="zigzag"`` (shard ``r`` holds
-  chunks ``r`` and ``2P - 1 - r`` of ``2P``) balances causal work.
+  The backward re-sends the keys and values and returns each pair's ``dK``/``dV`` to their
+  owner. A rank sends another only the keys that its queries see (the exact span, from the
+  cropped block maps), and a pair computes only the query rows that see its keys: a sliding
+  window sends one window to the next rank whatever ``N`` is, ``Document`` reaches only the
+  ranks that share a document, and pairs the pattern never connects cost nothing.
+  ``layout="zigzag"`` (rank ``r`` holds runs ``r`` and ``2P - 1 - r`` of ``2P``) balances
+  causal work; :class:`BalancedLayout` balances any pattern's.
 * ``all_to_all`` (DeepSpeed-Ulysses): swap sequence sharding for head sharding, run the whole
   sequence with the full pattern on ``H / P`` heads through any local backend, swap back.
   Needs ``H % P == 0``.
@@ -91,9 +93,9 @@ def shard_ranges(n: int, world_size: int, layout: str | BalancedLayout = "contig
     """
     _check_layout(layout)
     if isinstance(layout, BalancedLayout):
-        _positive_ints(n=n, world_size=world_size)
+        _positive_ints("shard_ranges()", n=n, world_size=world_size)
         return _balanced(layout.pattern, layout.block, n, world_size)
-    _positive_ints(n=n, world_size=world_size)
+    _positive_ints("shard_ranges()", n=n, world_size=world_size)
     runs = world_size if layout == "contiguous" else 2 * world_size
     if n < runs:
         raise ValueError(
@@ -110,12 +112,10 @@ def shard_ranges(n: int, world_size: int, layout: str | BalancedLayout = "contig
     return tuple((cut[r], cut[runs - 1 - r]) for r in range(world_size))
 
 
-def _positive_ints(**values: object) -> None:
+def _positive_ints(owner: str, **values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"shard_ranges(): expected {name} to be a positive int, but got {name}={value!r}."
-            )
+            raise ValueError(f"{owner}: expected {name} to be a positive int, but got {name}={value!r}.")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class BalancedLayout:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"BalancedLayout: expected a Pattern, but got {type(self.pattern).__name__}.")
-        _positive_ints(block=self.block)
+        _positive_ints("BalancedLayout", block=self.block)
 
 
 @lru_cache(maxsize=32)
@@ -811,23 +811,34 @@ class _Exchanges:
     def __init__(self, g: _Group, what: str, tag_base: int = 0) -> None:
         self.g, self.what, self.tag_base = g, what, tag_base
         self.pending: dict[int, tuple[object, int, Tensor | None]] = {}
+        self._count = 0
 
-    def post(self, send, recv, step: int) -> list[int]:
-        """Post ``send = (peer, tensor)`` and ``recv = (peer, buffer)`` (either may be None);
-        return handles for :meth:`collect`."""
+    def post(self, send=None, recv=None, step: int = 0, *, more: tuple = ()) -> list[int]:
+        """Post ``send = (peer, tensor)``, ``recv = (peer, buffer)`` (either may be None) and
+        ``more`` ``("send" | "recv", peer, tensor)`` operations as one batch (one NCCL group,
+        so that a pair's sends and receives cannot wait on each other); return handles for
+        :meth:`collect`."""
+        ops = [
+            *(() if recv is None else (("recv", *recv),)),
+            *(() if send is None else (("send", *send),)),
+            *more,
+        ]
+        if not ops:
+            return []
         g, tag = self.g, self.tag_base + step
+        p2p = [
+            dist.P2POp(dist.irecv if kind == "recv" else dist.isend, t, g.peer(peer), g.handle, tag)
+            for kind, peer, t in ops
+        ]
+        works = dist.batch_isend_irecv(p2p)
+        if len(works) != len(ops):  # one coalesced request stands for the whole batch
+            works = [works[-1]] * len(ops)
         handles = []
-        if recv is not None:
-            work = dist.irecv(recv[1], src=g.peer(recv[0]), group=g.handle, tag=tag)
-            handles.append(self._keep(work, recv[0], recv[1]))
-        if send is not None:
-            work = dist.isend(send[1], dst=g.peer(send[0]), group=g.handle, tag=tag)
-            handles.append(self._keep(work, send[0], None))
+        for work, (kind, peer, t) in zip(works, ops, strict=True):
+            self._count += 1
+            self.pending[self._count] = (work, peer, t if kind == "recv" else None)
+            handles.append(self._count)
         return handles
-
-    def _keep(self, work, peer: int, buf: Tensor | None) -> int:
-        self.pending[id(work)] = (work, peer, buf)
-        return id(work)
 
     def collect(self, handles: list[int]) -> Tensor | None:
         """Wait for the given transfers; return the buffer received among them, if any."""
@@ -880,15 +891,15 @@ def _exchange_all(
     """All-to-all by point-to-point: send ``chunks[r]`` to rank ``r``; return what each rank
     sent here (a buffer of ``shape_of(r)``), in rank order."""
     ex = _Exchanges(g, what, tag_base=tag_base)
-    got: list[Tensor | None] = [None] * g.size
-    got[g.rank] = chunks[g.rank]
+    got: list[Tensor] = list(chunks)
+    ops = []
     for r in range(g.size):
         if r != g.rank:
-            buf = torch.empty(shape_of(r), dtype=dtype, device=chunks[0].device)
-            ex.post(send=(r, chunks[r]), recv=(r, buf), step=0)
-            got[r] = buf
+            got[r] = torch.empty(shape_of(r), dtype=dtype, device=chunks[0].device)
+            ops += [("recv", r, got[r]), ("send", r, chunks[r])]
+    ex.post(more=tuple(ops))
     ex.finish()
-    return got  # type: ignore[return-value]
+    return got
 
 
 def _all_gather_seq(x: Tensor, dim: int, ranges, g: _Group, what: str) -> Tensor:

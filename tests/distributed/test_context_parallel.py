@@ -146,14 +146,16 @@ def _sends(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     counted = {"n": 0, "bytes": 0}
-    real = dist.isend
+    real = dist.batch_isend_irecv
 
-    def counting(tensor, *args, **kwargs):
-        counted["n"] += 1
-        counted["bytes"] += tensor.numel() * tensor.element_size()
-        return real(tensor, *args, **kwargs)
+    def counting(ops):  # every transfer of attnkit.distributed goes through one batch call
+        for op in ops:
+            if op.op is dist.isend:
+                counted["n"] += 1
+                counted["bytes"] += op.tensor.numel() * op.tensor.element_size()
+        return real(ops)
 
-    dist.isend = counting
+    dist.batch_isend_irecv = counting
     n = 64
     sends = {}
     for name, pattern in [("full", P.Full()), ("window", P.SlidingWindow(4)), ("docs", P.Document((16, 48)))]:
