@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import pytest
 import torch
 
-import attnkit
 from attnkit import attention, caches
 from attnkit import patterns as P
 from attnkit.caches import ByteLRU
@@ -46,15 +46,21 @@ def test_unhashable_keys_are_built_every_time():
 def test_public_info_limit_and_clear():
     q = torch.randn(1, 1, 300, 16)
     attention(q, q, q, pattern=P.SlidingWindow(20), backend="blocksparse")
-    info = attnkit.caches.info()
-    assert set(info) == {"block_maps", "dispatch", "plans", "tile_choices"}
+    importlib.import_module("attnkit.distributed")  # its caches exist once it is imported
+    info = caches.info()
+    assert set(info) == {
+        "block_maps", "dispatch", "plans", "tile_choices",
+        "context_parallel", "context_parallel_layouts", "context_parallel_links",
+    }  # fmt: skip
     assert info["plans"].entries >= 1 and info["plans"].bytes > 0
     caches.clear("plans")
     assert caches.info()["plans"].entries == 0
     caches.clear()
     assert all(i.entries == 0 for i in caches.info().values())
     with pytest.raises(
-        ValueError, match=r"expected a cache name in \['block_maps', 'dispatch', 'plans', 'tile_choices'\]"
+        ValueError,
+        match=r"expected a cache name in \['block_maps', 'context_parallel', 'context_parallel_layouts', "
+        r"'context_parallel_links', 'dispatch', 'plans', 'tile_choices'\]",
     ):
         caches.set_limit("plan", 10)
     with pytest.raises(ValueError, match=r"expected limit to be an int >= 0 \(bytes\), but got -1"):

@@ -38,13 +38,12 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional
+from . import caches, functional
 from .backends import _rows
 from .backends.base import compute_dtype, lse_dtype
 from .backends.blocksparse import BlockSparseBackend
@@ -144,8 +143,11 @@ class BalancedLayout:
         _positive_ints("BalancedLayout", block=self.block)
 
 
-@lru_cache(maxsize=32)
 def _balanced(pattern: Pattern, block: int, n: int, world: int) -> Ranges:
+    return _BALANCED.get((pattern, block, n, world), lambda: _balance(pattern, block, n, world))
+
+
+def _balance(pattern: Pattern, block: int, n: int, world: int) -> Ranges:
     pattern.check(n, n)
     states = pattern.block_map(n, n, block).states
     work = (states != EMPTY).sum(1).double().repeat_interleave(block)[:n]  # visited tiles per row
@@ -342,9 +344,12 @@ def context_parallel_attention(
             (each rank reads its rows; costs what it holds). A float bias gets no gradient.
         scale: Multiplier of ``q @ k^T``; default ``D ** -0.5``.
         group: The process group whose ranks hold the shards; default the world.
-        layout: ``"contiguous"`` or ``"zigzag"``, as the shards were made.
-        method: ``"ring"``, ``"all_to_all"`` or ``"auto"`` (the one moving fewer bytes per
-            rank, of those that can run; see ``docs/distributed.md``).
+        layout: ``"contiguous"``, ``"zigzag"`` or a :class:`BalancedLayout`, as the shards
+            were made.
+        method: ``"ring"``, ``"all_to_all"`` or ``"auto"``: when both can run, the first call
+            of a signature (shapes, dtype, pattern, layout, ranks) times one forward of each
+            on its inputs and every later one reuses the faster (cached in
+            :mod:`attnkit.caches` as ``"context_parallel"``).
         return_lse: Also return this rank's rows of the log-sum-exp ``(B, H, N_local)``.
         timeout: Seconds to wait for any peer; default ``ATTNKIT_DIST_TIMEOUT`` or 300.
 
@@ -414,7 +419,7 @@ def context_parallel_attention(
     if mask is not None:
         _check_mask(mask, local.B, local.H, N, S)
     plan = _Plan(g, pattern, N, S, q_ranges, k_ranges, layout)
-    chosen = _choose(method, plan, local)
+    chosen = _choose(method, plan, local, mask)
     if chosen == "all_to_all":
         return _all_to_all_attention(q, k, v, plan, mask, local.scale, return_lse)
     out, lse = _Ring.apply(q, k, v, plan, mask, local.scale)
@@ -478,8 +483,12 @@ class _Link:
         ]
 
 
-@lru_cache(maxsize=64)
 def _links(pattern: Pattern, n: int, s: int, q_ranges: Ranges, k_ranges: Ranges) -> tuple:
+    key = (pattern, n, s, q_ranges, k_ranges)
+    return _LINKS.get(key, lambda: _build_links(pattern, n, s, q_ranges, k_ranges))
+
+
+def _build_links(pattern: Pattern, n: int, s: int, q_ranges: Ranges, k_ranges: Ranges) -> tuple:
     """``[a][b]`` -> :class:`_Link` or None, from the cropped block maps of every (query run,
     key run) pair (structural: no ``N x S`` evaluation) and the element masks of the first and
     last live key tiles (so the interval is exact, not rounded to tiles)."""
@@ -535,7 +544,7 @@ def _spans(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int,
     return (qr[0] + r0, qr[0] + r1), (kr[0] + c0, kr[0] + c1)
 
 
-def _choose(method: str, plan: _Plan, inp) -> str:
+def _choose(method: str, plan: _Plan, inp, mask) -> str:
     P = plan.g.size
     if method == "all_to_all" and inp.H % P:
         raise ValueError(
@@ -546,28 +555,47 @@ def _choose(method: str, plan: _Plan, inp) -> str:
         return method
     if P == 1 or inp.H % P:
         return "ring"
-    return "ring" if _ring_bytes(plan, inp) <= _all_to_all_bytes(plan, inp) else "all_to_all"
+    key = (
+        plan.N, plan.S, inp.B, inp.H, inp.Hkv, inp.D, inp.Dv, str(inp.dtype), inp.device.type, P,
+        _fingerprint(plan.pattern), _fingerprint(plan.layout), None if mask is None else tuple(mask.shape),
+    )  # fmt: skip
+    return _METHODS.get(key, lambda: _measure(plan, inp, mask))
 
 
-def _ring_bytes(plan: _Plan, inp) -> int:
-    """Forward bytes the busiest rank sends in a ring: to each rank, the keys/values of its
-    shard that the rank's queries see."""
-    per_token = inp.B * inp.Hkv * (inp.D + inp.Dv) * inp.q.element_size()
-    P = plan.g.size
-    return max(
-        sum(link.tokens for a in range(P) if a != b and (link := plan.link(a, b)) is not None) * per_token
-        for b in range(P)
+#: Who sends what to whom, per (pattern, N, S, layout ranges); the layouts BalancedLayout chose.
+_LINKS = caches.register("context_parallel_links", 16 * caches.MiB)
+_BALANCED = caches.register("context_parallel_layouts", caches.MiB)
+#: ``method="auto"``'s measured choice per call signature (shapes, dtype, device, ranks,
+#: pattern, layout, mask shape); inspect or clear it with :mod:`attnkit.caches`.
+_METHODS = caches.register("context_parallel", caches.MiB, size=lambda _: 256)
+
+
+def _measure(plan: _Plan, inp, mask) -> str:
+    """Time one forward of each method on this call's inputs (after a first one that builds
+    the plans); every rank takes the slowest rank's time of each, so all choose alike."""
+    import time
+
+    runs = {
+        "ring": lambda: _Ring.apply(inp.q, inp.k, inp.v, plan, mask, inp.scale),
+        "all_to_all": lambda: _all_to_all_attention(inp.q, inp.k, inp.v, plan, mask, inp.scale, False),
+    }
+    times = []
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+            if inp.device.type == "cuda":
+                torch.cuda.synchronize(inp.device)
+            start = time.perf_counter()
+            run()
+            if inp.device.type == "cuda":
+                torch.cuda.synchronize(inp.device)
+            times.append(time.perf_counter() - start)
+    mine = torch.tensor(times, dtype=torch.float64)
+    got = _exchange_all(
+        plan.g, [mine] * plan.g.size, lambda r: (2,), torch.float64, "the method timing", 7 << 20
     )
-
-
-def _all_to_all_bytes(plan: _Plan, inp) -> int:
-    """Forward bytes a rank sends in all-to-all: (P - 1) / P of its q, k, v and output."""
-    P, size = plan.g.size, inp.q.element_size()
-    n = max(sum(y - x for x, y in r) for r in plan.q_ranges)
-    s = max(sum(y - x for x, y in r) for r in plan.k_ranges)
-    hkv = inp.Hkv if inp.Hkv % P == 0 else inp.H
-    total = inp.B * (n * inp.H * (inp.D + inp.Dv) + s * hkv * (inp.D + inp.Dv))
-    return total * size * (P - 1) // P
+    slowest = torch.stack(got).amax(0)
+    return "ring" if slowest[0] <= slowest[1] else "all_to_all"
 
 
 # --------------------------------------------------------------------------- ring

@@ -263,3 +263,28 @@ def test_errors_without_a_process_group():
         context_parallel_attention(x, x, x)
     with pytest.raises(ValueError, match=r"method in .*'fast'"):
         context_parallel_attention(x, x, x, method="fast")
+
+
+def _auto(rank: int, world: int) -> dict:
+    from attnkit import caches
+
+    caches.clear()
+    q, k, v, _, _ = _inputs(N, None)
+    want = attention(q, k, v, pattern=P.Causal())
+    mine = torch.cat([want[:, :, a:b] for a, b in shard_ranges(N, world, "zigzag")[rank]], 2)
+    local = [shard_sequence(t, layout="zigzag").clone() for t in (q, k, v)]
+    errors = []
+    for _ in range(2):  # the first call measures both methods, the second reuses the choice
+        out = context_parallel_attention(
+            *local, pattern=P.Causal(), layout="zigzag", method="auto", timeout=20
+        )
+        errors.append((out - mine).abs().max().item())
+    info = caches.info()["context_parallel"]
+    return {"errors": errors, "entries": info.entries, "hits": info.hits}
+
+
+def test_auto_measures_once_and_every_rank_agrees():
+    # ranks that chose different methods would wait for messages that never come (PeerError)
+    results = values(run_ranks(_auto, 2))
+    assert all(err <= 1e-5 for r in results for err in r["errors"])
+    assert [(r["entries"], r["hits"]) for r in results] == [(1, 1), (1, 1)]
