@@ -99,11 +99,10 @@ class BlockSparseBackend(Backend):
         graph: one piece of a larger softmax, to be merged through the log-sum-exps
         (:func:`attnkit.backends._rows.combine`) and differentiated by
         :meth:`partial_backward`. No dropout; a float bias gets no gradient."""
-        job, parts = cls._job(inp, backward=True)
+        job, parts = cls._job(inp, backward=True, whole_ok=True)
         with torch.no_grad():
-            whole = _whole_kind(job)
-            if whole is not None:
-                return _whole_forward(job, whole)
+            if not parts:
+                return _whole_forward(job, _whole_kind(job))
             return _run_forward(job, parts, inp.q, inp.k, inp.v, inp.bias)
 
     @classmethod
@@ -115,18 +114,21 @@ class BlockSparseBackend(Backend):
         log-sum-exp of the whole softmax the piece belongs to and ``dout`` is the gradient of
         that output: the probabilities are recomputed against the whole row's normalizer, so
         the pieces' gradients add up to the whole's (as in ring attention)."""
-        job, parts = cls._job(inp, backward=True)
+        job, parts = cls._job(inp, backward=True, whole_ok=True)
         with torch.no_grad():
-            whole = _whole_kind(job)
-            if whole is not None:
-                return _whole_backward(job, whole, out.to(inp.dtype), lse, dout)
+            if not parts:
+                return _whole_backward(job, _whole_kind(job), out.to(inp.dtype), lse, dout)
             grads = _run_backward(
                 job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, inp.bias, False
             )
         return grads[0], grads[1], grads[2]
 
     @classmethod
-    def _job(cls, inp: AttentionInputs, backward: bool) -> tuple[_Job, tuple[_Part, ...]]:
+    def _job(
+        cls, inp: AttentionInputs, backward: bool, whole_ok: bool = False
+    ) -> tuple[_Job, tuple[_Part, ...]]:
+        """The call's job and plans; with ``whole_ok``, no plans (``()``) for a piece that
+        :func:`_whole_kind` runs as one fused call."""
         fused = (
             inp.device.type == "cpu"
             and inp.Dv == inp.D  # torch's CPU kernel needs one head size for q, k and v
@@ -137,6 +139,8 @@ class BlockSparseBackend(Backend):
         pattern, lengths = split_key_lengths(inp.pattern if inp.pattern is not None else Full())
         key_lengths = None if lengths is None else torch.tensor(lengths, device=inp.device)
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes, key_lengths=key_lengths)
+        if whole_ok and _whole_kind(job) is not None:
+            return job, ()  # one fused call, no tiles to plan
         parts = cls.plan(
             pattern,
             inp.N,
