@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, env_line, environment, save
 from attnkit import patterns as P
 from attnkit.distributed import BalancedLayout, context_parallel_attention, shard_ranges, shard_sequence
-from distributed import run
+from distributed import run, slowest_median
 
 N = 16384
 
@@ -98,9 +98,7 @@ def main() -> None:
         rng.shuffle(order)
         for layout_name in order:
             per_rank = run(_step, 2, layout_name, 3)
-            timings.setdefault(layout_name, []).append(
-                statistics.median(max(r[i] for r in per_rank) for i in range(3))
-            )
+            timings.setdefault(layout_name, []).append(slowest_median(per_rank))
     steps = {k: {"median_s": statistics.median(v), "rounds_s": v} for k, v in timings.items()}
     payload = {"environment": env, "N": N, "balance": balance, "steps": steps}
     save("cp_layouts", payload)

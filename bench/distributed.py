@@ -182,6 +182,11 @@ def _entry(fn, rank, world, init, results, args, threads):
             dist.destroy_process_group()
 
 
+def slowest_median(per_rank: list[list[float]]) -> float:
+    """Median over steps of the slowest rank's time: a step ends when its last rank does."""
+    return statistics.median(max(step) for step in zip(*per_rank, strict=True))
+
+
 def run(fn, world: int, *args, threads: int = 1) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -238,7 +243,7 @@ def main() -> None:
             res = run(_step, world, name, n, layout, 3, threads=threads)
             runs.setdefault((name, n, layout, world, threads), []).append({
                 "memory_mib": [r["memory_mib"] for r in res],
-                "step_s": statistics.median(max(r["times"][i] for r in res) for i in range(3)),
+                "step_s": slowest_median([r["times"] for r in res]),
             })  # fmt: skip
         print(f"round {round_ + 1} done", flush=True)
     steps = []

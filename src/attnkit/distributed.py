@@ -419,7 +419,7 @@ def context_parallel_attention(
     if mask is not None:
         _check_mask(mask, local.B, local.H, N, S)
     plan = _Plan(g, pattern, N, S, q_ranges, k_ranges, layout)
-    chosen = _choose(method, plan, local, mask)
+    chosen = _choose(method, plan, local, mask, metas[g.rank])
     if chosen == "all_to_all":
         return _all_to_all_attention(q, k, v, plan, mask, local.scale, return_lse)
     out, lse = _Ring.apply(q, k, v, plan, mask, local.scale)
@@ -544,7 +544,7 @@ def _spans(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int,
     return (qr[0] + r0, qr[0] + r1), (kr[0] + c0, kr[0] + c1)
 
 
-def _choose(method: str, plan: _Plan, inp, mask) -> str:
+def _choose(method: str, plan: _Plan, inp, mask, description: list[int]) -> str:
     P = plan.g.size
     if method == "all_to_all" and inp.H % P:
         raise ValueError(
@@ -555,10 +555,10 @@ def _choose(method: str, plan: _Plan, inp, mask) -> str:
         return method
     if P == 1 or inp.H % P:
         return "ring"
-    key = (
-        plan.N, plan.S, inp.B, inp.H, inp.Hkv, inp.D, inp.Dv, str(inp.dtype), inp.device.type, P,
-        _fingerprint(plan.pattern), _fingerprint(plan.layout), None if mask is None else tuple(mask.shape),
-    )  # fmt: skip
+    # this rank's call description (shapes, dtype, scale, pattern and layout hashes, ...)
+    # with the whole lengths, the ranks, the device and the mask's shape
+    mask_shape = None if mask is None else tuple(mask.shape)
+    key = (*description, plan.N, plan.S, P, inp.device.type, mask_shape)
     return _METHODS.get(key, lambda: _measure(plan, inp, mask))
 
 
@@ -780,15 +780,16 @@ def _swap(x: Tensor, ranges, g: _Group, back: bool) -> Tensor:
     return torch.cat(got, 1)
 
 
-def _reorder(x: Tensor, ranges, to_global: bool) -> Tensor:
-    """Rank-concatenated order <-> global position order along dim 2 (identity when contiguous)."""
-    order = [range(a, b) for r in ranges for a, b in r]
-    if all(len(ranges[i]) == 1 for i in range(len(ranges))):
+def _reorder(x: Tensor, ranges, to_global: bool, dim: int = 2) -> Tensor:
+    """Rank-concatenated order <-> whole-sequence order along ``dim`` (identity for layouts
+    whose ranks hold one run each, in order)."""
+    perm = [p for runs in ranges for a, b in runs for p in range(a, b)]
+    if perm == list(range(len(perm))):
         return x
-    perm = torch.tensor([p for rg in order for p in rg], device=x.device)
-    if to_global:  # x[:, :, i] holds position perm[i]
-        return x.index_select(2, torch.argsort(perm))
-    return x.index_select(2, perm)
+    index = torch.tensor(perm, device=x.device)
+    if to_global:  # position perm[i] is at x's index i
+        return x.index_select(dim, torch.argsort(index))
+    return x.index_select(dim, index)
 
 
 # --------------------------------------------------------------------------- transport
@@ -934,11 +935,7 @@ def _all_gather_seq(x: Tensor, dim: int, ranges, g: _Group, what: str) -> Tensor
     xs = x.movedim(dim, 0).contiguous()
     lengths = [sum(b - a for a, b in r) for r in ranges]
     got = _exchange_all(g, [xs] * g.size, lambda r: (lengths[r], *xs.shape[1:]), x.dtype, what, 4 << 20)
-    full = torch.cat(got, 0)
-    order = [p for r in ranges for a, b in r for p in range(a, b)]
-    if order != list(range(len(order))):
-        full = full.index_select(0, torch.argsort(torch.tensor(order, device=x.device)))
-    return full.movedim(0, dim)
+    return _reorder(torch.cat(got, 0), ranges, to_global=True, dim=0).movedim(0, dim)
 
 
 def _all_reduce_sum(x: Tensor, g: _Group, what: str) -> Tensor:

@@ -32,6 +32,7 @@ mask; dense and causal attention stay on ``sdpa``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -101,8 +102,8 @@ class BlockSparseBackend(Backend):
         :meth:`partial_backward`. No dropout; a float bias gets no gradient."""
         job, parts = cls._job(inp, backward=True, whole_ok=True)
         with torch.no_grad():
-            if not parts:
-                return _whole_forward(job, _whole_kind(job))
+            if job.whole is not None:
+                return _whole_forward(job)
             return _run_forward(job, parts, inp.q, inp.k, inp.v, inp.bias)
 
     @classmethod
@@ -116,8 +117,8 @@ class BlockSparseBackend(Backend):
         the pieces' gradients add up to the whole's (as in ring attention)."""
         job, parts = cls._job(inp, backward=True, whole_ok=True)
         with torch.no_grad():
-            if not parts:
-                return _whole_backward(job, _whole_kind(job), out.to(inp.dtype), lse, dout)
+            if job.whole is not None:
+                return _whole_backward(job, out.to(inp.dtype), lse, dout)
             grads = _run_backward(
                 job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, inp.bias, False
             )
@@ -127,8 +128,8 @@ class BlockSparseBackend(Backend):
     def _job(
         cls, inp: AttentionInputs, backward: bool, whole_ok: bool = False
     ) -> tuple[_Job, tuple[_Part, ...]]:
-        """The call's job and plans; with ``whole_ok``, no plans (``()``) for a piece that
-        :func:`_whole_kind` runs as one fused call."""
+        """The call's job and plans; with ``whole_ok``, a piece that :func:`_whole_kind` runs
+        as one fused call gets ``job.whole`` set and no plans."""
         fused = (
             inp.device.type == "cpu"
             and inp.Dv == inp.D  # torch's CPU kernel needs one head size for q, k and v
@@ -139,8 +140,8 @@ class BlockSparseBackend(Backend):
         pattern, lengths = split_key_lengths(inp.pattern if inp.pattern is not None else Full())
         key_lengths = None if lengths is None else torch.tensor(lengths, device=inp.device)
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes, key_lengths=key_lengths)
-        if whole_ok and _whole_kind(job) is not None:
-            return job, ()  # one fused call, no tiles to plan
+        if whole_ok and (whole := _whole_kind(job)) is not None:
+            return dataclasses.replace(job, whole=whole), ()  # one fused call, no tiles to plan
         parts = cls.plan(
             pattern,
             inp.N,
@@ -245,22 +246,22 @@ def _whole_rows(x: Tensor, job: _Job) -> Tensor:
     return x.reshape(B, job.inp.Hkv, job.inp.G * N, E)
 
 
-def _whole_forward(job: _Job, kind: str) -> tuple[Tensor, Tensor]:
+def _whole_forward(job: _Job) -> tuple[Tensor, Tensor]:
     inp = job.inp
     ct = compute_dtype(inp.dtype)
     q = _whole_rows(inp.q.contiguous(), job)
-    out, lse = FusedCPU.forward(q, inp.k, inp.v, None, inp.scale, causal=kind == "causal")
+    out, lse = FusedCPU.forward(q, inp.k, inp.v, None, inp.scale, causal=job.whole == "causal")
     return out.to(ct).reshape(inp.B, inp.H, inp.N, inp.Dv), lse.to(ct).reshape(inp.B, inp.H, inp.N)
 
 
-def _whole_backward(job: _Job, kind: str, out: Tensor, lse: Tensor, dout: Tensor):
+def _whole_backward(job: _Job, out: Tensor, lse: Tensor, dout: Tensor):
     inp = job.inp
     ct = compute_dtype(inp.dtype)
     rows = (_whole_rows(t.contiguous(), job) for t in (dout, inp.q, out))
     do_r, q_r, out_r = rows
     lse_r = lse.reshape(inp.B, inp.Hkv, inp.G * inp.N)
     dq, dk, dv, _ = FusedCPU.backward(
-        do_r, q_r, inp.k, inp.v, out_r, lse_r, None, inp.scale, kind == "causal"
+        do_r, q_r, inp.k, inp.v, out_r, lse_r, None, inp.scale, job.whole == "causal"
     )
     return dq.to(ct).reshape(inp.q.shape), dk.to(ct), dv.to(ct)
 
@@ -293,6 +294,8 @@ class _Job:
     chunk_bytes: int
     #: ``(B,)`` key lengths applied at call time (``KeyPadding`` split off the pattern), or None.
     key_lengths: Tensor | None = None
+    #: ``"full"``/``"causal"`` when a partial call runs as one fused call (:func:`_whole_kind`).
+    whole: str | None = None
 
     # -- layouts: (B, H, N, E) <-> (B*Hkv, num_q_tiles, G*b, E), query heads of a group stacked
     def to_rows(self, x: Tensor, plan: SparsePlan) -> Tensor:
