@@ -51,6 +51,7 @@ def test_public_info_limit_and_clear():
     assert set(info) == {
         "block_maps", "dispatch", "plans", "tile_choices",
         "context_parallel", "context_parallel_layouts", "context_parallel_links",
+        "flex_block_masks", "triton_tables",
     }  # fmt: skip
     assert info["plans"].entries >= 1 and info["plans"].bytes > 0
     caches.clear("plans")
@@ -60,7 +61,8 @@ def test_public_info_limit_and_clear():
     with pytest.raises(
         ValueError,
         match=r"expected a cache name in \['block_maps', 'context_parallel', 'context_parallel_layouts', "
-        r"'context_parallel_links', 'dispatch', 'plans', 'tile_choices'\]",
+        r"'context_parallel_links', 'dispatch', 'flex_block_masks', 'plans', 'tile_choices', "
+        r"'triton_tables'\]",
     ):
         caches.set_limit("plan", 10)
     with pytest.raises(ValueError, match=r"expected limit to be an int >= 0 \(bytes\), but got -1"):

@@ -247,7 +247,9 @@ def test_forcing_an_unable_backend_lists_every_backends_reasons():
 def test_unknown_backend():
     q, k, v = qkv()
     with pytest.raises(
-        ValueError, match=r"one of \['blocksparse', 'sdpa', 'tiled', 'reference'\], but got backend='flash'"
+        ValueError,
+        match=r"one of \['varlen', 'triton', 'flex', 'blocksparse', 'sdpa', 'tiled', 'reference'\], "
+        r"but got backend='flash'",
     ):
         attention(q, k, v, backend="flash")
 

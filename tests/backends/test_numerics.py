@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit import attention, backends
+from attnkit import attention
 
 from ..reference import attention_ref, grads, max_err, naive_eager, report
 from .cases import MASKS, SHAPES, make_inputs, shape_id
@@ -82,7 +82,3 @@ def test_float64_is_exact(backend, mask_case, small_tiles):
     )
     for g, w in zip([got, *got_g], [want, *want_g], strict=True):
         assert max_err(g, w) < 1e-12, report("float64", g, w, 1e-12)
-
-
-def test_backends_listed():
-    assert backends.available() == ["blocksparse", "sdpa", "tiled", "reference"]

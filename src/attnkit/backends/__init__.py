@@ -1,12 +1,19 @@
 """Attention backends: each declares what it supports; :func:`select` picks one or explains why not.
 
-=============  ==============================================  ================================
-backend        what                                            auto picks it for
-=============  ==============================================  ================================
-``sdpa``       torch's fused ``scaled_dot_product_attention``  dense, causal, padding, masks
-``tiled``      FlashAttention in eager torch, ``O(N)`` memory  other patterns, ``return_lse``
-``reference``  materialized float64 oracle, returns weights    ``return_weights``
-=============  ==============================================  ================================
+===============  ==============================================  ==============================
+backend          what                                            auto picks it for
+===============  ==============================================  ==============================
+``varlen``       torch's ``varlen_attn`` (FlashAttention, CUDA)  windows, documents (CUDA)
+``triton``       attnkit's block-sparse Triton kernels (CUDA)    other patterns (CUDA)
+``flex``         compiled FlexAttention on the block map         patterns ``triton`` declines
+``blocksparse``  tiles of the block map on torch's CPU kernel    sparse patterns (CPU)
+``sdpa``         torch's fused ``scaled_dot_product_attention``  dense, causal, padding, masks
+``tiled``        FlashAttention in eager torch, ``O(N)`` memory  what others decline
+``reference``    materialized float64 oracle, returns weights    ``return_weights``
+===============  ==============================================  ==============================
+
+The table is also the order ``backend="auto"`` tries them in: the first that can run the inputs
+and has no reason to step aside (``auto_reasons``: another backend is faster there) runs.
 
 ``register_backend`` adds a backend (a :class:`Backend` subclass) to the registry and, with
 ``priority``, to the automatic choice.
@@ -17,9 +24,12 @@ from __future__ import annotations
 from .. import caches
 from .base import AttentionInputs, AttentionResult, Backend
 from .blocksparse import BlockSparseBackend
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend
+from .triton import TritonBackend
+from .varlen import VarlenBackend
 
 __all__ = [
     "AttentionInputs",
@@ -148,3 +158,6 @@ register_backend(ReferenceBackend)
 register_backend(SdpaBackend)
 register_backend(TiledBackend)
 register_backend(BlockSparseBackend, priority=0)
+register_backend(FlexBackend, priority=0)
+register_backend(TritonBackend, priority=0)
+register_backend(VarlenBackend, priority=0)
