@@ -377,6 +377,11 @@ def context_parallel_attention(
             f"context_parallel_attention(): expected pattern to be an attnkit.patterns.Pattern or None, "
             f"but got {type(pattern).__name__}."
         )
+    if pattern is not None and pattern.per_head:
+        raise NotImplementedError(
+            "context_parallel_attention(): a PerHead pattern is not supported under context "
+            "parallelism yet; run each head group's pattern as its own call."
+        )
     # local validation (shapes, dtypes, GQA, scale) through attention()'s own checks
     local = functional.build_inputs(q, k, v, scale=scale)
     if mask is not None:

@@ -9,6 +9,7 @@ Shape legend (used everywhere in attnkit)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from . import backends
 from .backends._dropout import draw_seed
-from .backends.base import FLOAT_DTYPES, AttentionInputs
+from .backends.base import FLOAT_DTYPES, AttentionInputs, AttentionResult
 from .patterns import Pattern
 
 __all__ = ["attention"]
@@ -90,7 +91,10 @@ def attention(
         q, k, v, pattern=pattern, mask=mask, scale=scale, dropout_p=dropout_p,
         return_weights=return_weights, return_lse=return_lse,
     )  # fmt: skip
-    result = backends.select(inp, backend).forward(inp)
+    if inp.pattern is not None and inp.pattern.per_head:
+        result = _per_head(inp, backend)
+    else:
+        result = backends.select(inp, backend).forward(inp)
     extras = []
     if return_weights:
         extras.append(result.weights)
@@ -182,6 +186,11 @@ def build_inputs(
                 f"{type(pattern).__name__}. Pass tensors as mask=."
             )
         pattern.check(N, S)
+        if pattern.per_head and pattern.num_heads != H:
+            raise ValueError(
+                f"attention(): expected a PerHead pattern with one pattern per query head (H={H}), "
+                f"but got {pattern.num_heads}."
+            )
         if pattern.batch_size is not None and pattern.batch_size != B:
             raise ValueError(
                 f"attention(): expected the pattern's batch size to equal B={B}, but got "
@@ -218,3 +227,55 @@ def build_inputs(
         dropout_p=float(dropout_p), dropout_seed=draw_seed() if dropout_p > 0 else None,
         return_weights=return_weights, return_lse=return_lse,
     )  # fmt: skip
+
+
+def _per_head(inp: AttentionInputs, backend: str) -> AttentionResult:
+    """A :class:`~attnkit.patterns.PerHead` pattern: each distinct pattern runs once, on the
+    heads that use it, and the heads are put back in order."""
+    results, order = [], []
+    for i, (pattern, heads) in enumerate(inp.pattern.groups()):
+        sub = _heads_of(inp, pattern, heads, i)
+        results.append(backends.select(sub, backend).forward(sub))
+        order.extend(heads)
+    if len(results) == 1:
+        return results[0]
+    inverse = torch.argsort(torch.tensor(order, device=inp.device))
+
+    def merged(parts: list[Tensor | None]) -> Tensor | None:
+        return None if parts[0] is None else torch.cat(parts, 1).index_select(1, inverse)
+
+    return AttentionResult(
+        merged([r.out for r in results]),
+        merged([r.weights for r in results]),
+        merged([r.lse for r in results]),
+    )
+
+
+def _heads_of(inp: AttentionInputs, pattern: Pattern, heads: tuple[int, ...], group: int) -> AttentionInputs:
+    """``inp`` restricted to the query heads ``heads`` (ascending) under ``pattern``. Key/value
+    heads whose query heads all share the pattern stay shared (GQA); otherwise each query head
+    gets its own copy of its key/value head."""
+    G = inp.G
+    kv_heads = sorted({h // G for h in heads})
+    kv = kv_heads if len(kv_heads) * G == len(heads) else [h // G for h in heads]
+
+    def take(t: Tensor | None, index: list[int]) -> Tensor | None:
+        if t is None or t.shape[1] == 1:
+            return t
+        if index == list(range(index[0], index[0] + len(index))):
+            return t[:, index[0] : index[0] + len(index)]
+        return t.index_select(1, torch.tensor(index, device=t.device))
+
+    seed = inp.dropout_seed
+    if seed is not None:  # another seed per group, so heads of different groups drop independently
+        seed = (seed + 0x9E3779B1 * (group + 1)) % (2**31 - 1)
+    return dataclasses.replace(
+        inp,
+        q=take(inp.q, list(heads)),
+        k=take(inp.k, kv),
+        v=take(inp.v, kv),
+        pattern=pattern,
+        mask=take(inp.mask, list(heads)),
+        bias=take(inp.bias, list(heads)),
+        dropout_seed=seed,
+    )

@@ -54,3 +54,21 @@ def test_per_batch_patterns_give_one_mask_per_batch_item():
         warnings.simplefilter("ignore")
         out = flex.flex_attention(q, k, v, block_mask=bm)
     assert (out - attention(q, k, v, pattern=pattern)).abs().max() < 1e-5
+
+
+def test_per_head_patterns_give_each_head_its_mask():
+    pattern = P.PerHead([P.Causal(), P.SlidingWindow(40) | P.Global((0,)), P.Causal()])
+    rule = mask_mod(pattern, 300, 300)
+    h = torch.arange(3)[:, None, None]
+    got = rule(torch.tensor(0), h, torch.arange(300)[None, :, None], torch.arange(300)[None, None, :])
+    assert torch.equal(got, pattern.to_dense(300, 300)[0])
+    ours = block_mask(pattern, 300, 300)
+    theirs = flex.create_block_mask(rule, None, 3, 300, 300, device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    q, k, v = (torch.randn(1, 3, 300, 32) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex.flex_attention(q, k, v, block_mask=ours)
+    assert (out - attention(q, k, v, pattern=pattern)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="expected num_heads=None or 3"):
+        block_mask(pattern, 300, 300, num_heads=2)

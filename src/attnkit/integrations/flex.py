@@ -34,7 +34,11 @@ def mask_mod(pattern: Pattern, n: int, s: int, *, block: int = 128, device=None)
         block: Tile size of the lookup tables (memory: one int8 per tile plus ``block**2``
             booleans per partial tile).
         device: Device of the tables (that of the attention inputs).
+
+    A :class:`~attnkit.patterns.PerHead` pattern reads ``h``: each head gets its own rule.
     """
+    if pattern.per_head:
+        return _per_head_rule(pattern, n, s, block, device)
     bm = pattern.block_map(n, s, block)
     states = bm.states
     partial = (states == PARTIAL).nonzero()
@@ -61,6 +65,25 @@ def mask_mod(pattern: Pattern, n: int, s: int, *, block: int = 128, device=None)
     return rule
 
 
+def _per_head_rule(pattern, n: int, s: int, block: int, device) -> Callable:
+    groups = pattern.groups()
+    rules = [mask_mod(p, n, s, block=block, device=device) for p, _ in groups]
+    head_group = torch.empty(pattern.num_heads, dtype=torch.int64)
+    for g, (_, heads) in enumerate(groups):
+        head_group[list(heads)] = g
+    head_group = head_group.to(device)
+
+    def rule(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        group = head_group[h]
+        out = rules[0](b, h, q_idx, kv_idx)
+        for g in range(1, len(rules)):
+            out = torch.where(group == g, rules[g](b, h, q_idx, kv_idx), out)
+        return out
+
+    rule.__name__ = "attnkit_perhead"
+    return rule
+
+
 def block_mask(
     pattern: Pattern,
     n: int,
@@ -76,7 +99,8 @@ def block_mask(
         pattern: Any attnkit pattern (per-batch patterns give one mask per batch item).
         n, s: Query and key lengths (``s`` defaults to ``n``).
         block: FlexAttention's ``BLOCK_SIZE`` (128 by default, as FlexAttention's).
-        num_heads: Heads of the mask (``None``: one, broadcast to every head).
+        num_heads: Heads of the mask (``None``: one, broadcast to every head; a
+            :class:`~attnkit.patterns.PerHead` pattern has one per head).
         device: Device of the mask.
 
     Raises:
@@ -87,20 +111,31 @@ def block_mask(
     except ImportError as e:  # pragma: no cover - depends on the torch build
         raise ImportError("attnkit.integrations.flex needs torch >= 2.5 with FlexAttention") from e
     s = n if s is None else s
-    states = pattern.block_map(n, s, block).states.to(device)
+    if pattern.per_head:
+        if num_heads not in (None, pattern.num_heads):
+            raise ValueError(
+                f"block_mask(): expected num_heads=None or {pattern.num_heads} for {pattern!r}, "
+                f"but got num_heads={num_heads}."
+            )
+        H = pattern.num_heads
+        maps = {p: p.block_map(n, s, block).states for p, _ in pattern.groups()}
+        states = torch.stack([maps[p] for p in pattern.heads]).to(device)  # (H, nq, nk)
+    else:
+        H = num_heads or 1
+        states = pattern.block_map(n, s, block).states.to(device)[None]  # (1, nq, nk)
     partial, full = states == PARTIAL, states == FULL
 
     def blocks(sel: Tensor) -> tuple[Tensor, Tensor]:
-        count = sel.sum(1, dtype=torch.int32)
+        count = sel.sum(-1, dtype=torch.int32)
         # each row lists its selected tile columns first (stable: in increasing order)
-        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         return count, order
 
     (kv_num, kv_idx), (full_num, full_idx) = blocks(partial), blocks(full)
-    B, H = pattern.batch_size or 1, num_heads or 1
+    B = pattern.batch_size or 1
 
-    def shaped(t: Tensor) -> Tensor:
-        return t.expand(B, H, *t.shape).contiguous()
+    def shaped(t: Tensor) -> Tensor:  # (1 or H, ...) -> (B, H, ...)
+        return t.expand(B, H, *t.shape[1:]).contiguous()
 
     return BlockMask.from_kv_blocks(
         shaped(kv_num),

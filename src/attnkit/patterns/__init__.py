@@ -17,6 +17,7 @@ default, see :class:`Causal`); key ``j`` of ``S``. ``True`` means "may attend".
 ``KeyPadding(lengths)``      ``j < lengths[b]`` (per batch item)
 ``a & b``, ``a | b``         both, either
 ``crop(p, N, S, rows, cols)``  a rectangle of ``p`` (context parallelism's shard pairs)
+``PerHead([p_0, ...])``      head ``h`` uses ``p_h``
 ===========================  ==========================================================
 """
 
@@ -28,6 +29,7 @@ from .document import Document, KeyPadding
 from .global_tokens import Global
 from .layout import BlockLayout
 from .parse import parse_pattern
+from .per_head import PerHead
 from .random_blocks import Random
 from .strided import Fixed, Strided
 from .window import Dilated, SlidingWindow
@@ -64,6 +66,7 @@ __all__ = [
     "KeyPadding",
     "Or",
     "Pattern",
+    "PerHead",
     "Random",
     "SlidingWindow",
     "Strided",

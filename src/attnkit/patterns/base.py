@@ -248,13 +248,16 @@ class Pattern:
         return "\n".join(lines)
 
     # ----------------------------------------------------------------- composition
+    #: ``True`` for :class:`~attnkit.patterns.PerHead` (a pattern per attention head).
+    per_head: bool = False
+
     def __and__(self, other: Pattern) -> Pattern:
-        if not isinstance(other, Pattern):
+        if not isinstance(other, Pattern) or other.per_head:  # PerHead distributes over heads
             return NotImplemented
         return And(*_flatten(And, self), *_flatten(And, other))
 
     def __or__(self, other: Pattern) -> Pattern:
-        if not isinstance(other, Pattern):
+        if not isinstance(other, Pattern) or other.per_head:
             return NotImplemented
         return Or(*_flatten(Or, self), *_flatten(Or, other))
 
@@ -432,6 +435,8 @@ class _Composite(Pattern):
         for p in parts:
             if not isinstance(p, Pattern):
                 raise TypeError(f"{name}: expected Pattern operands, but got {type(p).__name__}.")
+            if p.per_head:
+                raise TypeError(f"{name}: combine a PerHead with & or |, which apply it to every head.")
         sizes = {p.batch_size for p in parts} - {None}
         if len(sizes) > 1:
             raise ValueError(f"{name}: per-batch patterns disagree on the batch size: {sorted(sizes)}.")

@@ -69,6 +69,22 @@ def _scores(
 
 
 @triton.jit
+def _key_block(
+    e, q, rows_q, k_base, v_base, skn, svn, COLS, IDS, MASKS, N, S, D, DV, scale_log2,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Entry ``e`` of a query block's row list: its keys, values and base-2 scores.
+    ``IDS`` points at this batch item's mask indices."""
+    cols_k = tl.load(COLS + e) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k = _load_tile(k_base, cols_k, skn, S, D, BLOCK_D)
+    v = _load_tile(v_base, cols_k, svn, S, DV, BLOCK_DV)
+    mask_id = tl.load(IDS + e)
+    s = _scores(q, k, cols_k, rows_q, N, S, MASKS, mask_id, scale_log2, BLOCK_Q, BLOCK_K, PRECISION)
+    return k, v, s
+
+
+@triton.jit
 def _forward(
     Q, K, V, O, LSE,
     ROW_PTR, COLS, IDS, MASKS,
@@ -90,16 +106,15 @@ def _forward(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for e in range(tl.load(ROW_PTR + r), tl.load(ROW_PTR + r + 1)):
-        mask_id = tl.load(IDS + b * ids_b + e)
-        cols_k = tl.load(COLS + e) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k = _load_tile(k_base, cols_k, skn, S, D, BLOCK_D)
-        s = _scores(q, k, cols_k, rows_q, N, S, MASKS, mask_id, scale_log2, BLOCK_Q, BLOCK_K, PRECISION)
+        _, v, s = _key_block(
+            e, q, rows_q, k_base, v_base, skn, svn, COLS, IDS + b * ids_b, MASKS, N, S, D, DV, scale_log2,
+            BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV, PRECISION,
+        )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m - shift)
         l = l * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, cols_k, svn, S, DV, BLOCK_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     seen = l > 0.0
@@ -169,11 +184,10 @@ def _backward_q(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for e in range(tl.load(ROW_PTR + r), tl.load(ROW_PTR + r + 1)):
-        mask_id = tl.load(IDS + b * ids_b + e)
-        cols_k = tl.load(COLS + e) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k = _load_tile(k_base, cols_k, skn, S, D, BLOCK_D)
-        v = _load_tile(v_base, cols_k, svn, S, DV, BLOCK_DV)
-        s = _scores(q, k, cols_k, rows_q, N, S, MASKS, mask_id, scale_log2, BLOCK_Q, BLOCK_K, PRECISION)
+        k, v, s = _key_block(
+            e, q, rows_q, k_base, v_base, skn, svn, COLS, IDS + b * ids_b, MASKS, N, S, D, DV, scale_log2,
+            BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV, PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
