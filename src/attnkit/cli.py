@@ -165,12 +165,17 @@ def _patterns(args: argparse.Namespace) -> int:
     with _usage("SPEC/-n/-s/--tile"):
         drawing = pattern.to_string(n, s, block=args.tile, width=args.width)
     print(drawing)
-    bm = pattern.block_map(n, s, args.block)
-    c = bm.counts
+    groups = pattern.groups() if pattern.per_head else [(pattern, (0,))]
+    num_heads = sum(len(heads) for _, heads in groups)
+    total = num_heads * n * s * (pattern.batch_size or 1)
+    visited = sum(len(heads) * p.block_map(n, s, args.block).visited_fraction() for p, heads in groups)
+    c = pattern.block_map(n, s, args.block).counts  # a PerHead's: the union of its heads
+    heads_note, union_note = (" over all heads", " (union of the heads)") if pattern.per_head else ("", "")
     print(
-        f"\nallowed pairs: {pattern.num_allowed(n, s):,} of {n * s:,} ({100 * pattern.density(n, s):.2f}%)"
-        f"\n{args.block}x{args.block} tiles: {c['full']} full, {c['partial']} partial, {c['empty']} empty"
-        f" -> a block-sparse kernel computes {100 * bm.visited_fraction():.2f}% of the dense work"
+        f"\nallowed pairs: {pattern.num_allowed(n, s):,} of {total:,} ({100 * pattern.density(n, s):.2f}%)"
+        f"{heads_note}\n{args.block}x{args.block} tiles: {c['full']} full, {c['partial']} partial, "
+        f"{c['empty']} empty{union_note} -> a block-sparse kernel computes "
+        f"{100 * visited / num_heads:.2f}% of the dense work"
     )
     if args.png:
         from .viz.plot import plot_pattern

@@ -102,7 +102,11 @@ def test_views_and_errors():
     assert pattern.num_allowed(6, 8) == WINDOW.num_allowed(6, 8) + 2 * CAUSAL.num_allowed(6, 8)
     union = (WINDOW | CAUSAL).block_map(40, 40, 8).states
     assert torch.equal(pattern.block_map(40, 40, 8).states, union)
-    assert repr(pattern) == f"PerHead({WINDOW!r} + [{CAUSAL!r}] * 2)"
+    assert repr(pattern) == f"PerHead([{WINDOW!r}] + [{CAUSAL!r}] * 2)"
+    mixed = P.PerHead([BIGBIRD, WINDOW | CAUSAL, BIGBIRD])
+    assert P.parse_pattern(repr(mixed)) == mixed
+    assert P.parse_pattern(repr(pattern)) == pattern
+    assert P.parse_pattern("PerHead([Causal(), SlidingWindow(2)] * 2)").num_heads == 4
     art = pattern.to_string(6)
     assert "heads 0:" in art and "heads 1, 2:" in art and art.count("N=6 S=6") == 2
     assert P.Causal() & pattern == P.PerHead([CAUSAL & WINDOW, CAUSAL & CAUSAL, CAUSAL & CAUSAL])

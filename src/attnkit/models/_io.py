@@ -66,6 +66,48 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_layer_patterns(config) -> None:
+    """Validate a config's ``layer_patterns``: one parseable pattern expression per layer."""
+    from ..patterns import parse_pattern
+
+    if config.layer_patterns is None:
+        return
+    if len(config.layer_patterns) != config.num_layers:
+        raise ValueError(
+            f"{type(config).__name__}: expected layer_patterns to have one pattern per layer "
+            f"(num_layers={config.num_layers}), but got {len(config.layer_patterns)}."
+        )
+    for text in config.layer_patterns:
+        parse_pattern(text)
+
+
+def layer_patterns(config) -> list | None:
+    """A config's per-layer patterns, parsed, or None."""
+    from ..patterns import parse_pattern
+
+    return None if config.layer_patterns is None else [parse_pattern(t) for t in config.layer_patterns]
+
+
+def with_patterns(config: C, patterns) -> C:
+    """``config`` with ``patterns`` as its self-attention patterns: a Pattern for every layer
+    (``pattern``), a sequence of one per layer (``layer_patterns``), or None (the default)."""
+    from ..patterns import Pattern
+
+    if patterns is None:
+        changed = config.replace(pattern=None, layer_patterns=None)
+    elif isinstance(patterns, Pattern):
+        changed = config.replace(pattern=repr(patterns), layer_patterns=None)
+    else:
+        patterns = list(patterns)
+        for i, p in enumerate(patterns):
+            if not isinstance(p, Pattern):
+                raise TypeError(
+                    f"set_patterns: expected patterns[{i}] to be a Pattern, but got {type(p).__name__}."
+                )
+        changed = config.replace(layer_patterns=tuple(repr(p) for p in patterns))
+    return changed  # (replace() validates)
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +21,16 @@ from ..nn import Encoder, EncoderLayer
 from ..patterns import Pattern, parse_pattern
 from ._io import (
     ModelConfig,
+    check_layer_patterns,
     checkpoint_dir,
+    layer_patterns,
     load_state,
     load_weights,
     own_config,
     read_json,
     rename,
     save_checkpoint,
+    with_patterns,
 )
 from .tokenizer import Tokenizer
 
@@ -61,6 +65,7 @@ class BertConfig(ModelConfig):
     pooling: str = "mean"
     normalize: bool = True
     pattern: str | None = None
+    layer_patterns: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         self._positive("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
@@ -73,6 +78,7 @@ class BertConfig(ModelConfig):
         self._require("attention_dropout", 0 <= self.attention_dropout < 1, "in [0, 1)")
         if self.pattern is not None:
             parse_pattern(self.pattern)
+        check_layer_patterns(self)
 
     @classmethod
     def from_hf(cls, hf: dict, directory: Path | None = None) -> BertConfig:
@@ -179,7 +185,16 @@ class BertEncoder(nn.Module):
         )  # fmt: skip
         self.encoder = Encoder(layer, c.num_layers)
         self.pattern: Pattern | None = None if c.pattern is None else parse_pattern(c.pattern)
+        self.layer_patterns = layer_patterns(c)
         self.apply(self._init_weights)
+
+    def set_patterns(self, patterns: Pattern | Sequence[Pattern] | None) -> None:
+        """Run self-attention with ``patterns``: one pattern for every layer, a sequence of one
+        per layer (e.g. :func:`attnkit.fit.fit_patterns`' result), or None for dense. Kept in the
+        config, so :meth:`save_pretrained` saves it."""
+        self.config = with_patterns(self.config, patterns)
+        self.pattern = None if self.config.pattern is None else parse_pattern(self.config.pattern)
+        self.layer_patterns = layer_patterns(self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -218,9 +233,12 @@ class BertEncoder(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, positions)
         key_mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(
-            x, key_mask=key_mask, pattern=self.pattern if pattern is None else pattern,
+            x, key_mask=key_mask, pattern=self._patterns() if pattern is None else pattern,
             need_weights=need_weights,
         )  # fmt: skip
+
+    def _patterns(self) -> Pattern | list[Pattern] | None:
+        return self.layer_patterns if self.layer_patterns is not None else self.pattern
 
     def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """Sentence vectors ``(B, C)``: mean over real tokens (or the first token), normalized if

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +21,16 @@ from ..nn import Decoder, DecoderCache, DecoderLayer, RMSNorm, RotaryEmbedding
 from ..patterns import Causal, Pattern, SlidingWindow, parse_pattern
 from ._io import (
     ModelConfig,
+    check_layer_patterns,
     checkpoint_dir,
+    layer_patterns,
     load_state,
     load_weights,
     own_config,
     read_json,
     rename,
     save_checkpoint,
+    with_patterns,
 )
 from .generation import SamplingConfig, next_token
 
@@ -39,7 +43,8 @@ class DecoderLMConfig(ModelConfig):
 
     ``sliding_window``: Mistral's window ``W`` (each token sees itself and the ``W - 1``
     before it), or None for full causal attention. ``pattern``: any other attnkit pattern
-    expression for the self-attention (it replaces the causal/sliding one; keep it causal).
+    expression for the self-attention (it replaces the causal/sliding one; keep it causal);
+    ``layer_patterns``: one such expression per layer (what :meth:`DecoderLM.set_patterns` writes).
     ``rope_scaling``: ``transformers``' dict for ``linear`` or ``llama3`` scaling.
     """
 
@@ -59,6 +64,7 @@ class DecoderLMConfig(ModelConfig):
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     pattern: str | None = None
+    layer_patterns: tuple[str, ...] | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -78,6 +84,7 @@ class DecoderLMConfig(ModelConfig):
             self._positive("sliding_window")
         if self.pattern is not None:
             parse_pattern(self.pattern)
+        check_layer_patterns(self)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -150,10 +157,25 @@ class DecoderLM(nn.Module):
             pattern=self._pattern(c), rotary=rotary, backend=backend,
         )  # fmt: skip
         self.decoder = Decoder(layer, c.num_layers, norm=RMSNorm(c.hidden_size, c.rms_norm_eps))
+        self._apply_patterns()
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def set_patterns(self, patterns: Pattern | Sequence[Pattern] | None) -> None:
+        """Run self-attention with ``patterns``: one pattern for every layer, a sequence of one
+        per layer (e.g. :func:`attnkit.fit.fit_patterns`' result; keep them causal), or None for
+        the config's causal or sliding default. Kept in the config, so :meth:`save_pretrained`
+        saves it."""
+        self.config = with_patterns(self.config, patterns)
+        self._apply_patterns()
+
+    def _apply_patterns(self) -> None:
+        c = self.config
+        per_layer = layer_patterns(c) or [self._pattern(c)] * c.num_layers
+        for layer, pattern in zip(self.decoder.layers, per_layer, strict=True):
+            layer.self_attn.pattern = pattern
 
     @staticmethod
     def _pattern(c: DecoderLMConfig) -> Pattern:

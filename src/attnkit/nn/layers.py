@@ -400,6 +400,18 @@ class _Stack(nn.Module):
             _reinit(copied)
         self.norm = final_norm
 
+    def _per_layer(self, pattern) -> list:
+        """``pattern`` for each layer: one pattern (or None) for all, or a sequence of one per layer."""
+        if pattern is None or isinstance(pattern, Pattern):
+            return [pattern] * len(self.layers)
+        patterns = list(pattern)
+        if len(patterns) != len(self.layers):
+            raise ValueError(
+                f"{type(self).__name__}: expected a pattern or one pattern per layer "
+                f"({len(self.layers)}), but got {len(patterns)} patterns."
+            )
+        return patterns
+
 
 def _reinit(module: nn.Module) -> None:
     """``reset_parameters`` of the outermost modules that have one."""
@@ -419,7 +431,8 @@ class Encoder(_Stack):
         norm: Norm after the last layer (pre-norm models need one), or None.
 
     Shape: ``x (B, N, C) -> (B, N, C)``; with ``need_weights``, also a list of per-layer
-    weights ``(B, H, N, N)``.
+    weights ``(B, H, N, N)``. ``pattern`` in ``forward`` is one pattern for every layer or a
+    sequence of one per layer.
     """
 
     def __init__(self, layer: EncoderLayer, num_layers: int, norm: nn.Module | None = None) -> None:
@@ -439,9 +452,9 @@ class Encoder(_Stack):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         reject_unknown_keywords(type(self).__name__, unknown)
         all_weights = []
-        for layer in self.layers:
+        for layer, layer_pattern in zip(self.layers, self._per_layer(pattern), strict=True):
             x = layer(
-                x, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
+                x, mask=mask, key_mask=key_mask, pattern=layer_pattern, positions=positions,
                 need_weights=need_weights,
             )  # fmt: skip
             if need_weights:
@@ -456,7 +469,8 @@ class Decoder(_Stack):
     """``num_layers`` decoder layers and an optional final norm; see :class:`DecoderLayer`.
 
     Shape: ``x (B, N, C)``, ``memory (B, S, C_mem)`` -> ``(B, N, C)``; with ``need_weights``,
-    also a list of per-layer ``(self_weights, cross_weights)``.
+    also a list of per-layer ``(self_weights, cross_weights)``. ``pattern`` in ``forward`` is one
+    self-attention pattern for every layer or a sequence of one per layer.
     """
 
     def __init__(self, layer: DecoderLayer, num_layers: int, norm: nn.Module | None = None) -> None:
@@ -487,10 +501,10 @@ class Decoder(_Stack):
                 f"Decoder: expected a cache with {len(self.layers)} layers, but got {len(cache)}."
             )
         all_weights = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, layer_pattern) in enumerate(zip(self.layers, self._per_layer(pattern), strict=True)):
             x = layer(
                 x, memory, mask=mask, key_mask=key_mask,
-                memory_key_mask=memory_key_mask, pattern=pattern, positions=positions,
+                memory_key_mask=memory_key_mask, pattern=layer_pattern, positions=positions,
                 cache=None if cache is None else cache[i], need_weights=need_weights,
             )  # fmt: skip
             if need_weights:

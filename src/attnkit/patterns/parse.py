@@ -51,6 +51,12 @@ def _build(node: ast.AST, spec: str) -> Pattern:
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
         left, right = _build(node.left, spec), _build(node.right, spec)
         return left & right if isinstance(node.op, ast.BitAnd) else left | right
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "PerHead":
+        from .per_head import PerHead
+
+        if len(node.args) != 1 or node.keywords:
+            raise _fail(spec, "PerHead takes one list of patterns")
+        return PerHead(_heads(node.args[0], spec))
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         cls = _registry().get(node.func.id)
         if cls is None:
@@ -62,6 +68,21 @@ def _build(node: ast.AST, spec: str) -> Pattern:
         except TypeError as e:
             raise ValueError(f"parse_pattern: bad arguments for {node.func.id}: {e}.") from None
     raise _fail(spec, f"unexpected {type(node).__name__!r}")
+
+
+def _heads(node: ast.AST, spec: str) -> list[Pattern]:
+    """PerHead's argument: ``[a, b, ...]``, ``[a] * 3``, their sums, or one pattern (as its
+    ``repr`` writes runs: ``PerHead([a] * 2 + [b])``)."""
+    if isinstance(node, ast.List):
+        return [_build(e, spec) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _heads(node.left, spec) + _heads(node.right, spec)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        count = _literal(node.right, spec)
+        if not isinstance(count, int) or count < 1:
+            raise _fail(spec, f"expected a positive repeat count, got {ast.unparse(node.right)!r}")
+        return _heads(node.left, spec) * count
+    return [_build(node, spec)]
 
 
 def _literal(node: ast.AST, spec: str):

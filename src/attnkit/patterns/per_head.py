@@ -82,9 +82,9 @@ class PerHead(Pattern):
                 count += 1
                 continue
             if last is not None:
-                runs.append(repr(last) if count == 1 else f"[{last!r}] * {count}")
+                runs.append(f"[{last!r}]" if count == 1 else f"[{last!r}] * {count}")
             last, count = p, 1
-        return f"PerHead({' + '.join(runs)})" if len(runs) > 1 else f"PerHead({runs[0]})"
+        return f"PerHead({' + '.join(runs)})"  # runs of equal heads; parse_pattern reads it back
 
     @property
     def num_heads(self) -> int:

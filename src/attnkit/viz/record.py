@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .._files import atomic_write
 from .._hooks import AttentionCall, register_attention_hook
 from ..functional import attention
+from ..patterns import PerHead
 
 __all__ = ["AttentionRecord", "LayerCapture", "record"]
 
@@ -134,12 +135,15 @@ class _Recorder:
             )
         kv = [h // (H // Hkv) for h in heads]
         q, k, v = call.q[:, heads], call.k[:, kv], call.v[:, kv]
+        pattern = call.pattern
+        if pattern is not None and pattern.per_head:  # the kept heads' own patterns
+            pattern = PerHead([pattern.heads[h] for h in heads])
         mask = call.mask
         if mask is not None and mask.dim() == 4 and mask.shape[1] == H:
             mask = mask[:, heads]
         with torch.no_grad():
             _, w = attention(
-                q.detach(), k.detach(), v.detach(), pattern=call.pattern, mask=mask, scale=call.scale,
+                q.detach(), k.detach(), v.detach(), pattern=pattern, mask=mask, scale=call.scale,
                 return_weights=True, backend="reference",
             )  # fmt: skip
         w = w.float().cpu()
@@ -152,7 +156,7 @@ class _Recorder:
             rec.patterns.append(None if call.pattern is None else repr(call.pattern))
             rec.weights.append(w)
             if self.capture:
-                allowed, bias = _allowed(call, q.shape[0], q.shape[2], k.shape[2])
+                allowed, bias = _allowed(call, pattern, q.shape[0], q.shape[2], k.shape[2])
                 rec.captures.append(LayerCapture(
                     None if call.x is None else call.x.detach().cpu(), q.detach().cpu(), k.detach().cpu(),
                     v.detach().cpu(), call.out[:, heads].detach().cpu(), allowed, bias,
@@ -167,11 +171,18 @@ class _Recorder:
         rec.weights[i] = torch.cat(padded, dim=2)
 
 
-def _allowed(call: AttentionCall, B: int, N: int, S: int) -> tuple[Tensor, Tensor | None]:
+def _allowed(call: AttentionCall, pattern, B: int, N: int, S: int) -> tuple[Tensor, Tensor | None]:
     """``(B, N, S)`` bool of allowed pairs (head-independent masks only) and the additive bias."""
     allowed = torch.ones(B, N, S, dtype=torch.bool)
-    if call.pattern is not None:
-        allowed &= call.pattern.to_dense(N, S).cpu()
+    if pattern is not None and pattern.per_head:  # the kept heads' patterns
+        if len(set(pattern.heads)) > 1:
+            raise ValueError(
+                "record(capture_inputs=True): the kept heads use different patterns "
+                f"({pattern!r}); keep heads that share one (heads=...)."
+            )
+        pattern = pattern.heads[0]
+    if pattern is not None:
+        allowed &= pattern.to_dense(N, S).cpu()
     bias = None
     if call.mask is not None:
         m = call.mask.detach().cpu()
