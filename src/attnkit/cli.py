@@ -155,6 +155,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{name}: expected a readable UTF-8 text file, but {path!r}: {e}") from None
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .apps.explain import load_model
+    from .apps.fit import fit_model, save_report, split_texts
+    from .fit import default_candidates
+
+    for name, value in (("--keep", args.keep), ("--budget", args.budget)):
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(f"{name}: expected a share in (0, 1], but got {value}.")
+    _positive(max_texts=args.max_texts)
+    with _usage("--windows"):
+        windows = [int(w) for w in args.windows.split(",")]
+        if not windows or min(windows) < 0:
+            raise ValueError(f"expected comma-separated window sizes >= 0, but got {args.windows!r}")
+    fit_texts, held = split_texts(_text_file("--texts", args.texts))
+    if args.heldout is not None:
+        held = [t for part in split_texts(_text_file("--heldout", args.heldout)) for t in part]
+    fit_texts, held = fit_texts[: args.max_texts], held[: args.max_texts]
+    if not fit_texts or len(held) < 2:
+        raise UsageError(
+            f"--texts: expected paragraphs to fit on and at least 2 held out, but got {len(fit_texts)} "
+            f"and {len(held)} (paragraphs are separated by blank lines; every 4th is held out)."
+        )
+    with _input("MODEL"):
+        model, tokenizer, name, max_tokens = load_model(args.model)
+    print(f"{name}: fitting on {len(fit_texts)} texts, measuring on {len(held)} held-out texts", flush=True)
+    report = fit_model(
+        model, tokenizer, name, max_tokens, fit_texts, held, keep=args.keep, budget=args.budget,
+        candidates=default_candidates(windows), progress=not args.no_progress,
+    )  # fmt: skip
+    if args.budget is None:
+        print(report.coverage.table(args.keep or 0.95))
+    print("\nFitted patterns:")
+    for i, p in enumerate(report.fitted):
+        print(f"  layer {i}: {p!r}")
+    print("\nHeld-out quality against dense attention:")
+    print(report.table())
+    speed = report.speed
+    print(f"\nOne forward pass of {speed['tokens']} tokens (median of 3, this machine):")
+    for label, seconds in speed["seconds"].items():
+        print(f"  {label:<34} {seconds * 1e3:9.1f} ms")
+    for path in save_report(report, Path(args.out)):
+        print(f"wrote {path}")
+    if args.save:
+        model.set_patterns(report.fitted)
+        model.save_pretrained(args.save)
+        print(f"saved the model with its fitted patterns to {args.save}")
+    return 0
+
+
 def _patterns(args: argparse.Namespace) -> int:
     from .patterns import parse_pattern
 
@@ -371,6 +427,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     ex.set_defaults(func=_explain)
+
+    ft = sub.add_parser(
+        "fit", help="fit a sparse pattern to each head of a pretrained model and measure what it costs"
+    )
+    ft.add_argument(
+        "model", nargs="?", default=None,
+        help="a BERT- or Llama-family checkpoint directory (default all-MiniLM-L6-v2)",
+    )  # fmt: skip
+    ft.add_argument("--texts", required=True, help="text file; paragraphs separated by blank lines")
+    ft.add_argument("--heldout", default=None, help="held-out texts (default: every 4th paragraph)")
+    choose = ft.add_mutually_exclusive_group()
+    choose.add_argument(
+        "--keep", type=float, default=None,
+        help="the cheapest pattern keeping this share of each head's attention (default 0.95)",
+    )  # fmt: skip
+    choose.add_argument(
+        "--budget", type=float, default=None,
+        help="instead, the pattern keeping the most attention at this density or less",
+    )  # fmt: skip
+    ft.add_argument("--windows", default="16,32,64,128,256", help="candidate window sizes (default 16..256)")
+    ft.add_argument("--max-texts", type=int, default=200, help="at most this many texts per side")
+    ft.add_argument("--out", default="fit", help="directory for fit.json and fit.png (default ./fit)")
+    ft.add_argument("--save", default=None, metavar="DIR", help="also save the model with its patterns")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ft.set_defaults(func=_fit)
 
     demo = sub.add_parser("demo", help="self-attention step by step on a tiny fixed model, with real numbers")
     demo.add_argument("text", nargs="?", default="The cat sat on the mat.")

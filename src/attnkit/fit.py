@@ -63,10 +63,10 @@ class Coverage:
     density: Tensor
     rows: int
 
-    def table(self) -> str:
-        """Per layer, each head's cheapest candidate keeping 95% of its mass, as text."""
+    def table(self, keep: float = 0.95) -> str:
+        """Per layer, each head's cheapest candidate keeping ``keep`` of its mass, as text."""
         lines = []
-        choice = self.cheapest(0.95)
+        choice = self.cheapest(keep)
         for i, name in enumerate(self.layers):
             cells = [
                 f"h{h}:{self.candidates[c]!r} keeps {self.mass[i, h, c]:.2f} at density {self.density[c]:.2f}"

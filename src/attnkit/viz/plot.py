@@ -84,6 +84,16 @@ def plot_pattern(pattern: Pattern, n: int, s: int | None = None, path: str | os.
     keys; with ``block``, the kernel's tile grid is drawn over it."""
     plt = _pyplot()
     s = n if s is None else s
+    if pattern.per_head:  # one picture per distinct pattern, side by side
+        groups = pattern.groups()
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4 * n / s), squeeze=False)
+        for ax, (p, heads) in zip(axes[0], groups, strict=True):
+            ax.imshow(p.to_dense(n, s).reshape(-1, n, s)[0].to(torch.uint8).numpy(), cmap="Greys",
+                      vmin=0, vmax=1, interpolation="nearest", aspect="auto")  # fmt: skip
+            ax.set_title(f"heads {', '.join(map(str, heads))}\n{p!r}", fontsize=8)
+            ax.set_xlabel("key position")
+        axes[0][0].set_ylabel("query position")
+        return _save(fig, path, dpi)
     dense = pattern.to_dense(n, s).to(torch.uint8).numpy()
     fig, ax = plt.subplots(figsize=(5, 5 * n / s if s else 5))
     ax.imshow(dense, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
@@ -97,3 +107,40 @@ def plot_pattern(pattern: Pattern, n: int, s: int | None = None, path: str | os.
         for y in range(block, n, block):
             ax.axhline(y - 0.5, color="tab:red", lw=0.3, alpha=0.5)
     return _save(fig, path, dpi)
+
+
+def plot_fit(report, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Heat map of a fit (:class:`attnkit.apps.fit.FitReport`): layers x heads, coloured by the
+    density of each head's chosen pattern, labelled with the pattern."""
+    plt = _pyplot()
+    cov = report.coverage
+    density = torch.tensor([[float(cov.density[c]) for c in row] for row in report.choice])
+    L, H = density.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * H, 0.9 + 0.55 * L))
+    image = ax.imshow(density.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(report.choice):
+        for h, c in enumerate(row):
+            ax.text(h, i, _short(cov.candidates[c]), ha="center", va="center", fontsize=7,
+                    color="white" if density[i, h] < 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(H), [f"h{h}" for h in range(H)])
+    ax.set_yticks(range(L), [f"layer {i}" for i in range(L)])
+    ax.set_title(f"{report.model}: the pattern fitted to each head (colour: its density)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, label="density")
+    return _save(fig, path, dpi)
+
+
+def _short(p: Pattern) -> str:
+    """A few characters for a pattern: w64 (window), w64+s4 (window and first tokens), st64
+    (strided), full; the repr's start otherwise."""
+    from ..patterns import Full, Global, Or, SlidingWindow, Strided
+
+    if isinstance(p, Full):
+        return "full"
+    if isinstance(p, SlidingWindow):
+        return f"w{p.before}"
+    if isinstance(p, Strided):
+        return f"st{p.stride}"
+    parts = p.parts if isinstance(p, Or) else ()
+    if len(parts) == 2 and isinstance(parts[0], SlidingWindow) and isinstance(parts[1], Global):
+        return f"w{parts[0].before}+s{len(parts[1].indices)}"
+    return repr(p)[:8]

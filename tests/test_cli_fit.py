@@ -1,0 +1,102 @@
+"""``attnkit fit``: per-head patterns fitted to a pretrained model, measured, written, saved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnkit import patterns as P
+from attnkit.apps.fit import split_texts
+from attnkit.cli import main
+
+PARAGRAPHS = [
+    "The cat sat on the mat and looked at the garden for a long while.",
+    "A library for attention lets you choose which words each word may look at.",
+    "Sparse patterns keep the words nearby and a few words at the start.",
+    "The weather was cold, so the children stayed inside and read their books.",
+    "Every head of a trained model does a different job, some local and some global.",
+    "The train left the station at noon and arrived in the city before dark.",
+    "Dense attention costs time and memory that grow with the square of the length.",
+    "She wrote a letter to her friend about the trip to the mountains last summer.",
+]
+
+
+def test_split_texts_holds_out_every_fourth_paragraph():
+    fit, held = split_texts("\n\n".join(PARAGRAPHS))
+    assert held == [PARAGRAPHS[3], PARAGRAPHS[7]] and len(fit) == 6
+    fit, held = split_texts("one\ntwo\nthree\nfour")  # no blank lines: lines are the texts
+    assert held == ["four"]
+
+
+def test_fit_minilm_writes_json_png_and_a_model_that_keeps_its_patterns(tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(PARAGRAPHS))
+    out, saved = tmp_path / "out", tmp_path / "fitted"
+    argv = ["fit", "--texts", str(texts), "--windows", "2,4,8", "--out", str(out), "--save", str(saved)]
+    assert main([*argv, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Held-out quality against dense attention" in printed and "fitted per head" in printed
+    report = json.loads((out / "fit.json").read_text())
+    assert report["model"] == "all-MiniLM-L6-v2" and len(report["layers"]) == 6
+    assert len(report["mass"]) == 6 and len(report["mass"][0]) == 12 and len(report["candidates"]) == 10
+    dense, fitted = report["comparison"][0], report["comparison"][1]
+    assert dense["cosine"] == pytest.approx(1.0) and 0 < fitted["cosine"] <= 1.0 + 1e-9
+    assert fitted["density"] <= 1.0 and (out / "fit.png").stat().st_size > 0
+    from attnkit.models import BertEncoder
+
+    model = BertEncoder.from_pretrained(saved)
+    assert [repr(p) for p in model.layer_patterns] == report["fitted"]
+    assert all(isinstance(p, P.PerHead) for p in model.layer_patterns)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--keep", "1.5"], "--keep: expected a share in (0, 1]"),
+        (["--windows", "4,x"], "--windows: "),
+        (["--max-texts", "0"], "--max-texts: expected a positive integer"),
+    ],
+)
+def test_fit_usage_errors(tmp_path, extra, message, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(PARAGRAPHS))
+    assert main(["fit", "--texts", str(texts), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_fit_input_errors(tmp_path, capsys):
+    assert main(["fit", "--texts", str(tmp_path / "missing.txt")]) == 1
+    assert "--texts: " in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("just one paragraph")
+    assert main(["fit", "--texts", str(one)]) == 2
+    assert "at least 2 held out" in capsys.readouterr().err
+
+
+def test_fit_a_llama_checkpoint_reports_perplexity(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.models.conftest import save_tiny_decoder
+
+    save_tiny_decoder(tmp_path / "lm")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "lm" / "tokenizer.json"))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 97}" for i in range(30)) for p in range(8)))
+    argv = [
+        "fit",
+        str(tmp_path / "lm"),
+        "--texts",
+        str(texts),
+        "--windows",
+        "2,4",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert report["kind"] == "decoder" and all("perplexity" in row for row in report["comparison"])
+    assert all("Causal()" in p for p in report["fitted"])  # decoders stay causal
