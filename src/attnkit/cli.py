@@ -81,9 +81,16 @@ def _read_text(text: str) -> str:
 
 # -- explain ------------------------------------------------------------------------------------
 def _explain(args: argparse.Namespace) -> int:
-    from .apps.explain import default_head, explain, load_model
+    from .apps.explain import default_head, dense_record, explain, layer_patterns, load_model
+    from .viz.flow import lost_mass, rollout
     from .viz.heads import summarize_heads
-    from .viz.terminal import color_enabled, render_head_summary, render_matrix, render_top_k
+    from .viz.terminal import (
+        color_enabled,
+        render_head_summary,
+        render_lost_mass,
+        render_matrix,
+        render_top_k,
+    )
 
     _positive(top_k=args.top_k, dims=args.dims, max_tokens=args.max_tokens)
     text = _read_text(args.text)
@@ -123,6 +130,19 @@ def _explain(args: argparse.Namespace) -> int:
                         title=f"Layer {layer}, head {rec.heads[head]}{how}:"))  # fmt: skip
     print()
     print(render_top_k(w, rec.tokens, rec.tokens, k=args.top_k))
+    patterns = layer_patterns(ex.model)
+    if patterns is not None and len(rec.heads) == rec.num_heads:
+        lost = lost_mass(dense_record(ex), patterns)
+        print()
+        print(render_lost_mass(lost, rec.heads, title="Attention each head loses to its pattern "
+                               "(share of its dense weights outside the pattern):"))  # fmt: skip
+    if args.rollout:
+        flow = rollout(rec)[0].float()
+        print()
+        print(render_matrix(flow, rec.tokens, rec.tokens, color=color, max_tokens=args.max_tokens,
+                            title="Attention rollout (Abnar & Zuidema 2020): how much of each input token "
+                                  "(column) reaches each position (row) at the top, through every layer, "
+                                  "heads averaged, residual included:"))  # fmt: skip
     if args.heads:
         print()
         print(render_head_summary(summarize_heads(rec)))
@@ -142,6 +162,11 @@ def _explain(args: argparse.Namespace) -> int:
 
         path = plot_record(rec, args.png)
         print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+        if args.rollout:
+            from .viz.plot import plot_rollout
+
+            path = plot_rollout(rollout(rec)[0], rec.tokens, Path(args.png).with_suffix(".rollout.png"))
+            print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
     return 0
 
 
@@ -422,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--html", metavar="FILE", help="write a self-contained interactive web page")
     ex.add_argument("--png", metavar="FILE", help="write a grid of heatmaps (layers x heads)")
     ex.add_argument("--pattern", default=None, help="run the encoder with this attention pattern")
+    ex.add_argument(
+        "--rollout", action="store_true", help="attention rollout: how tokens flow through all layers"
+    )
     ex.add_argument(
         "--max-tokens", type=int, default=32, help="tokens drawn in the terminal matrix (default 32)"
     )

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models import BertEncoder, DecoderLM, Tokenizer
 from ..models._io import checkpoint_dir, read_json
-from ..patterns import Pattern
+from ..patterns import Causal, Full, Pattern
 from ..viz.heads import summarize_heads
 from ..viz.record import AttentionRecord, record
 
@@ -77,6 +77,7 @@ class Explanation:
     text: str
     num_tokens: int  # before truncation
     max_tokens: int
+    input_ids: torch.Tensor | None = None  # (1, T) what the model read
 
     @property
     def truncated(self) -> bool:
@@ -113,7 +114,38 @@ def explain(
         model(input_ids)
     rec.tokens = tok.id_to_tokens(ids)
     rec.model = name
-    return Explanation(rec, model, text, n, max_tokens)
+    return Explanation(rec, model, text, n, max_tokens, input_ids)
+
+
+def layer_patterns(model: nn.Module) -> list[Pattern | None] | None:
+    """The self-attention pattern of each layer of ``model`` when any is set, else None."""
+    if isinstance(model, BertEncoder):
+        if model.layer_patterns is not None:
+            return list(model.layer_patterns)
+        return None if model.pattern is None else [model.pattern] * model.config.num_layers
+    if isinstance(model, DecoderLM) and (model.config.layer_patterns or model.config.pattern):
+        return [layer.self_attn.pattern for layer in model.decoder.layers]
+    return None
+
+
+@torch.no_grad()
+def dense_record(ex: Explanation) -> AttentionRecord:
+    """The same text through the same model with dense (causal, for decoders) attention."""
+    model = ex.model
+    if isinstance(model, BertEncoder):
+        with record(model) as rec:
+            model(ex.input_ids, pattern=Full())
+        return rec
+    saved = [layer.self_attn.pattern for layer in model.decoder.layers]
+    try:
+        for layer in model.decoder.layers:
+            layer.self_attn.pattern = Causal()
+        with record(model) as rec:
+            model(ex.input_ids)
+    finally:
+        for layer, p in zip(model.decoder.layers, saved, strict=True):
+            layer.self_attn.pattern = p
+    return rec
 
 
 def default_head(rec: AttentionRecord) -> tuple[int, int]:

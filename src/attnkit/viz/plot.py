@@ -144,3 +144,18 @@ def _short(p: Pattern) -> str:
     if len(parts) == 2 and isinstance(parts[0], SlidingWindow) and isinstance(parts[1], Global):
         return f"w{parts[0].before}+s{len(parts[1].indices)}"
     return repr(p)[:8]
+
+
+def plot_rollout(flow, tokens: list[str], path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Attention rollout ``(N, N)`` (see :func:`attnkit.viz.rollout`) as a labelled heat map."""
+    plt = _pyplot()
+    n = flow.shape[0]
+    size = min(12, 2 + 0.3 * n)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(flow.float().numpy(), cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(n), tokens, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), tokens, fontsize=7)
+    ax.set_xlabel("input token")
+    ax.set_ylabel("position at the top layer")
+    ax.set_title("Attention rollout (Abnar & Zuidema 2020)", fontsize=9)
+    return _save(fig, path, dpi)

@@ -105,3 +105,13 @@ def render_head_summary(summaries: list[HeadSummary], layer_names: list[str] | N
     )
     lines.append("share = mean weight a query gives that target; spread = normalized entropy (1 = uniform).")
     return "\n".join(lines)
+
+
+def render_lost_mass(lost: Tensor, heads: list[int], *, title: str = "") -> str:
+    """``lost (L, h)`` shares as a layer x head table in percent."""
+    lines = [title] if title else []
+    lines.append("        " + "".join(f"{'h' + str(h):>6}" for h in heads) + "    mean")
+    for i, row in enumerate(lost.tolist()):
+        cells = "".join(f"{100 * x:5.1f}%" for x in row)
+        lines.append(f"layer {i:<2}{cells}  {100 * sum(row) / len(row):5.1f}%")
+    return "\n".join(lines)
