@@ -43,6 +43,8 @@ def test_fit_minilm_writes_json_png_and_a_model_that_keeps_its_patterns(tmp_path
     dense, fitted = report["comparison"][0], report["comparison"][1]
     assert dense["cosine"] == pytest.approx(1.0) and 0 < fitted["cosine"] <= 1.0 + 1e-9
     assert fitted["density"] <= 1.0 and (out / "fit.png").stat().st_size > 0
+    page = (out / "fit.html").read_text()
+    assert '"headPatterns"' in page and '"lost": [[' in page and '"rollout": "' in page
     from attnkit.models import BertEncoder
 
     model = BertEncoder.from_pretrained(saved)

@@ -131,6 +131,7 @@ def _explain(args: argparse.Namespace) -> int:
     print()
     print(render_top_k(w, rec.tokens, rec.tokens, k=args.top_k))
     patterns = layer_patterns(ex.model)
+    lost = None
     if patterns is not None and len(rec.heads) == rec.num_heads:
         lost = lost_mass(dense_record(ex), patterns)
         print()
@@ -155,7 +156,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.html:
         from .viz.html import write_html
 
-        path = write_html(rec, args.html, text=text, layer=layer, head=head)
+        path = write_html(rec, args.html, text=text, layer=layer, head=head, lost=lost)
         print(f"\nwrote {path} ({path.stat().st_size / 1e3:,.0f} kB): open it in a browser, works offline")
     if args.png:
         from .viz.plot import plot_record
@@ -189,7 +190,7 @@ def _text_file(name: str, path: str) -> str:
 
 def _fit(args: argparse.Namespace) -> int:
     from .apps.explain import load_model
-    from .apps.fit import fit_model, save_report, split_texts
+    from .apps.fit import fit_model, html_report, save_report, split_texts
     from .fit import default_candidates
 
     for name, value in (("--keep", args.keep), ("--budget", args.budget)):
@@ -229,6 +230,10 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"  {label:<34} {seconds * 1e3:9.1f} ms")
     for path in save_report(report, Path(args.out)):
         print(f"wrote {path}")
+    path = html_report(
+        (model, tokenizer, name, max_tokens), report.fitted, held[0], Path(args.out) / "fit.html"
+    )
+    print(f"wrote {path}: the first held-out text through the fitted model (open it in a browser)")
     if args.save:
         model.set_patterns(report.fitted)
         model.save_pretrained(args.save)

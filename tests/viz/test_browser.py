@@ -84,3 +84,28 @@ def test_report_shows_the_pattern_in_use(tmp_path, minilm_path):
         assert ex.record.patterns[0] == "SlidingWindow(before=2, after=2)"
         assert ex.record.patterns[0] in bp.page.text_content("#pattern-title")
         assert bp.console_errors == [] and bp.external_requests == []
+
+
+def test_report_shows_each_heads_pattern_rollout_and_lost_mass(tmp_path, minilm_path):
+    _need_browser()
+    from attnkit.apps.explain import dense_record, explain, layer_patterns
+    from attnkit.viz import lost_mass
+    from attnkit.viz.browser import open_page
+
+    spec = "PerHead([SlidingWindow(1, 1)] * 6 + [SlidingWindow(1, 1) | Global((0,))] * 6)"
+    ex = explain("One two three four five six seven eight.", model_path=minilm_path, pattern=spec)
+    lost = lost_mass(dense_record(ex), layer_patterns(ex.model))
+    path = write_html(ex.record, tmp_path / "f.html", layer=0, head=7, lost=lost)
+    with open_page(path) as bp:
+        page = bp.page
+        assert "Global" in page.text_content("#pattern-title")  # head 7 has the sinks
+        page.select_option("#head", "0")
+        assert "Global" not in page.text_content("#pattern-title")
+        page.select_option("#head", "-1")  # the mean of heads has no single pattern
+        assert not page.is_visible("#pattern-panel")
+        page.click("#tab-flow")
+        assert page.is_visible("#rollout-map") and page.is_visible("#lost-table")
+        assert page.locator("#lost-table tr").count() == 7  # a header and 6 layers
+        first = page.locator("#lost-table tr").nth(1).locator("td").nth(1).text_content()
+        assert first == f"{100 * float(lost[0, 0]):.1f}%"
+        assert bp.console_errors == [] and bp.page_errors == [] and bp.external_requests == []

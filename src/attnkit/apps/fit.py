@@ -151,6 +151,24 @@ def fit_model(
     return report
 
 
+def html_report(loaded: tuple, fitted: Sequence[Pattern], text: str, path: Path) -> Path:
+    """The explain page (``attnkit explain --html``) of ``text`` through the model with its
+    fitted patterns: each head's pattern beside its weights, what each head loses to it, and
+    attention rollout. ``loaded`` is :func:`attnkit.apps.explain.load_model`'s tuple."""
+    from ..viz.flow import lost_mass
+    from ..viz.html import write_html
+    from .explain import dense_record, explain, layer_patterns
+
+    model = loaded[0]
+    model.set_patterns(list(fitted))
+    try:
+        ex = explain(text, loaded=loaded)
+        lost = lost_mass(dense_record(ex), layer_patterns(model))
+        return write_html(ex.record, path, text=text, lost=lost)
+    finally:
+        model.set_patterns(None)
+
+
 def save_report(report: FitReport, out: Path) -> list[Path]:
     """Write ``fit.json`` and the heat map ``fit.png`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
