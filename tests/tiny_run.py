@@ -12,6 +12,7 @@ TINY = dict(
     task="translate", corpus="translate-en-de", vocab_size=300, max_src_tokens=48, max_tgt_tokens=48,
     model={"dim": 32, "num_heads": 4, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.1},
     batch_tokens=400, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, valid_pairs=8, beam_size=2,
+    precision="fp32",  # "auto" measures at start-up: runs compared with each other must not differ
 )  # fmt: skip
 
 

@@ -307,7 +307,13 @@ def _train(args: argparse.Namespace) -> int:
             f"--config: expected a {args.task!r} config, but {args.config!r} has task {cfg.task!r}."
         )
     overrides = {
-        k: v for k, v in (("max_steps", args.max_steps), ("max_minutes", args.max_minutes)) if v is not None
+        k: v
+        for k, v in (
+            ("max_steps", args.max_steps),
+            ("max_minutes", args.max_minutes),
+            ("precision", args.precision),
+        )
+        if v is not None
     }
     with _usage("--max-steps/--max-minutes"):
         cfg = cfg.replace(**overrides) if overrides else cfg
@@ -354,9 +360,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .apps.tasks import evaluate
 
+    if args.test_file is not None:
+        from .apps.tasks import read_test_file
+
+        with _input("--test-file"):
+            read_test_file(args.test_file)  # a bad file fails before the model loads
     result = evaluate(
         args.run, split=args.split, beam_size=args.beam, limit=args.limit, progress=not args.no_progress,
-        device=args.device,
+        device=args.device, test_file=args.test_file,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
@@ -524,11 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cache-dir", default=None, help=cache_help)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    tr.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default=None,
+        help="override the config's precision: auto measures fp32 and bf16 autocast steps at start-up",
+    )  # fmt: skip
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="score a trained model on held-out data (sacreBLEU/chrF or ROUGE)")
     ev.add_argument("run", help="run directory (or its model/ directory)")
     ev.add_argument("--split", default="test", choices=("valid", "test"))
+    ev.add_argument(
+        "--test-file", default=None, metavar="FILE.tsv",
+        help="score on your own pairs instead of a split: source TAB reference, one pair a line",
+    )  # fmt: skip
     ev.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
     ev.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
     ev.add_argument("--no-progress", action="store_true")

@@ -107,6 +107,25 @@ def test_eval_translate_and_show_attention(tmp_path, cache, capsys):
     assert tm.generate(["a", "Click OK in the dialog."], beam_size=1)[0] == tm.generate(["a"], beam_size=1)[0]
 
 
+def test_eval_on_a_test_file(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    Trainer(TrainConfig.from_dict(TINY), out, cache=cache, progress=False, log=lambda m: None).run()
+    tsv = tmp_path / "mine.tsv"
+    tsv.write_text("Click OK.\tKlicken Sie auf OK.\n\nOpen the file.\tÖffnen Sie die Datei.\n")
+    assert main(["eval", str(out), "--test-file", str(tsv), "--beam", "1", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "file-mine" and result["examples"] == 2 and "bleu" in result
+    assert result["test_file"] == str(tsv)
+    assert (out / "model" / "eval-file-mine-beam1.hyp.txt").read_text().count("\n") == 2
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("Click OK.\tKlicken Sie auf OK.\nno tab on this line\n")
+    assert main(["eval", str(out), "--test-file", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"--test-file: {bad}:2: expected 'source<TAB>reference'" in err and err.count("\n") == 1
+    assert main(["eval", str(out), "--test-file", str(tmp_path / "none.tsv")]) == 1
+    assert "expected a test file" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, cache, capsys):
     """Missing or invalid files are runtime errors (1); arguments that contradict each other
     are usage errors (2). Both are one line."""
@@ -174,3 +193,47 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg = load_config(path)
         assert cfg.task in path.name and cfg.model_config(cfg.vocab_size).dim % cfg.model["num_heads"] == 0
+
+
+def test_precision_auto_measures_and_keeps_its_choice(tmp_path, cache, monkeypatch):
+    fake = {"fp32": 1.0, "bf16": 0.5}
+    seen = []
+
+    def fake_step(net, batch, bf16, label_smoothing):
+        seen.append(bf16)
+        torch.rand(3)  # consumes random numbers, as dropout does
+        return fake["bf16" if bf16 else "fp32"]
+
+    monkeypatch.setattr(train_mod, "step_seconds", fake_step)
+    net = torch.nn.Linear(2, 2)
+    before = torch.get_rng_state()
+    choice, medians = train_mod.choose_precision(net, None, 0.0, rounds=2)
+    assert choice == "bf16" and medians == fake and seen == [False, True] * 3
+    assert torch.equal(torch.get_rng_state(), before)  # the measurement leaves no trace
+    fake["bf16"] = 0.95  # faster, but not by BF16_MIN_SPEEDUP
+    assert train_mod.choose_precision(torch.nn.Linear(2, 2), None, 0.0)[0] == "fp32"
+
+    fake["bf16"] = 0.5
+    messages = []
+    cfg = TrainConfig.from_dict({**TINY, "precision": "auto", "max_steps": 3})
+    state = Trainer(cfg, tmp_path / "run", cache=cache, progress=False, log=messages.append).run()
+    assert state["precision"] == "bf16"
+    assert any(m.startswith("precision: bf16 (a training step took 0.500 s in bf16") for m in messages)
+    messages.clear()
+    longer = cfg.replace(max_steps=4)
+    Trainer(longer, tmp_path / "run", cache=cache, progress=False, log=messages.append).run(resume=True)
+    assert "precision: bf16 (measured when the run started)" in messages
+    messages.clear()
+    Trainer(
+        cfg.replace(precision="fp32"), tmp_path / "b", cache=cache, progress=False, log=messages.append
+    ).run()
+    assert "precision: fp32 (as configured)" in messages
+
+
+def test_legacy_bf16_key_and_bad_precision():
+    base = {k: v for k, v in TINY.items() if k != "precision"}
+    assert TrainConfig.from_dict({**base, "bf16": True}).precision == "bf16"
+    assert TrainConfig.from_dict({**base, "bf16": False}).precision == "fp32"
+    assert TrainConfig.from_dict(base).precision == "auto"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.from_dict({**TINY, "precision": "fp8"})

@@ -125,6 +125,36 @@ def lead_baseline(texts: list[str], words: int = 10) -> list[str]:
     return [" ".join(t.split()[:words]) for t in texts]
 
 
+def read_test_file(path: str | Path) -> list[tuple[str, str]]:
+    """``(source, reference)`` pairs of a test file: ``source<TAB>reference``, one pair a line,
+    UTF-8; blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: A line is not two non-empty fields separated by one tab (the message names
+            the file and line), or the file has no pair.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"expected a test file (source<TAB>reference, one pair a line), but {str(p)!r} does not exist."
+        )
+    pairs = []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise ValueError(
+                f"{p}:{number}: expected 'source<TAB>reference' (two non-empty fields, one tab), but "
+                f"got {len(fields) - 1} tabs in {line[:60]!r}."
+            )
+        pairs.append((fields[0].strip(), fields[1].strip()))
+    if not pairs:
+        raise ValueError(f"{p}: expected at least one 'source<TAB>reference' line, but the file has none.")
+    return pairs
+
+
 def evaluate(
     path: str | Path,
     *,
@@ -133,14 +163,22 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    test_file: str | Path | None = None,
 ) -> dict:
-    """Decode ``split`` of the model's corpus and score it; writes ``eval-{split}-beam{K}.json``
-    and ``eval-{split}-beam{K}.hyp.txt`` next to the model."""
+    """Decode ``split`` of the model's corpus (or the pairs of ``test_file``, see
+    :func:`read_test_file`) and score it; writes ``eval-{split}-beam{K}.json`` and
+    ``eval-{split}-beam{K}.hyp.txt`` next to the model (``split`` is ``file-{name}`` for a
+    test file)."""
     tm = load_task_model(path, device=device)
-    pairs = load_pairs(tm.task["corpus"], split)[:limit]
-    if not pairs:
-        raise ValueError(f"eval: split {split!r} of {tm.task['corpus']!r} is empty.")
-    srcs, refs = [p.src for p in pairs], [p.tgt for p in pairs]
+    if test_file is not None:
+        pairs = read_test_file(test_file)[:limit]
+        split = f"file-{Path(test_file).stem}"
+        srcs, refs = [s for s, _ in pairs], [r for _, r in pairs]
+    else:
+        pairs = load_pairs(tm.task["corpus"], split)[:limit]
+        if not pairs:
+            raise ValueError(f"eval: split {split!r} of {tm.task['corpus']!r} is empty.")
+        srcs, refs = [p.src for p in pairs], [p.tgt for p in pairs]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -155,6 +193,7 @@ def evaluate(
     seconds = time.perf_counter() - t0
     beam = tm.task.get("beam_size", 4) if beam_size is None else beam_size
     result = {"task": tm.task["task"], "split": split, "examples": len(pairs), "beam_size": beam,
+              **({"test_file": str(test_file)} if test_file is not None else {}),
               "decode_seconds": round(seconds, 1), "model": str(tm.path), "step": tm.task.get("step"),
               **score(tm.task["task"], hyps, refs)}  # fmt: skip
     if tm.task["task"] == "summarize":

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,10 @@ __all__ = ["Batch", "TrainConfig", "Trainer", "load_config", "lr_factor", "token
 
 TASKS = ("translate", "summarize")
 PAD, BOS, EOS = 0, 1, 2  # SPECIAL_TOKENS' ids
+PRECISIONS = ("auto", "fp32", "bf16")
+#: ``precision="auto"`` takes bf16 only when a measured step is at least this much faster (bf16
+#: rounds activations to 8 bits of mantissa: a speed-up within noise is not worth it).
+BF16_MIN_SPEEDUP = 1.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,8 @@ class TrainConfig(ModelConfig):
     """A training run. ``model`` holds :class:`Seq2SeqConfig` fields (the vocabulary size comes
     from the tokenizer). ``max_minutes`` (0 = none) stops early, counting across resumes.
     The learning rate warms up linearly for ``warmup_steps`` then decays as 1/sqrt(step)
-    (Vaswani et al. 2017)."""
+    (Vaswani et al. 2017). ``precision``: ``"fp32"``, ``"bf16"`` (bfloat16 autocast, float32
+    master weights) or ``"auto"``: measured at start-up (:func:`choose_precision`)."""
 
     task: str = "translate"
     corpus: str = "translate-en-de"
@@ -63,13 +69,14 @@ class TrainConfig(ModelConfig):
     clip_norm: float = 1.0
     eval_every: int = 500
     valid_pairs: int = 1000
-    bf16: bool = False
+    precision: str = "auto"
     seed: int = 0
     beam_size: int = 4
     length_penalty: float = 1.0
 
     def validate(self) -> None:
         self._require("task", self.task in TASKS, f"one of {TASKS}")
+        self._require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
         self._positive("vocab_size", "max_src_tokens", "max_tgt_tokens", "batch_tokens", "max_steps",
                        "eval_every", "valid_pairs", "beam_size")  # fmt: skip
         self._require("max_tgt_tokens", self.max_tgt_tokens >= 3, ">= 3 (bos, a token, eos)")
@@ -83,6 +90,14 @@ class TrainConfig(ModelConfig):
         bad = set(self.model) & {"src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id"}
         self._require("model", not bad, f"without {sorted(bad)} (they come from the tokenizer)")
         self.model_config(100)  # validates the model fields
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        if "bf16" in data:  # configs written before `precision`
+            legacy = data.pop("bf16")
+            data.setdefault("precision", "bf16" if legacy else "fp32")
+        return super().from_dict(data)
 
     def model_config(self, vocab_size: int) -> Seq2SeqConfig:
         return Seq2SeqConfig.from_dict({
@@ -219,7 +234,7 @@ def train_step(
     weight = batch.weight
     if weight is None:
         weight = 1.0 / max(1, int((batch.tgt[:, 1:] != PAD).sum()))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         loss = net(src, tgt, cfg.label_smoothing, weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -227,6 +242,51 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
     opt.step()
     return loss.detach().item()
+
+
+def step_seconds(net: nn.Module, batch: Batch, bf16: bool, label_smoothing: float) -> float:
+    """Seconds of one forward + backward of ``batch`` (no optimizer step; gradients dropped)."""
+    device = next(net.parameters()).device
+    src, tgt = batch.src.to(device), batch.tgt.to(device)
+    weight = batch.weight if batch.weight is not None else 1.0 / max(1, int((batch.tgt[:, 1:] != PAD).sum()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = net(src, tgt, label_smoothing, weight)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    net.zero_grad(set_to_none=True)
+    return seconds
+
+
+def choose_precision(
+    net: nn.Module, batch: Batch, label_smoothing: float, *, rounds: int = 3
+) -> tuple[str, dict[str, float]]:
+    """``("bf16" or "fp32", median seconds per step of each)``: one warm-up step each, then
+    ``rounds`` alternating steps of float32 and of bfloat16 autocast on ``batch``. bf16 wins only
+    at :data:`BF16_MIN_SPEEDUP` x or more. The random state (dropout) is restored afterwards."""
+    device = next(net.parameters()).device
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32", {}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    net.train()
+    try:
+        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for r in range(rounds + 1):
+            for name in ("fp32", "bf16"):
+                t = step_seconds(net, batch, name == "bf16", label_smoothing)
+                if r:  # the first round warms up (allocations, kernels' first use)
+                    times[name].append(t)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return ("bf16" if medians["fp32"] >= BF16_MIN_SPEEDUP * medians["bf16"] else "fp32"), medians
 
 
 @torch.no_grad()
@@ -238,7 +298,7 @@ def valid_loss(model: nn.Module, examples, cfg: TrainConfig) -> float:
     for idx in token_batches([(len(s), len(t)) for s, t in examples], cfg.batch_tokens, 0, 0):
         b = collate([examples[i] for i in idx])
         n = int((b.tgt[:, 1:] != PAD).sum())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             total += float(model.loss(b.src.to(device), b.tgt.to(device))) * n
         count += n
     return total / max(count, 1)
@@ -383,7 +443,8 @@ class Trainer:
         if resume:
             self.load()
             self.log(f"resumed at step {self.state['step']} (epoch {self.state['epoch']})")
-        cfg, st = self.cfg, self.state
+        self.run_cfg = cfg = self._resolve_precision()
+        st = self.state
         n_params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.world} data-parallel ranks" if self.world > 1 else ""
         self.log(f"{cfg.task}: {len(self.train):,} training pairs, vocabulary {self.tokenizer.vocab_size}, "
@@ -454,6 +515,30 @@ class Trainer:
             self._validate(None, window_tokens / window_time)
         return st
 
+    def _resolve_precision(self) -> TrainConfig:
+        """The config this run trains with: ``precision="auto"`` decided by measuring
+        (:func:`choose_precision`) when the run starts, kept in the checkpoint for resumes."""
+        cfg, st = self.cfg, self.state
+        if cfg.precision != "auto":
+            self.log(f"precision: {cfg.precision} (as configured)")
+            return cfg
+        if "precision" in st:
+            self.log(f"precision: {st['precision']} (measured when the run started)")
+            return cfg.replace(precision=st["precision"])
+        first = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, 0)[0]
+        choice, medians = choose_precision(self.net, self._batch(first), cfg.label_smoothing)
+        if self.world > 1:  # every rank measured; they take the majority's choice together
+            choice = "bf16" if self._mean(1.0 if choice == "bf16" else 0.0) >= 0.5 else "fp32"
+        st["precision"] = choice
+        if medians:
+            bf16, fp32 = medians["bf16"], medians["fp32"]
+            why = (f"a training step took {bf16:.3f} s in bf16 autocast and {fp32:.3f} s in fp32 on this "
+                   f"machine; bf16 is taken at {BF16_MIN_SPEEDUP}x or faster")  # fmt: skip
+        else:
+            why = "this GPU does not support bf16"
+        self.log(f"precision: {choice} ({why})")
+        return cfg.replace(precision=choice)
+
     # data parallelism
     def _batch(self, idx: list[int]) -> Batch:
         """This rank's rows of the global batch ``idx``, weighted so that the ranks' summed
@@ -487,7 +572,7 @@ class Trainer:
         if not self.main:  # rank 0 validates and writes; the others go on to the next step
             return
         st = self.state
-        v = valid_loss(self.model, self.valid, self.cfg)
+        v = valid_loss(self.model, self.valid, self.run_cfg)
         improved = v < st["best_valid"]
         if improved:
             st["best_valid"] = v
