@@ -277,12 +277,16 @@ def _data(args: argparse.Namespace) -> int:
 
     root = cache_root(args.cache_dir)
     print(f"building under {root} (set with --cache-dir or ATTNKIT_DATA)")
-    if args.task == "translate":
-        meta = build_translation_corpus(root, args.lang)
-        where = root / f"translate-en-{args.lang}"
-    else:
-        meta = build_summarization_corpus(root)
-        where = root / "summarize-debian"
+    with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
+        warnings.simplefilter("always", UserWarning)
+        if args.task == "translate":
+            meta = build_translation_corpus(root, args.lang)
+            where = root / f"translate-en-{args.lang}"
+        else:
+            meta = build_summarization_corpus(root)
+            where = root / "summarize-debian"
+    for w in caught:
+        _warn(str(w.message))
     c = meta["counts"]
     print(f"{where}: {meta['unique_pairs']:,} unique pairs -> train {c['train']:,}, valid {c['valid']:,}, "
           f"test {c['test']:,} (dropped: {meta['dropped']})")  # fmt: skip

@@ -157,3 +157,31 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("ATTNKIT_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "attnkit"
+
+
+def test_corpora_are_built_from_release_indexes_and_record_their_inputs(tmp_path):
+    from attnkit.data._apt import fingerprint, release_indexes
+
+    names = [
+        "deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en",
+        "deb.debian.org_debian_dists_bookworm-updates_main_i18n_Translation-en",
+        "deb.debian.org_debian_dists_bookworm-backports_main_i18n_Translation-en",
+        "security.debian.org_debian-security_dists_bookworm-security_main_i18n_Translation-en",
+        "deb.debian.org_debian_dists_trixie_main_i18n_Translation-en.lz4",
+    ]
+    kept = release_indexes([tmp_path / n for n in names])
+    assert [p.name for p in kept] == [names[0], names[4]]
+    index = tmp_path / "index" / "Translation-en"
+    index.parent.mkdir()
+    index.write_bytes((SAMPLES / "Translation-en").read_bytes())
+    meta = build_summarization_corpus(tmp_path, index_files=[index])
+    (entry,) = meta["inputs"]
+    assert entry == fingerprint([SAMPLES / "Translation-en"])[0] and len(entry["sha256"]) == 64
+    recorded = json.loads((tmp_path / "summarize-debian" / "meta.json").read_text())
+    assert recorded["inputs"] == meta["inputs"] and "inputs_changed" not in recorded
+    # the same inputs again: silent; changed inputs: a warning naming the file, recorded in meta
+    build_summarization_corpus(tmp_path, index_files=[index])
+    index.write_bytes(index.read_bytes().replace(b"Real-time strategy", b"Real time strategy"))
+    with pytest.warns(UserWarning, match=r"differ from the recorded corpus \(Translation-en\)"):
+        meta = build_summarization_corpus(tmp_path, index_files=[index])
+    assert meta["inputs_changed"] == ["Translation-en"]

@@ -8,12 +8,17 @@ database are never touched. Archives are unpacked with ``dpkg-deb -x``.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["DataError", "apt_update", "download_and_unpack", "read_index"]
+__all__ = ["DataError", "apt_update", "download_and_unpack", "fingerprint", "read_index", "release_indexes"]
+
+# index files of suites that move between point releases: a corpus built from them drifts
+_MOVING = re.compile(r"(?:^|[-_.])(?:updates|security|backports|proposed-updates)[-_]")
 
 
 class DataError(RuntimeError):
@@ -73,12 +78,33 @@ def download_and_unpack(packages: list[str], state: Path, dest: Path) -> Path:
             _run([_tool("apt-get"), *_apt_options(state), "download", pkg], f"apt-get download {pkg}", debs)
     dest.mkdir(parents=True, exist_ok=True)
     for pkg in packages:
-        found = sorted(debs.glob(f"{pkg}_*.deb"))
-        if not found:
+        if not any(debs.glob(f"{pkg}_*.deb")):
             raise DataError(f"apt-get download {pkg} left no {pkg}_*.deb in {str(debs)!r}.")
-        deb = found[-1]
+    for deb in downloaded_debs(packages, state):
         _run([_tool("dpkg-deb"), "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
     return dest
+
+
+def release_indexes(paths: list[Path]) -> list[Path]:
+    """The index files of the release suites only: ``-updates``, ``-security``, ``-backports``
+    and ``-proposed-updates`` indexes (and the security archive's) change between point
+    releases, so a corpus built from them changes from one day to the next."""
+    return [p for p in paths if not _MOVING.search(p.name) and not p.name.startswith("security.")]
+
+
+def fingerprint(paths: list[Path]) -> list[dict]:
+    """``[{"file", "bytes", "sha256"}]`` of the files a corpus was built from, in order."""
+    out = []
+    for p in paths:
+        data = Path(p).read_bytes()
+        out.append({"file": Path(p).name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return out
+
+
+def downloaded_debs(packages: list[str], state: Path) -> list[Path]:
+    """The ``.deb`` files :func:`download_and_unpack` unpacked for ``packages`` (their names carry
+    the package versions)."""
+    return [sorted((state / "debs").glob(f"{pkg}_*.deb"))[-1] for pkg in packages]
 
 
 def read_index(path: Path) -> str:

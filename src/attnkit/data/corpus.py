@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -78,8 +79,25 @@ def assign_splits(
 
 
 def write_corpus(directory: Path, splits: dict[str, list[Pair]], meta: dict) -> dict:
-    """Write the three ``.jsonl`` files and ``meta.json`` (with the counts) atomically."""
+    """Write the three ``.jsonl`` files and ``meta.json`` (with the counts) atomically.
+
+    ``meta["inputs"]`` (see ``_apt.fingerprint``) records the files the corpus was built from.
+    When a corpus recorded there was built from other inputs, the rebuild warns (its splits and
+    every score on them change) and ``meta["inputs_changed"]`` lists the files that differ."""
     directory.mkdir(parents=True, exist_ok=True)
+    previous = directory / "meta.json"
+    if meta.get("inputs") and previous.is_file():
+        before = json.loads(previous.read_text(encoding="utf-8")).get("inputs")
+        if before and before != meta["inputs"]:
+            old = {i["file"]: i["sha256"] for i in before}
+            new = {i["file"]: i["sha256"] for i in meta["inputs"]}
+            changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+            meta = {**meta, "inputs_changed": changed}
+            warnings.warn(
+                f"rebuilding {directory.name} from inputs that differ from the recorded corpus "
+                f"({', '.join(changed)}): its splits, and every score measured on them, change.",
+                stacklevel=2,
+            )
     for split, pairs in splits.items():
         lines = "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs)
         atomic_write(directory / f"{split}.jsonl", lambda f, text=lines: f.write_text(text, encoding="utf-8"))

@@ -13,7 +13,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from ._apt import DataError, apt_update, read_index
+from ._apt import DataError, apt_update, fingerprint, read_index, release_indexes
 from .corpus import Pair, assign_splits, write_corpus
 
 __all__ = ["build_summarization_corpus", "parse_descriptions"]
@@ -49,9 +49,9 @@ def build_summarization_corpus(cache: Path, *, index_files: list[Path] | None = 
     under ``cache/summarize-debian``; returns its ``meta.json``."""
     if index_files is None:
         lists = apt_update(cache / "apt")
-        index_files = sorted(lists.glob("*_i18n_Translation-en*"))
+        index_files = release_indexes(sorted(lists.glob("*_i18n_Translation-en*")))
         if not index_files:
-            raise DataError(f"apt-get update fetched no Translation-en index into {str(lists)!r}.")
+            raise DataError(f"apt-get update fetched no release Translation-en index into {str(lists)!r}.")
     pairs, seen, short = [], set(), 0
     for path in index_files:
         for _package, synopsis, doc in parse_descriptions(read_index(path)):
@@ -66,7 +66,8 @@ def build_summarization_corpus(cache: Path, *, index_files: list[Path] | None = 
     splits = assign_splits(pairs)
     meta = {
         "task": "summarize", "source": "Debian Translation-en package descriptions",
-        "index_files": [p.name for p in index_files], "unique_pairs": len(pairs),
+        "index_files": [p.name for p in index_files], "inputs": fingerprint(index_files),
+        "unique_pairs": len(pairs),
         "dropped": {"short_description": short},
         "split": "sha1(long description) % 100: <5 test, <10 valid, else train; sources seen in an "
         "earlier split removed",

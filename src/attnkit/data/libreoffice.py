@@ -14,7 +14,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ._apt import DataError, download_and_unpack
+from ._apt import DataError, download_and_unpack, downloaded_debs, fingerprint
 from .corpus import Pair, assign_splits, write_corpus
 
 __all__ = ["LANGUAGES", "build_translation_corpus", "page_texts", "pair_pages"]
@@ -108,8 +108,10 @@ def build_translation_corpus(cache: Path, lang: str = "de", *, unpacked: Path | 
     if lang not in LANGUAGES:
         raise ValueError(f"expected lang in {LANGUAGES}, but got {lang!r}.")
     packages = ["libreoffice-help-en-us", f"libreoffice-help-{lang}"]
+    inputs = None  # the unpacked directory given by the caller: no archive files to record
     if unpacked is None:
         unpacked = download_and_unpack(packages, cache / "apt", cache / "apt" / "root")
+        inputs = fingerprint(downloaded_debs(packages, cache / "apt"))
     help_dir = unpacked / "usr" / "share" / "libreoffice" / "help"
     en_root, xx_root = help_dir / "en-US" / "text", help_dir / lang / "text"
     for root in (en_root, xx_root):
@@ -119,7 +121,7 @@ def build_translation_corpus(cache: Path, lang: str = "de", *, unpacked: Path | 
     unique = len({(p.src, p.tgt) for p in pairs})
     splits = assign_splits(pairs)
     meta = {
-        "task": "translate", "source_lang": "en", "target_lang": lang, "packages": packages,
+        "task": "translate", "source_lang": "en", "target_lang": lang, "packages": packages, "inputs": inputs,
         "pages": len({p.doc for p in pairs}), "pairs_found": len(pairs), "unique_pairs": unique,
         "dropped": dropped, "split": "sha1(page path) % 100: <5 test, <10 valid, else train; "
         "duplicates and sources seen in an earlier split removed",
