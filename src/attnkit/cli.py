@@ -280,7 +280,15 @@ def _data(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
         warnings.simplefilter("always", UserWarning)
         if args.task == "translate":
-            meta = build_translation_corpus(root, args.lang)
+            with _usage("--sources"):
+                sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+                if "help" not in sources:
+                    sources = ("help", *sources)
+                from .data.libreoffice import SOURCES
+
+                if not set(sources) <= set(SOURCES):
+                    raise ValueError(f"expected names from {SOURCES}, but got {args.sources!r}")
+            meta = build_translation_corpus(root, args.lang, sources=sources)
             where = root / f"translate-en-{args.lang}"
         else:
             meta = build_summarization_corpus(root)
@@ -290,6 +298,10 @@ def _data(args: argparse.Namespace) -> int:
     c = meta["counts"]
     print(f"{where}: {meta['unique_pairs']:,} unique pairs -> train {c['train']:,}, valid {c['valid']:,}, "
           f"test {c['test']:,} (dropped: {meta['dropped']})")  # fmt: skip
+    for source, n in meta.get("by_source", {}).items():
+        if source != "help":
+            print(f"  + {source}: {n['catalogs']} catalogs -> train {n['train']:,}, other-test.tsv "
+                  f"{n['other_test']:,} (dropped: {n['dropped']})")  # fmt: skip
     return 0
 
 
@@ -523,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build a corpus from Debian's archive (no root, nothing installed)")
     data.add_argument("task", choices=("translate", "summarize"))
     data.add_argument("--lang", default="de", choices=("de", "fr", "es"), help="target language (translate)")
+    data.add_argument(
+        "--sources", default="help",
+        help="translate: comma-separated help (LibreOffice help pages, always), ui (LibreOffice's "
+        "interface catalogs), gettext (common programs' catalogs); default help",
+    )  # fmt: skip
     data.add_argument("--cache-dir", default=None, help=cache_help)
     data.set_defaults(func=_data)
 

@@ -185,3 +185,98 @@ def test_corpora_are_built_from_release_indexes_and_record_their_inputs(tmp_path
     with pytest.warns(UserWarning, match=r"differ from the recorded corpus \(Translation-en\)"):
         meta = build_summarization_corpus(tmp_path, index_files=[index])
     assert meta["inputs_changed"] == ["Translation-en"]
+
+
+CATALOGS = SAMPLES / "catalogs"
+
+
+def test_catalog_pairs_from_a_real_mo_file():
+    from attnkit.data.catalogs import catalog_pairs, read_catalog
+
+    mo = CATALOGS / "de" / "LC_MESSAGES" / "gtk30-excerpt.mo"
+    entries = read_catalog(mo)
+    assert len(entries) == 10 and entries["Activates the cell"] == "Aktiviert das Feld"  # context dropped
+    pairs, dropped = catalog_pairs([mo], CATALOGS)
+    assert {(p.src, p.tgt) for p in pairs} == {
+        ("Activates the cell", "Aktiviert das Feld"),
+        ("Animals & Nature", "Natur und Tiere"),
+        ("Authentication is required to get attributes of a printer",
+         "Das Auslesen von Attributen eines Druckers erfordert Legitimation"),
+        ("Current Page", "Aktuelle Seite"),
+        ("Copy Link Address", "Link-Adresse kopieren"),
+    }  # fmt: skip
+    assert dropped == {"placeholder": 2, "markup": 0, "untranslated": 1, "short": 2, "length_ratio": 0}
+    assert {p.doc for p in pairs} == {"de/LC_MESSAGES/gtk30-excerpt.mo"}
+
+
+@pytest.mark.parametrize(
+    ("en", "xx", "want"),
+    [
+        ("Save _As…", "Speichern _unter …", ("Save As…", "Speichern unter …")),
+        ("~Open File", "Datei ~öffnen", ("Open File", "Datei öffnen")),
+        ("&Print Preview", "&Druckvorschau anzeigen", ("Print Preview", "Druckvorschau anzeigen")),
+        ("Search && Replace", "Suchen && Ersetzen", ("Search & Replace", "Suchen & Ersetzen")),
+        ("Cannot open %1$s for reading", "Kann %1$s nicht lesen", "placeholder"),
+        ("Deleted {0} files", "{0} Dateien gelöscht", "placeholder"),
+        ("Press <b>Enter</b> now", "Jetzt <b>Eingabe</b> drücken", "markup"),
+        ("Open", "Öffnen", "short"),
+        ("Copy", "Copy", "untranslated"),
+        ("Quit now", "Das Programm wird jetzt sofort und ohne weitere Rückfrage beendet", "length_ratio"),
+        ("lookup a SRV record (e.g. _http._tcp.ftp.debian.org)",
+         "einen SRV-Eintrag abfragen (z.B. _http._tcp.ftp.debian.org)",
+         ("lookup a SRV record (e.g. _http._tcp.ftp.debian.org)",
+          "einen SRV-Eintrag abfragen (z.B. _http._tcp.ftp.debian.org)")),
+    ],
+)  # fmt: skip
+def test_clean_pair_filters(en, xx, want):
+    from attnkit.data.catalogs import clean_pair
+
+    assert clean_pair(en, xx) == want
+
+
+def test_translation_corpus_with_catalogs_keeps_the_help_split(tmp_path, monkeypatch):
+    import shutil
+
+    from attnkit.data import libreoffice
+    from attnkit.data.corpus import Pair
+
+    root = tmp_path / "root"
+    shutil.copytree(SAMPLES / "libreoffice", root)
+    mo = CATALOGS / "de" / "LC_MESSAGES" / "gtk30-excerpt.mo"
+    ui = root / "usr/lib/libreoffice/program/resource/de/LC_MESSAGES"
+    gt = root / "usr/share/locale/de/LC_MESSAGES"
+    for d, name in ((ui, "vcl.mo"), (gt, "gtk30.mo"), (gt, "zz-same-strings.mo")):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mo, d / name)
+    # the sample has two pages (hash buckets 75 and 79): make the first a validation page
+    real_split = libreoffice.assign_splits
+    monkeypatch.setattr(libreoffice, "assign_splits", lambda pairs: real_split(pairs, 40, 38))
+    plain = build_translation_corpus(tmp_path / "plain", "de", unpacked=root)
+    assert plain["counts"]["valid"] > 0 and plain["counts"]["train"] > 0
+    held = load_pairs(tmp_path / "plain" / "translate-en-de", "valid")[0]
+    real = libreoffice.catalog_pairs
+
+    def with_a_held_sentence(files, base):  # a catalog string equal to a help test sentence
+        pairs, dropped = real(files, base)
+        return [*pairs, Pair(held.src, "irgendwas anderes", files[0].relative_to(base).as_posix())], dropped
+
+    monkeypatch.setattr(libreoffice, "catalog_pairs", with_a_held_sentence)
+    meta = build_translation_corpus(tmp_path / "more", "de", unpacked=root, sources=("help", "ui", "gettext"))
+    a, b = tmp_path / "plain" / "translate-en-de", tmp_path / "more" / "translate-en-de"
+    for split in ("valid", "test"):  # the help pages' held-out splits are untouched
+        assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
+    ui_counts, gt_counts = meta["by_source"]["ui"], meta["by_source"]["gettext"]
+    assert ui_counts["catalogs"] == 1 and gt_counts["catalogs"] == 2
+    assert ui_counts["dropped"]["help_heldout"] == 1 and gt_counts["dropped"]["help_heldout"] == 1
+    # the same five strings again in gettext: all duplicates of ui's
+    assert (
+        ui_counts["train"] + ui_counts["other_test"] == 5
+        and gt_counts["train"] + gt_counts["other_test"] == 0
+    )
+    assert gt_counts["dropped"]["duplicate"] == 10
+    assert meta["counts"]["train"] == plain["counts"]["train"] + ui_counts["train"]
+    other = (b / "other-test.tsv").read_text().splitlines()
+    assert len(other) == ui_counts["other_test"] and all(line.count("\t") == 1 for line in other)
+    assert meta["sources"] == ["help", "ui", "gettext"]
+    with pytest.raises(ValueError, match="including 'help'"):
+        build_translation_corpus(tmp_path / "x", "de", unpacked=root, sources=("ui",))

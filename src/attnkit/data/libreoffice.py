@@ -14,12 +14,16 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+from .._files import atomic_write
 from ._apt import DataError, download_and_unpack, downloaded_debs, fingerprint
-from .corpus import Pair, assign_splits, write_corpus
+from .catalogs import GETTEXT_PACKAGES, catalog_pairs
+from .corpus import Pair, assign_splits, split_of, write_corpus
 
-__all__ = ["LANGUAGES", "build_translation_corpus", "page_texts", "pair_pages"]
+__all__ = ["LANGUAGES", "SOURCES", "build_translation_corpus", "page_texts", "pair_pages"]
 
 LANGUAGES = ("de", "fr", "es")
+#: What ``attnkit data translate --sources`` may combine (see :func:`build_translation_corpus`).
+SOURCES = ("help", "ui", "gettext")
 _ID = re.compile(r"^(par|hd)_id\w+")
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 _SPACE = re.compile(r"\s+")
@@ -102,12 +106,33 @@ def pair_pages(en_root: Path, xx_root: Path) -> tuple[list[Pair], dict[str, int]
     return pairs, dropped
 
 
-def build_translation_corpus(cache: Path, lang: str = "de", *, unpacked: Path | None = None) -> dict:
+def build_translation_corpus(
+    cache: Path, lang: str = "de", *, unpacked: Path | None = None, sources: tuple[str, ...] = ("help",)
+) -> dict:
     """Fetch (unless ``unpacked`` holds the extracted packages), pair, split and write the
-    en→``lang`` corpus under ``cache/translate-en-{lang}``; returns its ``meta.json``."""
+    en→``lang`` corpus under ``cache/translate-en-{lang}``; returns its ``meta.json``.
+
+    ``sources``: ``"help"`` (the help pages; always, they define the valid and test splits),
+    ``"ui"`` (LibreOffice's user-interface catalogs, ``libreoffice-l10n-{lang}``) and
+    ``"gettext"`` (the catalogs of :data:`~attnkit.data.catalogs.GETTEXT_PACKAGES`). Catalog
+    pairs go to the training split, except those of catalogs whose file name falls in the test
+    bucket (:func:`~attnkit.data.corpus.split_of`), which form a second test set from outside
+    the help pages, ``other-test.tsv``. Catalog pairs whose English is a valid or test sentence
+    of the help pages are dropped, and the help pages' split is the same as without them."""
     if lang not in LANGUAGES:
         raise ValueError(f"expected lang in {LANGUAGES}, but got {lang!r}.")
+    sources = tuple(sources)
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown or "help" not in sources:
+        raise ValueError(
+            f"expected sources from {SOURCES} including 'help' (it defines the valid and test splits), "
+            f"but got {list(sources)}."
+        )
     packages = ["libreoffice-help-en-us", f"libreoffice-help-{lang}"]
+    if "ui" in sources:
+        packages.append(f"libreoffice-l10n-{lang}")
+    if "gettext" in sources:
+        packages += list(GETTEXT_PACKAGES)
     inputs = None  # the unpacked directory given by the caller: no archive files to record
     if unpacked is None:
         unpacked = download_and_unpack(packages, cache / "apt", cache / "apt" / "root")
@@ -120,10 +145,42 @@ def build_translation_corpus(cache: Path, lang: str = "de", *, unpacked: Path | 
     pairs, dropped = pair_pages(en_root, xx_root)
     unique = len({(p.src, p.tgt) for p in pairs})
     splits = assign_splits(pairs)
+    catalogs = {
+        "ui": unpacked / "usr" / "lib" / "libreoffice" / "program" / "resource" / lang / "LC_MESSAGES",
+        "gettext": unpacked / "usr" / "share" / "locale" / lang / "LC_MESSAGES",
+    }
+    held = {p.src for split in ("valid", "test") for p in splits[split]}
+    seen = {(p.src, p.tgt) for p in splits["train"]}
+    other_test: list[Pair] = []
+    by_source: dict[str, dict] = {"help": {"pages": len({p.doc for p in pairs}), "pairs": unique}}
+    for source in (s for s in sources if s != "help"):
+        files = sorted(catalogs[source].glob("*.mo"))
+        if not files:
+            raise DataError(f"expected {source!r} catalogs under {str(catalogs[source])!r}, but found none.")
+        found, why = catalog_pairs(files, unpacked)
+        counts = {"catalogs": len(files), "train": 0, "other_test": 0, "dropped": {**why, "help_heldout": 0,
+                  "duplicate": 0}}  # fmt: skip
+        for p in found:
+            if p.src in held:
+                counts["dropped"]["help_heldout"] += 1
+            elif (p.src, p.tgt) in seen:
+                counts["dropped"]["duplicate"] += 1
+            else:
+                seen.add((p.src, p.tgt))
+                bucket = "other_test" if split_of(p.doc) == "test" else "train"
+                (other_test if bucket == "other_test" else splits["train"]).append(p)
+                counts[bucket] += 1
+        by_source[source] = counts
     meta = {
         "task": "translate", "source_lang": "en", "target_lang": lang, "packages": packages, "inputs": inputs,
+        "sources": list(sources), "by_source": by_source,
         "pages": len({p.doc for p in pairs}), "pairs_found": len(pairs), "unique_pairs": unique,
         "dropped": dropped, "split": "sha1(page path) % 100: <5 test, <10 valid, else train; "
-        "duplicates and sources seen in an earlier split removed",
+        "duplicates and sources seen in an earlier split removed; catalog pairs: train, or "
+        "other-test.tsv for catalogs whose file name hashes to test",
     }  # fmt: skip
-    return write_corpus(cache / f"translate-en-{lang}", splits, meta)
+    directory = cache / f"translate-en-{lang}"
+    meta = write_corpus(directory, splits, meta)
+    text = "".join(f"{_SPACE.sub(' ', p.src)}\t{_SPACE.sub(' ', p.tgt)}\n" for p in other_test)
+    atomic_write(directory / "other-test.tsv", lambda f: f.write_text(text, encoding="utf-8"))
+    return meta
