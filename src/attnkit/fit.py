@@ -136,15 +136,14 @@ def _masses(weights: list[Tensor], candidates: Sequence[Pattern]) -> tuple[Tenso
     (per head; the same for every head and layer of a self-attention stack)."""
     out = []
     seen = 0
+    masks: dict[tuple[int, int], list[Tensor]] = {}  # per (N, S): every layer of a stack shares them
     for w in weights:  # (B, H, N, S)
         N, S = w.shape[-2:]
+        if (N, S) not in masks:
+            masks[N, S] = [c.to_dense(N, S).to(w.dtype).reshape(-1, 1, N, S) for c in candidates]
         live = w.sum(-1) > 0  # rows that see any key
         seen = int(live[:, 0].sum())
-        per = []
-        for c in candidates:
-            dense = c.to_dense(N, S).to(w.dtype)
-            dense = dense if dense.dim() == 4 else dense[None, None]
-            per.append((w * dense).sum(-1).mul(live).sum((0, 2)))  # (H,)
+        per = [(w * dense).sum(-1).mul(live).sum((0, 2)) for dense in masks[N, S]]  # each (H,)
         out.append(torch.stack(per, -1).double())
     return torch.stack(out), seen
 

@@ -187,7 +187,9 @@ def test_declines_with_reasons_on_this_machine(monkeypatch):
     assert any("device=cpu" in r for r in reasons)
     reasons = TritonBackend.unsupported_reasons(_inputs(dtype=torch.float64, mask=torch.ones(40, 40).bool()))
     assert any("dtype=float64" in r for r in reasons) and any("mask" in r for r in reasons)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    import attnkit.backends.triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_installed", lambda: False)
     assert any("`triton` package" in r for r in TritonBackend.unsupported_reasons(_inputs()))
 
 

@@ -21,6 +21,7 @@ how the test suite checks them, and ``backend="auto"`` never picks it there.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -34,6 +35,11 @@ __all__ = ["KernelTables", "TritonBackend", "interpreting", "kernel_tables"]
 
 #: Largest head dim the kernels take (a ``BLOCK_Q x 256`` tile still fits in registers).
 MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -54,7 +60,7 @@ class TritonBackend(Backend):
     @classmethod
     def unsupported_reasons(cls, inp: AttentionInputs) -> list[str]:
         reasons = super().unsupported_reasons(inp)
-        if importlib.util.find_spec("triton") is None:
+        if not _installed():
             reasons.append("the `triton` package is not installed (pip install attnkit[triton])")
         if inp.device.type != "cuda" and not (inp.device.type == "cpu" and interpreting()):
             reasons.append(f"device={inp.device.type} (supported: cuda; cpu under TRITON_INTERPRET=1)")

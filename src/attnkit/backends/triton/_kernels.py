@@ -43,6 +43,16 @@ def _store_tile(base, rows, stride, n_rows, width, value, BLOCK_W: tl.constexpr)
 
 
 @triton.jit
+def _query_program(H, G, BLOCK_Q: tl.constexpr):
+    """This program's (batch x head, batch, head, key/value head, query block, query rows): the
+    grid is (query blocks, B * H)."""
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    return bh, bh // H, h, h // G, r, r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+
+
+@triton.jit
 def _row_stats(LSE, DELTA, offset, rows_q, N):
     """Base-2 log-sum-exp (``+inf`` for rows that see nothing or lie past ``N``: then
     ``p = exp2(s - lse) = 0``) and softmax correction of the rows ``rows_q``."""
@@ -93,12 +103,7 @@ def _forward(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    rows_q = r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    bh, b, h, hk, r, rows_q = _query_program(H, G, BLOCK_Q)
     q = _load_tile(Q + b * sqb + h * sqh, rows_q, sqn, N, D, BLOCK_D)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
@@ -171,12 +176,7 @@ def _backward_q(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    rows_q = r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    bh, b, h, hk, r, rows_q = _query_program(H, G, BLOCK_Q)
     q = _load_tile(Q + b * sqb + h * sqh, rows_q, sqn, N, D, BLOCK_D)
     do = _load_tile(DO + b * sdb + h * sdh, rows_q, sdn, N, DV, BLOCK_DV)
     lse, delta = _row_stats(LSE, DELTA, bh * N, rows_q, N)

@@ -26,7 +26,7 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch_options(q: Tensor, d_max: int) -> dict:
+def _launch_options(d_max: int) -> dict:
     """Warps and pipeline stages by rule (the interpreter ignores both)."""
     return {"num_warps": 4 if d_max <= 64 else 8, "num_stages": 2}
 
@@ -68,7 +68,7 @@ def block_sparse_attention(
         row_masks.stride(0) if row_masks.shape[0] > 1 else 0,
         H, H // Hkv, N, S, D, Dv, scale * _LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=_head_block(D), BLOCK_DV=_head_block(Dv),
-        PRECISION=_precision(q), **_launch_options(q, max(D, Dv)),
+        PRECISION=_precision(q), **_launch_options(max(D, Dv)),
     )  # fmt: skip
     return out, lse
 
@@ -115,7 +115,7 @@ def block_sparse_attention_backward(
         BLOCK_D=_head_block(D),
         BLOCK_DV=_head_block(Dv),
         PRECISION=_precision(q),
-        **_launch_options(q, max(D, Dv)),
+        **_launch_options(max(D, Dv)),
     )
     _kernels._backward_kv[(triton.cdiv(S, block_k), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv,
