@@ -102,3 +102,14 @@ def test_fit_a_llama_checkpoint_reports_perplexity(tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "fit.json").read_text())
     assert report["kind"] == "decoder" and all("perplexity" in row for row in report["comparison"])
     assert all("Causal()" in p for p in report["fitted"])  # decoders stay causal
+
+
+def test_decoder_baselines_stay_causal():
+    import torch
+
+    from attnkit.apps.fit import _window
+
+    dense = _window(3, "decoder", P.Global(tuple(range(4)))).to_dense(12, 12)
+    assert not torch.triu(dense, 1).any()  # the sink positions do not see the future
+    assert dense[:, 0].all() and dense[11, 8:].all() and not dense[11, 4:8].any()
+    assert torch.equal(_window(3, "encoder").to_dense(12, 12), P.SlidingWindow(3, 3).to_dense(12, 12))

@@ -123,13 +123,13 @@ def fit_model(
     density = _density(fitted, lengths)
     sinks = Global(tuple(range(SINKS)))
     w_plain = _matching_window(lambda w: _uniform(_window(w, kind), len(fitted)), density, lengths)
-    w_sinks = _matching_window(lambda w: _uniform(_window(w, kind) | sinks, len(fitted)), density, lengths)
+    w_sinks = _matching_window(lambda w: _uniform(_window(w, kind, sinks), len(fitted)), density, lengths)
     settings = [
         ("dense", None),
         ("fitted per head", fitted),
         (f"window {w_plain} (all heads)", _uniform(_window(w_plain, kind), len(fitted))),
         (f"window {w_sinks} + {SINKS} sinks (all heads)",
-         _uniform(_window(w_sinks, kind) | sinks, len(fitted))),
+         _uniform(_window(w_sinks, kind, sinks), len(fitted))),
     ]  # fmt: skip
     report = FitReport(name, kind, cov, fitted, choice)
     report.texts = {"fit": len(fit_texts), "heldout": len(heldout_texts), "heldout_tokens": sum(lengths)}
@@ -197,8 +197,13 @@ def _bar(items, desc: str, show: bool):
     return tqdm(items, desc=desc, unit="text" if desc != "held-out" else "setting", leave=False)
 
 
-def _window(w: int, kind: str) -> Pattern:
-    return SlidingWindow(w) if kind == "decoder" else SlidingWindow(w, w)
+def _window(w: int, kind: str, sinks: Pattern | None = None) -> Pattern:
+    """A window of ``w`` keys each side (before the query only, for decoders), with the
+    ``sinks`` as well; decoders' patterns stay causal (``Global`` alone would let the sink
+    positions see the future)."""
+    if kind != "decoder":
+        return SlidingWindow(w, w) if sinks is None else SlidingWindow(w, w) | sinks
+    return SlidingWindow(w) if sinks is None else (SlidingWindow(w) | sinks) & Causal()
 
 
 def _uniform(pattern: Pattern, num_layers: int) -> list[Pattern]:
