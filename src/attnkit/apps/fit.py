@@ -112,7 +112,7 @@ def fit_model(
     model.eval()
     candidates = list(candidates or default_candidates())
     batches = [_ids(tokenizer, t, max_tokens) for t in fit_texts]
-    bar = _bar(batches, "coverage", progress)
+    bar = _bar(batches, "coverage", "text", progress)
     cov = coverage(model, bar, candidates)
     fitted = fit_patterns(cov, keep=keep, budget=budget)
     choice = [[candidates.index(h) for h in layer.heads] for layer in fitted]
@@ -134,7 +134,7 @@ def fit_model(
     report = FitReport(name, kind, cov, fitted, choice)
     report.texts = {"fit": len(fit_texts), "heldout": len(heldout_texts), "heldout_tokens": sum(lengths)}
     dense_out = None
-    for label, patterns in _bar(settings, "held-out", progress):
+    for label, patterns in _bar(settings, "held-out", "setting", progress):
         model.set_patterns(patterns)
         out = _evaluate(model, held, kind)
         row = {"name": label, "density": _density(patterns, lengths) if patterns else 1.0}
@@ -189,12 +189,12 @@ def _ids(tokenizer, text: str, max_tokens: int) -> Tensor:
     return torch.tensor([tokenizer.encode(text)[:max_tokens]], dtype=torch.long)
 
 
-def _bar(items, desc: str, show: bool):
+def _bar(items, desc: str, unit: str, show: bool):
     if not show:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="text" if desc != "held-out" else "setting", leave=False)
+    return tqdm(items, desc=desc, unit=unit, leave=False)
 
 
 def _window(w: int, kind: str, sinks: Pattern | None = None) -> Pattern:
