@@ -12,8 +12,9 @@ import torch
 
 from attnkit.apps import train as train_mod
 from attnkit.apps.tasks import evaluate, load_task_model, score
-from attnkit.apps.train import TrainConfig, Trainer, lr_factor, token_batches
+from attnkit.apps.train import TrainConfig, Trainer, lr_factor, token_batches, valid_loss
 from attnkit.cli import main
+from attnkit.models import Seq2Seq
 
 from ..tiny_run import TINY, build_cache
 
@@ -124,6 +125,30 @@ def test_eval_on_a_test_file(tmp_path, cache, capsys):
     assert f"--test-file: {bad}:2: expected 'source<TAB>reference'" in err and err.count("\n") == 1
     assert main(["eval", str(out), "--test-file", str(tmp_path / "none.tsv")]) == 1
     assert "expected a test file" in capsys.readouterr().err
+
+
+def test_checkpoint_averaging_and_copy_attention(tmp_path, cache):
+    """``average_last`` keeps the last validations' weights and writes their mean to
+    ``model-avg/``, which evaluates like ``model/``; a copy-attention model trains through it."""
+    cfg = TrainConfig.from_dict({**TINY, "max_steps": 8, "eval_every": 2, "average_last": 3,
+                                 "model": {**TINY["model"], "copy_attention": True}})  # fmt: skip
+    out = tmp_path / "run"
+    trainer = Trainer(cfg, out, cache=cache, progress=False, log=lambda m: None)
+    trainer.run()
+    kept = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert kept == ["step-00000004.pt", "step-00000006.pt", "step-00000008.pt"]  # older ones removed
+    states = [torch.load(out / "snapshots" / k, weights_only=True) for k in kept]
+    averaged = Seq2Seq.from_pretrained(out / "model-avg")
+    assert averaged.config.copy_attention
+    for name, value in averaged.state_dict().items():
+        assert torch.allclose(value, sum(st[name] for st in states) / 3, atol=1e-6), name
+    task = json.loads((out / "model-avg" / "task.json").read_text())
+    assert task["averaged_steps"] == [4, 6, 8]
+    assert task["valid_loss"] == pytest.approx(valid_loss(averaged, trainer.valid, trainer.run_cfg), rel=1e-5)
+    result = evaluate(out / "model-avg", split="test", beam_size=2, progress=False)
+    assert result["examples"] > 0 and "bleu" in result
+    with pytest.raises(ValueError, match="average_last"):
+        TrainConfig.from_dict({**TINY, "average_last": 1})
 
 
 def test_cli_errors(tmp_path, cache, capsys):

@@ -51,7 +51,10 @@ class TrainConfig(ModelConfig):
     from the tokenizer). ``max_minutes`` (0 = none) stops early, counting across resumes.
     The learning rate warms up linearly for ``warmup_steps`` then decays as 1/sqrt(step)
     (Vaswani et al. 2017). ``precision``: ``"fp32"``, ``"bf16"`` (bfloat16 autocast, float32
-    master weights) or ``"auto"``: measured at start-up (:func:`choose_precision`)."""
+    master weights) or ``"auto"``: measured at start-up (:func:`choose_precision`).
+    ``average_last`` (0 = off, else >= 2): keep the weights of the last that many validations
+    and, when the run ends, write their average to ``model-avg/`` (checkpoint averaging, as
+    Vaswani et al. 2017 did over their last checkpoints)."""
 
     task: str = "translate"
     corpus: str = "translate-en-de"
@@ -73,6 +76,7 @@ class TrainConfig(ModelConfig):
     seed: int = 0
     beam_size: int = 4
     length_penalty: float = 1.0
+    average_last: int = 0
 
     def validate(self) -> None:
         self._require("task", self.task in TASKS, f"one of {TASKS}")
@@ -85,6 +89,7 @@ class TrainConfig(ModelConfig):
         self._require("max_minutes", self.max_minutes >= 0, ">= 0")
         self._require("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)")
         self._require("clip_norm", self.clip_norm >= 0, ">= 0 (0 = no clipping)")
+        self._require("average_last", self.average_last == 0 or self.average_last >= 2, "0 (off) or >= 2")
         self._require("batch_tokens", self.batch_tokens >= self.max_src_tokens + self.max_tgt_tokens,
                       "at least max_src_tokens + max_tgt_tokens")  # fmt: skip
         bad = set(self.model) & {"src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id"}
@@ -409,19 +414,58 @@ class Trainer:
             torch.cuda.set_rng_state_all([t.cpu() for t in blob["cuda_rng"]])
         self.state = blob["state"]
 
-    def save_model(self) -> None:
-        """The current model + tokenizer + task into ``model/`` (for eval and inference)."""
-        d = self.model.save_pretrained(self.out / "model")
+    def save_model(self, model: Seq2Seq | None = None, name: str = "model", **extra: Any) -> Path:
+        """``model`` (default the one training) + tokenizer + task into ``out/name`` (for eval
+        and inference); ``extra`` goes into its ``task.json``."""
+        d = (model or self.model).save_pretrained(self.out / name)
         tok = self.tokenizer.path.read_text(encoding="utf-8")
         atomic_write(d / "tokenizer.json", lambda p: p.write_text(tok, encoding="utf-8"))
         task = {
             "task": self.cfg.task, "corpus": str(self.corpus), "step": self.state["step"],
             "max_src_tokens": self.cfg.max_src_tokens, "max_tgt_tokens": self.cfg.max_tgt_tokens,
             "beam_size": self.cfg.beam_size, "length_penalty": self.cfg.length_penalty,
-            "valid_loss": self.state["best_valid"],
+            "valid_loss": self.state["best_valid"], **extra,
         }  # fmt: skip
         text = json.dumps(task, indent=2) + "\n"
         atomic_write(d / "task.json", lambda p: p.write_text(text, encoding="utf-8"))
+        return d
+
+    # checkpoint averaging
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.out / "snapshots"
+
+    def _snapshots(self) -> list[Path]:
+        return sorted(self.snapshot_dir.glob("step-*.pt"))
+
+    def _snapshot(self) -> None:
+        """Keep this step's weights for averaging; only the last ``average_last`` stay."""
+        self.snapshot_dir.mkdir(exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        atomic_write(self.snapshot_dir / f"step-{self.state['step']:08d}.pt", lambda p: torch.save(state, p))
+        for old in self._snapshots()[: -self.cfg.average_last]:
+            old.unlink()
+
+    def average(self) -> Path | None:
+        """Write the mean of the kept snapshots' weights to ``model-avg/`` (with its validation
+        loss and the steps it averages in ``task.json``); None with fewer than two snapshots."""
+        paths = self._snapshots()[-self.cfg.average_last :]
+        if len(paths) < 2:
+            return None
+        total: dict[str, Tensor] = {}
+        for path in paths:
+            for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
+                total[k] = total[k] + v.double() if k in total else v.double()
+        model = Seq2Seq(self.model.config).to(self.device)
+        model.load_state_dict(
+            {k: (v / len(paths)).to(self.model.state_dict()[k].dtype) for k, v in total.items()}
+        )
+        loss = valid_loss(model, self.valid, self.run_cfg)
+        steps = [int(p.stem.split("-")[1]) for p in paths]
+        d = self.save_model(model, "model-avg", valid_loss=loss, averaged_steps=steps)
+        self.log(f"averaged the weights of steps {steps}: valid loss {loss:.3f} (best single model "
+                 f"{self.state['best_valid']:.3f}), saved {str(d)!r}")  # fmt: skip
+        return d
 
     def _log_line(self, entry: dict) -> None:
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
@@ -513,6 +557,8 @@ class Trainer:
             return {**st, "interrupted": True}
         if window_time:
             self._validate(None, window_tokens / window_time)
+        if self.main and self.cfg.average_last:
+            self.average()
         return st
 
     def _resolve_precision(self) -> TrainConfig:
@@ -577,6 +623,8 @@ class Trainer:
         if improved:
             st["best_valid"] = v
             self.save_model()
+        if self.cfg.average_last:
+            self._snapshot()
         self.save()
         entry = {"step": st["step"], "epoch": st["epoch"], "tokens": st["tokens"], "train_loss": loss,
                  "valid_loss": v, "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"]}  # fmt: skip

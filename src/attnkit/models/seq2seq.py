@@ -42,6 +42,13 @@ class Seq2SeqConfig(ModelConfig):
     uses one embedding table for source and target, and ``tie_output`` ties the output
     projection to the target embedding (Press & Wolf 2017). ``encoder_pattern`` is an attnkit
     pattern expression for the encoder's self-attention (e.g. ``"SlidingWindow(128, 128)"``).
+
+    ``copy_attention`` makes the model a pointer-generator (See et al. 2017): each step's
+    next-token distribution mixes the vocabulary softmax with a copy distribution over the
+    source tokens, weighted by a learned gate. The copy distribution is the last decoder
+    layer's cross-attention weights, averaged over heads and scattered onto the source ids, so
+    names and identifiers can be carried over even when the vocabulary softmax has not learnt
+    them. It needs one vocabulary for both sides.
     """
 
     src_vocab_size: int = 8000
@@ -65,6 +72,7 @@ class Seq2SeqConfig(ModelConfig):
     bos_id: int = 1
     eos_id: int = 2
     encoder_pattern: str | None = None
+    copy_attention: bool = False
 
     def validate(self) -> None:
         self._positive(
@@ -89,6 +97,11 @@ class Seq2SeqConfig(ModelConfig):
             )
         if self.encoder_pattern is not None:
             parse_pattern(self.encoder_pattern)
+        self._require(
+            "copy_attention",
+            not self.copy_attention or self.tgt_vocab_size in (None, self.src_vocab_size),
+            "False when the source and target vocabularies differ (copying maps source ids to target ids)",
+        )
 
     @property
     def target_vocab(self) -> int:
@@ -103,7 +116,8 @@ class Seq2Seq(nn.Module):
         backend: attnkit backend for every attention.
 
     Shape:
-        ``forward(src (B, S), tgt_in (B, T))`` -> logits ``(B, T, V_tgt)``. Padding is
+        ``forward(src (B, S), tgt_in (B, T))`` -> logits ``(B, T, V_tgt)`` (with
+        ``copy_attention``, log-probabilities; see :meth:`decode`). Padding is
         ``config.pad_id`` on both sides; ``tgt_in`` starts with ``bos_id``.
 
     Example:
@@ -143,6 +157,8 @@ class Seq2Seq(nn.Module):
             DecoderLayer(c.dim, c.num_heads, c.ffn_dim, **common), c.decoder_layers, final()
         )
         self.out_proj = nn.Linear(c.dim, c.target_vocab, bias=False)
+        # p_gen from the decoder state, the copy context and the decoder input (See et al. 2017)
+        self.copy_gate = nn.Linear(3 * c.dim, 1) if c.copy_attention else None
         self._init_weights()
         if c.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
@@ -181,19 +197,53 @@ class Seq2Seq(nn.Module):
         return self.encoder(x, key_mask=src_key_mask, pattern=pattern), src_key_mask
 
     def decode(
-        self, tgt_in: Tensor, memory: Tensor, src_key_mask: Tensor, *, cache: DecoderCache | None = None
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        src_key_mask: Tensor,
+        *,
+        cache: DecoderCache | None = None,
+        src: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``(B, T, V)`` of the next tokens after each of ``tgt_in``'s positions. With a
-        ``cache``, ``tgt_in`` holds only the new positions."""
+        """Scores ``(B, T, V)`` of the next tokens after each of ``tgt_in``'s positions, whose
+        ``log_softmax`` is the next-token log-distribution: logits, or with
+        ``copy_attention`` the log-probabilities of the generate/copy mixture (then ``src
+        (B, S)``, the source ids, is required). With a ``cache``, ``tgt_in`` holds only the new
+        positions."""
         offset = 0 if cache is None else cache.length
-        x = self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset)
-        h = self.decoder(self.dropout(x), memory, memory_key_mask=src_key_mask, cache=cache)
-        return self.out_proj(h)
+        x = self.dropout(self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset))
+        if self.copy_gate is None:
+            return self.out_proj(self.decoder(x, memory, memory_key_mask=src_key_mask, cache=cache))
+        if src is None or src.shape != src_key_mask.shape:
+            raise ValueError(
+                f"Seq2Seq.decode: copy_attention needs src, the source ids of shape "
+                f"{tuple(src_key_mask.shape)}, but got {None if src is None else tuple(src.shape)}."
+            )
+        h, weights = self.decoder(x, memory, memory_key_mask=src_key_mask, cache=cache, need_weights=True)
+        return self._mix(self.out_proj(h), h, x, memory, weights[-1][1], src)
+
+    def _mix(
+        self, logits: Tensor, h: Tensor, x: Tensor, memory: Tensor, cross: Tensor, src: Tensor
+    ) -> Tensor:
+        """``log(p_gen * softmax(logits) + (1 - p_gen) * copy)``, in float32 at least: ``cross
+        (B, H, T, S)`` are the last layer's cross-attention weights; their head mean, scattered
+        onto ``src``'s ids, is the copy distribution."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        attn = cross.to(dtype).mean(1)  # (B, T, S); padding keys have weight 0
+        context = (attn @ memory.to(dtype)).to(h.dtype)  # (B, T, C)
+        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).to(dtype)
+        copy = logits.new_zeros(logits.shape, dtype=dtype)
+        copy.scatter_add_(-1, src[:, None, :].expand(-1, attn.shape[1], -1), attn)
+        # log-space mixture; the clamp keeps log finite (and its gradient zero) where nothing is copied
+        return torch.logaddexp(
+            F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1),
+            F.logsigmoid(-gate) + copy.clamp_min(1e-30).log(),
+        )
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
         memory, src_key_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_key_mask)
+        return self.decode(tgt_in, memory, src_key_mask, src=src)
 
     def loss(
         self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.0, reduction: str = "mean"
@@ -254,7 +304,7 @@ class Seq2Seq(nn.Module):
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
         for _ in range(max_new):
-            logits = self.decode(tok, memory, src_key_mask, cache=cache)[:, -1]
+            logits = self.decode(tok, memory, src_key_mask, cache=cache, src=src)[:, -1]
             nxt = logits.float().log_softmax(-1).argmax(-1)
             for b in (~done).nonzero().flatten().tolist():
                 if int(nxt[b]) == c.eos_id:
@@ -271,6 +321,7 @@ class Seq2Seq(nn.Module):
         B = src.shape[0]
         memory, src_key_mask = self.encode(src, pattern=pattern)
         memory, src_key_mask = memory.repeat_interleave(K, 0), src_key_mask.repeat_interleave(K, 0)
+        beam_src = src.repeat_interleave(K, 0)
         cache = self.decoder.new_cache()
         seqs = torch.full((B * K, 1), c.bos_id, dtype=torch.long, device=src.device)
         scores = torch.full((B, K), float("-inf"), device=src.device)
@@ -278,7 +329,8 @@ class Seq2Seq(nn.Module):
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new):
-            logp = self.decode(seqs[:, -1:], memory, src_key_mask, cache=cache)[:, -1].float().log_softmax(-1)
+            logp = self.decode(seqs[:, -1:], memory, src_key_mask, cache=cache, src=beam_src)[:, -1]
+            logp = logp.float().log_softmax(-1)
             V = logp.shape[-1]
             cand = (scores.reshape(B * K, 1) + logp).reshape(B, K * V)
             top_scores, top_idx = cand.topk(2 * K, dim=-1)
