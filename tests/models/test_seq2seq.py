@@ -153,24 +153,27 @@ def test_copy_attention_is_the_gated_mixture_of_softmax_and_cross_attention():
     torch.manual_seed(0)
     model = Seq2Seq(small_config(copy_attention=True)).double().eval()
     src, tgt = reverse_batch(5, torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got = model(src, tgt[:, :-1])
-        # by hand, from the pieces: the decoder's last-layer cross weights and the gate
-        memory, mask = model.encode(src)
-        x = model.tgt_pos(model.tgt_embed(tgt[:, :-1]) * model.config.dim**0.5)
-        h, weights = model.decoder(x, memory, memory_key_mask=mask, need_weights=True)
-        attn = weights[-1][1].mean(1)  # (B, T, S)
-        p_gen = torch.sigmoid(model.copy_gate(torch.cat([h, attn @ memory, x], -1)))
-        copy = torch.zeros(*attn.shape[:2], VOCAB, dtype=torch.float64)
-        for b in range(src.shape[0]):
-            for s in range(src.shape[1]):
-                copy[b, :, src[b, s]] += attn[b, :, s]
-        want = p_gen * model.out_proj(h).softmax(-1) + (1 - p_gen) * copy
+    assert any(len(set(r[r > EOS].tolist())) < int((r > EOS).sum()) for r in src)  # repeated ids
+    got = model(src, tgt[:, :-1])
+    # by hand, densely, from the pieces: the decoder's last-layer cross weights and the gate
+    memory, mask = model.encode(src)
+    x = model.tgt_pos(model.tgt_embed(tgt[:, :-1]) * model.config.dim**0.5)
+    h, weights = model.decoder(x, memory, memory_key_mask=mask, need_weights=True)
+    attn = weights[-1][1].mean(1)  # (B, T, S)
+    p_gen = torch.sigmoid(model.copy_gate(torch.cat([h, attn @ memory, x], -1)))
+    copy = torch.zeros(*attn.shape[:2], VOCAB, dtype=torch.float64)
+    for b in range(src.shape[0]):
+        for s in range(src.shape[1]):
+            copy[b, :, src[b, s]] += attn[b, :, s]
+    want = p_gen * model.out_proj(h).softmax(-1) + (1 - p_gen) * copy
     assert torch.allclose(got.exp(), want, atol=1e-12)
-    assert torch.allclose(
-        got.exp().sum(-1), torch.ones((), dtype=torch.float64), atol=1e-12
-    )  # a distribution
+    assert torch.allclose(got.exp().sum(-1), torch.ones((), dtype=torch.float64), atol=1e-12)
     assert copy[..., PAD].abs().max() == 0  # padding keys are never copied
+    # and the gradients: of the tokens the mixture gives some mass, weighted at random
+    w = torch.rand(got.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = [torch.autograd.grad((f * w).sum(), list(model.parameters())) for f in (got, want.log())]
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
 
 
 def test_copy_attention_gradients_are_finite_with_label_smoothing():

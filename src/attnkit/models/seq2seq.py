@@ -226,19 +226,29 @@ class Seq2Seq(nn.Module):
         self, logits: Tensor, h: Tensor, x: Tensor, memory: Tensor, cross: Tensor, src: Tensor
     ) -> Tensor:
         """``log(p_gen * softmax(logits) + (1 - p_gen) * copy)``, in float32 at least: ``cross
-        (B, H, T, S)`` are the last layer's cross-attention weights; their head mean, scattered
-        onto ``src``'s ids, is the copy distribution."""
+        (B, H, T, S)`` are the last layer's cross-attention weights; their head mean, summed per
+        source id of ``src``, is the copy distribution.
+
+        ``copy`` is zero except at the source's ids, so the mixture is the generator's
+        log-probabilities, corrected at those ids only: one dense pass over ``(B, T, V)``
+        instead of one per operation of the mixture."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
         attn = cross.to(dtype).mean(1)  # (B, T, S); padding keys have weight 0
         context = (attn @ memory.to(dtype)).to(h.dtype)  # (B, T, C)
-        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).to(dtype)
-        copy = logits.new_zeros(logits.shape, dtype=dtype)
-        copy.scatter_add_(-1, src[:, None, :].expand(-1, attn.shape[1], -1), attn)
-        # log-space mixture; the clamp keeps log finite (and its gradient zero) where nothing is copied
-        return torch.logaddexp(
-            F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1),
-            F.logsigmoid(-gate) + copy.clamp_min(1e-30).log(),
-        )
+        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).to(dtype)  # (B, T, 1)
+        out = F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1)  # generate: log(p_gen * softmax)
+        idx = src[:, None, :].expand(-1, attn.shape[1], -1)  # (B, T, S)
+        # the copy probability of each source position's id (a repeated id adds up its positions)
+        mass = logits.new_zeros(logits.shape, dtype=dtype).scatter_add_(-1, idx, attn).gather(-1, idx)
+        gen = out.gather(-1, idx)
+        # the clamp keeps log finite (and its gradient zero) where nothing is copied
+        mixed = torch.logaddexp(gen, F.logsigmoid(-gate) + mass.clamp_min(1e-30).log())
+        # correct each id once: at its first position in the row
+        ids, order = src.sort(dim=-1, stable=True)
+        first_sorted = torch.ones_like(ids, dtype=torch.bool)
+        first_sorted[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+        return out.scatter_add(-1, idx, (mixed - gen) * first[:, None, :])
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         self._check_ids("tgt_in", tgt_in, self.config.target_vocab)

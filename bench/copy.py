@@ -1,0 +1,94 @@
+"""What copy attention costs per training step, on real summarization batches.
+
+    python bench/copy.py --run RUN [--batches 4] [--threads 2]
+
+``RUN`` is a summarization run directory (its ``train.json`` and ``tokenizer.json`` are used; the
+corpus is the one its config names). Three models of the run's shape, from one seed, train in
+one process on the same first batches of the run's batch plan, alternately
+(``_common.alternate``): no copy attention, copy attention as attnkit computes it (the
+generator's log-probabilities corrected at the source ids only), and the mixture written
+densely over the whole vocabulary (``log(p_gen * softmax + (1 - p_gen) * copy)``), which is
+what the sparse correction replaces. Each step is forward + backward + AdamW. Prints medians
+and ratios and writes ``bench/results/copy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, environment, save
+from attnkit.apps.train import (
+    Trainer,
+    collate,
+    load_config,
+    make_optimizer,
+    token_batches,
+    train_step,
+)
+from attnkit.models import Seq2Seq
+
+
+class DenseCopy(Seq2Seq):
+    """The same model with the mixture computed over the whole vocabulary, term by term."""
+
+    def _mix(self, logits, h, x, memory, cross, src):
+        attn = cross.float().mean(1)
+        context = (attn @ memory.float()).to(h.dtype)
+        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).float()
+        copy = logits.new_zeros(logits.shape, dtype=torch.float32)
+        copy.scatter_add_(-1, src[:, None, :].expand(-1, attn.shape[1], -1), attn)
+        return torch.logaddexp(
+            F.logsigmoid(gate) + logits.float().log_softmax(-1),
+            F.logsigmoid(-gate) + copy.clamp_min(1e-30).log(),
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="a summarization run directory")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(Path(args.run) / "train.json")
+    scratch = Path(tempfile.mkdtemp(prefix="attnkit-bench-copy-"))
+    shutil.copy(Path(args.run) / "tokenizer.json", scratch)  # the run's tokenizer; the run is not touched
+    trainer = Trainer(cfg, scratch, cache=args.cache_dir, progress=False, log=lambda m: None)
+    trainer.prepare()  # encodes the splits
+    plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[: args.batches]
+    batches = [collate([trainer.train[i] for i in idx]) for idx in plan]
+    vocab = trainer.tokenizer.vocab_size
+    runners = {}
+    for name, cls, copy in (("no copy", Seq2Seq, False), ("copy (attnkit)", Seq2Seq, True),
+                            ("copy (dense mixture)", DenseCopy, True)):  # fmt: skip
+        torch.manual_seed(0)
+        mc = cfg.model_config(vocab).replace(copy_attention=copy)
+        model = cls(mc)
+        opt = make_optimizer(model, cfg)
+        state = {"i": 0}
+
+        def step(model=model, opt=opt, state=state):
+            state["i"] += 1
+            return train_step(model, opt, batches[state["i"] % len(batches)], cfg, 1000)
+
+        runners[name] = step
+    stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
+    base = stats["no copy"]["median_s"]
+    for name, st in stats.items():
+        print(f"{name:22s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x no copy)")
+    tokens = [b.tokens for b in batches]
+    save("copy", {"env": environment(), "run": str(args.run), "threads": args.threads, "batch_tokens": tokens,
+                  "results": stats})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
