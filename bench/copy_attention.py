@@ -1,6 +1,6 @@
 """What copy attention costs per training step, on real summarization batches.
 
-    python bench/copy.py --run RUN [--batches 4] [--threads 2]
+    python bench/copy_attention.py --run RUN [--batches 4] [--threads 2]
 
 ``RUN`` is a summarization run directory (its ``train.json`` and ``tokenizer.json`` are used; the
 corpus is the one its config names). Three models of the run's shape, from one seed, train in
@@ -9,7 +9,7 @@ one process on the same first batches of the run's batch plan, alternately
 generator's log-probabilities corrected at the source ids only), and the mixture written
 densely over the whole vocabulary (``log(p_gen * softmax + (1 - p_gen) * copy)``), which is
 what the sparse correction replaces. Each step is forward + backward + AdamW. Prints medians
-and ratios and writes ``bench/results/copy.json``.
+and ratios and writes ``bench/results/copy_attention.json``.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def main() -> None:
     for name, st in stats.items():
         print(f"{name:22s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x no copy)")
     tokens = [b.tokens for b in batches]
-    save("copy", {"env": environment(), "run": str(args.run), "threads": args.threads, "batch_tokens": tokens,
-                  "results": stats})  # fmt: skip
+    payload = {"env": environment(), "run": str(args.run), "threads": args.threads, "batch_tokens": tokens}
+    save("copy_attention", {**payload, "results": stats})
 
 
 if __name__ == "__main__":
