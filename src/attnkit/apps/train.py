@@ -417,7 +417,7 @@ class Trainer:
     def save_model(self, model: Seq2Seq | None = None, name: str = "model", **extra: Any) -> Path:
         """``model`` (default the one training) + tokenizer + task into ``out/name`` (for eval
         and inference); ``extra`` goes into its ``task.json``."""
-        d = (model or self.model).save_pretrained(self.out / name)
+        d = (self.model if model is None else model).save_pretrained(self.out / name)
         tok = self.tokenizer.path.read_text(encoding="utf-8")
         atomic_write(d / "tokenizer.json", lambda p: p.write_text(tok, encoding="utf-8"))
         task = {
@@ -457,9 +457,8 @@ class Trainer:
             for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
                 total[k] = total[k] + v.double() if k in total else v.double()
         model = Seq2Seq(self.model.config).to(self.device)
-        model.load_state_dict(
-            {k: (v / len(paths)).to(self.model.state_dict()[k].dtype) for k, v in total.items()}
-        )
+        dtypes = {k: v.dtype for k, v in self.model.state_dict().items()}
+        model.load_state_dict({k: (v / len(paths)).to(dtypes[k]) for k, v in total.items()})
         loss = valid_loss(model, self.valid, self.run_cfg)
         steps = [int(p.stem.split("-")[1]) for p in paths]
         d = self.save_model(model, "model-avg", valid_loss=loss, averaged_steps=steps)
