@@ -230,8 +230,8 @@ class Seq2Seq(nn.Module):
         source id of ``src``, is the copy distribution.
 
         ``copy`` is zero except at the source's ids, so the mixture is the generator's
-        log-probabilities, corrected at those ids only: one dense pass over ``(B, T, V)``
-        instead of one per operation of the mixture."""
+        log-probabilities, corrected at those ids only: the log and ``logaddexp`` of the
+        mixture run on ``(B, T, S)``, not on the whole ``(B, T, V)`` vocabulary."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
         attn = cross.to(dtype).mean(1)  # (B, T, S); padding keys have weight 0
         context = (attn @ memory.to(dtype)).to(h.dtype)  # (B, T, C)
