@@ -12,7 +12,7 @@ import torch
 
 from attnkit.apps import train as train_mod
 from attnkit.apps.tasks import evaluate, load_task_model, score
-from attnkit.apps.train import TrainConfig, Trainer, lr_factor, token_batches, valid_loss
+from attnkit.apps.train import TrainConfig, Trainer, budget_done, lr_factor, token_batches, valid_loss
 from attnkit.cli import main
 from attnkit.models import Seq2Seq
 
@@ -44,8 +44,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, cache, monk
     full.run()
     real_step = train_mod.train_step
 
-    def ctrl_c_after_step_4(model, opt, batch, cfg, step):
-        loss = real_step(model, opt, batch, cfg, step)
+    def ctrl_c_after_step_4(model, opt, batch, cfg, step, done):
+        loss = real_step(model, opt, batch, cfg, step, done)
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 4
         return loss
@@ -204,10 +204,43 @@ def test_lr_schedule_and_metrics():
         and lr_factor(16, 4) == 0.5
         and lr_factor(7, 0) == 1
     )
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(5, 2, "cosine")
     s = score("translate", ["Klicken Sie auf OK."], ["Klicken Sie auf OK."])
     assert s["bleu"] == 100.0 and s["chrf"] == 100.0
     r = score("summarize", ["a fast text editor"], ["fast text editor"])
     assert r["rouge1"] == pytest.approx(100 * 2 * 0.75 * 1 / 1.75, abs=0.01)
+
+
+def test_linear_schedule_falls_in_a_straight_line_to_zero_at_the_end_of_either_budget():
+    steps, warmup = 10, 2
+    by_steps = TrainConfig.from_dict(
+        {**TINY, "max_steps": steps, "warmup_steps": warmup, "lr_schedule": "linear"}
+    )
+    factors = [lr_factor(s, warmup, "linear", budget_done(by_steps, s - 1, 0.0)) for s in range(1, steps + 1)]
+    # up over the warm-up, then 8/8, 7/8, ..., 1/8: the line that reaches 0 one step after the last
+    assert factors == pytest.approx([0.5, 1.0] + [(steps - s + 1) / (steps - warmup) for s in range(3, 11)])
+    # a time budget at a steady 3 s a step, ending after step 10, gives the same line
+    by_time = TrainConfig.from_dict({**TINY, "max_steps": 10_000, "warmup_steps": warmup,
+                                     "lr_schedule": "linear", "max_minutes": 30 / 60})  # fmt: skip
+    timed = [lr_factor(s, warmup, "linear", budget_done(by_time, s - 1, 3.0 * (s - 1))) for s in range(1, 11)]
+    assert timed == pytest.approx(factors)
+    assert lr_factor(11, warmup, "linear", 1.0) == 0.0 and lr_factor(12, warmup, "linear", 1.5) == 0.0
+    assert lr_factor(1, 0, "linear", 0.0) == 1.0  # no warm-up: the peak at the first step
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig.from_dict({**TINY, "lr_schedule": "cosine"})
+
+
+def test_trainer_follows_the_linear_schedule(tmp_path, cache):
+    cfg = TrainConfig.from_dict({**TINY, "lr_schedule": "linear"})
+    trainer = Trainer(cfg, tmp_path / "run", cache=cache, progress=False, log=lambda m: None)
+    trainer.run()
+    last = cfg.max_steps  # its lr was set from the steps done before it
+    expected = cfg.lr * lr_factor(last, cfg.warmup_steps, "linear", (last - 1) / cfg.max_steps)
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert expected == pytest.approx(cfg.lr / (cfg.max_steps - cfg.warmup_steps))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in log] == pytest.approx([cfg.lr, expected])  # steps 3 (the peak) and 6
 
 
 def test_shipped_configs_are_valid():

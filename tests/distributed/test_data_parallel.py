@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -32,6 +33,18 @@ def _train(rank: int, world: int, out: str, cache: str, steps: int, resume: bool
     trainer = Trainer(cfg, out, cache=cache, progress=False, log=lambda m: None)
     state = trainer.run(resume=resume)
     return {"state": state, "model": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+
+
+def _agree(rank: int, world: int) -> tuple[bool, float]:
+    # rank 1 asks to stop and has trained longer: every rank must see both
+    comm = types.SimpleNamespace(_comm_device=torch.device("cpu"))
+    return Trainer._agree(comm, rank == 1, 10.0 + rank)
+
+
+def test_ranks_agree_on_stopping_and_on_the_time_spent():
+    # the time budget and the linear learning-rate schedule read the longest time of any rank:
+    # ranks that timed themselves apart would set different rates, or stop at different steps
+    assert values(run_ranks(_agree, 2)) == [(True, 11.0), (True, 11.0)]
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -40,6 +40,7 @@ __all__ = ["Batch", "TrainConfig", "Trainer", "load_config", "lr_factor", "token
 TASKS = ("translate", "summarize")
 PAD, BOS, EOS = 0, 1, 2  # SPECIAL_TOKENS' ids
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("inverse_sqrt", "linear")
 #: ``precision="auto"`` takes bf16 only when a measured step is at least this much faster (bf16
 #: rounds activations to 8 bits of mantissa: a speed-up within noise is not worth it).
 BF16_MIN_SPEEDUP = 1.1
@@ -49,9 +50,13 @@ BF16_MIN_SPEEDUP = 1.1
 class TrainConfig(ModelConfig):
     """A training run. ``model`` holds :class:`Seq2SeqConfig` fields (the vocabulary size comes
     from the tokenizer). ``max_minutes`` (0 = none) stops early, counting across resumes.
-    The learning rate warms up linearly for ``warmup_steps`` then decays as 1/sqrt(step)
-    (Vaswani et al. 2017). ``precision``: ``"fp32"``, ``"bf16"`` (bfloat16 autocast, float32
-    master weights) or ``"auto"``: measured at start-up (:func:`choose_precision`).
+    The learning rate warms up linearly for ``warmup_steps``, then ``lr_schedule`` decays it:
+    ``"inverse_sqrt"`` as 1/sqrt(step) (Vaswani et al. 2017), or ``"linear"`` to zero at the end
+    of the budget, whichever of ``max_steps`` and ``max_minutes`` ends the run first (budget-aware
+    decay, Li et al. 2020, "Budgeted Training"; see :func:`lr_factor`); a resumed run given
+    another budget decays to the new end. ``precision``: ``"fp32"``, ``"bf16"`` (bfloat16
+    autocast, float32 master weights) or ``"auto"``: measured at start-up
+    (:func:`choose_precision`).
     ``average_last`` (0 = off, else >= 2): keep the weights of the last that many validations
     and, when the run ends, write their average to ``model-avg/`` (checkpoint averaging, as
     Vaswani et al. 2017 did over their last checkpoints)."""
@@ -65,6 +70,7 @@ class TrainConfig(ModelConfig):
     batch_tokens: int = 6000
     lr: float = 7e-4
     warmup_steps: int = 800
+    lr_schedule: str = "inverse_sqrt"
     max_steps: int = 20000
     max_minutes: float = 0.0
     weight_decay: float = 0.01
@@ -81,6 +87,7 @@ class TrainConfig(ModelConfig):
     def validate(self) -> None:
         self._require("task", self.task in TASKS, f"one of {TASKS}")
         self._require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        self._require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
         self._positive("vocab_size", "max_src_tokens", "max_tgt_tokens", "batch_tokens", "max_steps",
                        "eval_every", "valid_pairs", "beam_size")  # fmt: skip
         self._require("max_tgt_tokens", self.max_tgt_tokens >= 3, ">= 3 (bos, a token, eos)")
@@ -198,12 +205,33 @@ def collate(examples: list[tuple[list[int], list[int]]]) -> Batch:
     return Batch(src, tgt, sum(len(s) + len(t) for s, t in examples))
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Multiplier of the peak rate at ``step`` (1-based): linear warm-up, then 1/sqrt decay."""
+def lr_factor(step: int, warmup: int, schedule: str = "inverse_sqrt", done: float = 0.0) -> float:
+    """Multiplier of the peak rate at ``step`` (1-based): linear warm-up over ``warmup`` steps,
+    then ``schedule``'s decay. ``"inverse_sqrt"``: ``sqrt(warmup / step)``. ``"linear"``: from 1
+    right after the warm-up to 0 when ``done``, the fraction of the budget spent before this
+    step, reaches 1. ``done`` may count time, so the fraction spent by the warm-up is estimated
+    as ``done * warmup / (step - 1)``: exact for a step budget, and for a time budget at a steady
+    step time. The factor is ``(1 - done) / (1 - done * warmup / (step - 1))``."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_factor: expected schedule in {LR_SCHEDULES}, got {schedule!r}.")
     step = max(step, 1)
-    if warmup == 0:
-        return 1.0
-    return min(step / warmup, math.sqrt(warmup / step))
+    if step <= warmup:
+        return step / warmup
+    if schedule == "inverse_sqrt":
+        return math.sqrt(warmup / step) if warmup else 1.0
+    if done >= 1.0:
+        return 0.0
+    by_warmup = done * warmup / (step - 1) if warmup else 0.0
+    return (1.0 - done) / (1.0 - by_warmup)
+
+
+def budget_done(cfg: TrainConfig, steps: int, elapsed: float) -> float:
+    """The fraction of ``cfg``'s budget spent by ``steps`` finished steps and ``elapsed`` seconds
+    of training: the larger of the step fraction and, with ``max_minutes``, the time fraction."""
+    done = steps / cfg.max_steps
+    if cfg.max_minutes:
+        done = max(done, elapsed / (cfg.max_minutes * 60))
+    return done
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -226,14 +254,23 @@ class _Loss(nn.Module):
 
 
 def train_step(
-    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, step: int
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Batch,
+    cfg: TrainConfig,
+    step: int,
+    done: float | None = None,
 ) -> float:
     """One optimizer step on ``batch`` (``step`` is the 1-based number of this step); returns
-    the loss. ``model`` is a :class:`Seq2Seq` or its (data-parallel) loss wrapper."""
+    the loss. ``model`` is a :class:`Seq2Seq` or its (data-parallel) loss wrapper. ``done``: the
+    fraction of the budget spent before this step, for ``lr_schedule="linear"`` (default: the
+    step fraction, ``(step - 1) / max_steps``)."""
     net = model if isinstance(model, (_Loss, nn.parallel.DistributedDataParallel)) else _Loss(model)
     net.train()
+    if done is None:
+        done = (step - 1) / cfg.max_steps
     for g in opt.param_groups:
-        g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
+        g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.lr_schedule, done)
     device = next(net.parameters()).device
     src, tgt = batch.src.to(device, non_blocking=True), batch.tgt.to(device, non_blocking=True)
     weight = batch.weight
@@ -504,9 +541,10 @@ class Trainer:
         epoch_batches: tuple[int, list[list[int]]] = (-1, [])
         try:
             while st["step"] < cfg.max_steps:
-                over_budget = bool(cfg.max_minutes) and st["elapsed"] >= cfg.max_minutes * 60
-                if self.world > 1:  # every rank stops at the same step, or none does
-                    self._stop, over_budget = self._agree(self._stop, over_budget)
+                elapsed = st["elapsed"]
+                if self.world > 1:  # every rank stops at the same step and sets the same lr
+                    self._stop, elapsed = self._agree(self._stop, elapsed)
+                over_budget = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes * 60
                 if self._stop:
                     break
                 if over_budget:
@@ -525,7 +563,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 if self.world > 1:  # dropout masks depend on (seed, step, rank): resumable anywhere
                     torch.manual_seed(hash((cfg.seed, st["step"], self.rank)) & (2**63 - 1))
-                loss = train_step(self.net, self.opt, batch, cfg, st["step"] + 1)
+                done = budget_done(cfg, st["step"], elapsed)
+                loss = train_step(self.net, self.opt, batch, cfg, st["step"] + 1, done)
                 if self.world > 1:
                     loss = self._mean(loss)
                 dt = time.perf_counter() - t0
@@ -599,10 +638,11 @@ class Trainer:
         part = collate(mine)
         return Batch(part.src, part.tgt, sum(len(s) + len(t) for s, t in examples), weight)
 
-    def _agree(self, stop: bool, over_budget: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([float(stop), float(over_budget)], device=self._comm_device)
+    def _agree(self, stop: bool, elapsed: float) -> tuple[bool, float]:
+        """Whether any rank stops, and the longest training time of any rank (one collective)."""
+        flags = torch.tensor([float(stop), elapsed], dtype=torch.float64, device=self._comm_device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), float(flags[1])
 
     def _mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self._comm_device)
@@ -626,7 +666,8 @@ class Trainer:
             self._snapshot()
         self.save()
         entry = {"step": st["step"], "epoch": st["epoch"], "tokens": st["tokens"], "train_loss": loss,
-                 "valid_loss": v, "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"]}  # fmt: skip
+                 "valid_loss": v, "tokens_per_s": tokens_per_s, "elapsed_s": st["elapsed"],
+                 "lr": self.opt.param_groups[0]["lr"]}  # fmt: skip
         self._log_line(entry)
         self.log(f"step {st['step']}: valid loss {v:.3f}{' (best, saved model/)' if improved else ''}, "
                  f"{tokens_per_s:,.0f} tok/s, {st['elapsed'] / 60:.1f} min")  # fmt: skip
