@@ -93,6 +93,40 @@ def test_stacks_initialise_layers_independently_and_return_weights():
     assert torch.allclose(weights[0].sum(-1), torch.ones(2, 2, 5, dtype=weights[0].dtype))
 
 
+def test_decoder_computes_weights_only_where_asked():
+    dec = Decoder(DecoderLayer(16, 2, 32), 3).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    asked = []  # (layer, attention) of every call that computed its weights
+    for i, layer in enumerate(dec.layers):
+        for kind in ("self_attn", "cross_attn"):
+            getattr(layer, kind).register_forward_pre_hook(
+                lambda m, args, kwargs, key=(i, kind): (
+                    asked.append(key) if kwargs.get("need_weights") else None
+                ),
+                with_kwargs=True,
+            )
+    out_all, every = dec(x, memory, need_weights=True)
+    assert len(asked) == 6 and len(every) == 3
+    asked.clear()
+    out, weights = dec(x, memory, need_weights="cross", weights_layers=[-1])
+    assert asked == [(2, "cross_attn")]
+    assert weights[:2] == [(None, None), (None, None)] and weights[2][0] is None
+    assert torch.allclose(weights[2][1], every[2][1], atol=1e-6) and weights[2][1].shape == (2, 2, 5, 7)
+    assert torch.allclose(out, out_all, atol=1e-5)
+    asked.clear()
+    _, weights = dec(x, memory, need_weights="self", weights_layers=[0, 1])
+    assert asked == [(0, "self_attn"), (1, "self_attn")] and weights[2] == (None, None)
+    asked.clear()
+    assert torch.equal(dec(x, memory, weights_layers=[0]), dec(x, memory))  # ignored without need_weights
+    assert asked == []
+    with pytest.raises(ValueError, match=r"weights_layers to hold layer indices in \[-3, 3\), but got \[3\]"):
+        dec(x, memory, need_weights=True, weights_layers=[0, 3])
+    with pytest.raises(ValueError, match="need_weights to be True, False, 'self' or 'cross', but got 'both'"):
+        dec(x, memory, need_weights="both")
+    with pytest.raises(ValueError, match="DecoderLayer: expected need_weights"):
+        dec.layers[0](x, memory, need_weights="all")
+
+
 def test_decoder_layer_memory_errors():
     with pytest.raises(ValueError, match="expected memory \\(the encoder output\\)"):
         DecoderLayer(16, 2, 32)(torch.randn(1, 3, 16))

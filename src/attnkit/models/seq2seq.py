@@ -219,7 +219,9 @@ class Seq2Seq(nn.Module):
                 f"Seq2Seq.decode: copy_attention needs src, the source ids of shape "
                 f"{tuple(src_key_mask.shape)}, but got {None if src is None else tuple(src.shape)}."
             )
-        h, weights = self.decoder(x, memory, memory_key_mask=src_key_mask, cache=cache, need_weights=True)
+        h, weights = self.decoder(
+            x, memory, memory_key_mask=src_key_mask, cache=cache, need_weights="cross", weights_layers=[-1]
+        )
         return self._mix(self.out_proj(h), h, x, memory, weights[-1][1], src)
 
     def _mix(

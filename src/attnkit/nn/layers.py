@@ -18,7 +18,7 @@ Transformer    False/True   layer     relu           sinusoidal
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -342,17 +342,19 @@ class DecoderLayer(_Block):
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         cache: LayerCache | None = None,
-        need_weights: bool = False,
+        need_weights: bool | str = False,
         **unknown: object,
-    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor | None]]:
+    ) -> Tensor | tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
         """Decode ``x`` against ``memory``.
 
         ``key_mask (B, S_self)`` covers every self-attention key, the cached ones
         included; ``memory_key_mask (B, S)`` the encoder's. With ``cache``, ``x``
         holds only the new positions. ``need_weights`` also returns
-        ``(self_weights, cross_weights)``.
+        ``(self_weights, cross_weights)``: ``True`` computes both, ``"self"`` or ``"cross"``
+        only that one (the other is None, and its attention keeps the fused kernels).
         """
         reject_unknown_keywords(type(self).__name__, unknown)
+        _check_need_weights(type(self).__name__, need_weights)
         if self.cross_attn is None and memory is not None:
             raise ValueError(
                 "DecoderLayer: expected memory=None (built with cross_attention=False), but got a tensor."
@@ -362,22 +364,23 @@ class DecoderLayer(_Block):
                 "DecoderLayer: expected memory (the encoder output), but got None and no filled cache."
             )
         weights: list[Tensor | None] = [None, None]
+        want_self, want_cross = need_weights in (True, "self"), need_weights in (True, "cross")
 
         def self_attend(h: Tensor) -> Tensor:
             out = self.self_attn(
                 h, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
-                cache=None if cache is None else cache.self_attn, need_weights=need_weights,
+                cache=None if cache is None else cache.self_attn, need_weights=want_self,
             )  # fmt: skip
-            if need_weights:
+            if want_self:
                 out, weights[0] = out
             return out
 
         def cross_attend(h: Tensor) -> Tensor:
             out = self.cross_attn(
                 h, memory, key_mask=memory_key_mask,
-                cache=None if cache is None else cache.cross_attn, need_weights=need_weights,
+                cache=None if cache is None else cache.cross_attn, need_weights=want_cross,
             )  # fmt: skip
-            if need_weights:
+            if want_cross:
                 out, weights[1] = out
             return out
 
@@ -411,6 +414,16 @@ class _Stack(nn.Module):
                 f"({len(self.layers)}), but got {len(patterns)} patterns."
             )
         return patterns
+
+
+def _check_need_weights(owner: str, need_weights: object) -> None:
+    if not (
+        isinstance(need_weights, bool)
+        or (isinstance(need_weights, str) and need_weights in ("self", "cross"))
+    ):
+        raise ValueError(
+            f"{owner}: expected need_weights to be True, False, 'self' or 'cross', but got {need_weights!r}."
+        )
 
 
 def _reinit(module: nn.Module) -> None:
@@ -469,7 +482,10 @@ class Decoder(_Stack):
     """``num_layers`` decoder layers and an optional final norm; see :class:`DecoderLayer`.
 
     Shape: ``x (B, N, C)``, ``memory (B, S, C_mem)`` -> ``(B, N, C)``; with ``need_weights``,
-    also a list of per-layer ``(self_weights, cross_weights)``. ``pattern`` in ``forward`` is one
+    also a list of per-layer ``(self_weights, cross_weights)``: ``need_weights`` is ``True``,
+    ``"self"`` or ``"cross"`` as in :class:`DecoderLayer`, and ``weights_layers`` (indices,
+    negative ones from the end; default all) names the layers that compute them. The other
+    layers' entries are None, and they keep the fused kernels. ``pattern`` in ``forward`` is one
     self-attention pattern for every layer or a sequence of one per layer.
     """
 
@@ -492,24 +508,36 @@ class Decoder(_Stack):
         pattern: Pattern | None = None,
         positions: Tensor | None = None,
         cache: DecoderCache | None = None,
-        need_weights: bool = False,
+        need_weights: bool | str = False,
+        weights_layers: Sequence[int] | None = None,
         **unknown: object,
     ) -> Tensor | tuple[Tensor, list]:
         reject_unknown_keywords(type(self).__name__, unknown)
+        _check_need_weights(type(self).__name__, need_weights)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(
                 f"Decoder: expected a cache with {len(self.layers)} layers, but got {len(cache)}."
             )
+        n = len(self.layers)
+        asked = range(n) if weights_layers is None else list(weights_layers)
+        bad = [i for i in asked if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
+        if bad:
+            raise ValueError(
+                f"Decoder: expected weights_layers to hold layer indices in [-{n}, {n}), but got {bad}."
+            )
+        asked = {i % n for i in asked} if need_weights else set()
         all_weights = []
         for i, (layer, layer_pattern) in enumerate(zip(self.layers, self._per_layer(pattern), strict=True)):
             x = layer(
                 x, memory, mask=mask, key_mask=key_mask,
                 memory_key_mask=memory_key_mask, pattern=layer_pattern, positions=positions,
-                cache=None if cache is None else cache[i], need_weights=need_weights,
+                cache=None if cache is None else cache[i], need_weights=need_weights if i in asked else False,
             )  # fmt: skip
-            if need_weights:
+            if i in asked:
                 x, w = x
                 all_weights.append(w)
+            elif need_weights:
+                all_weights.append((None, None))
         if self.norm is not None:
             x = self.norm(x)
         return (x, all_weights) if need_weights else x
