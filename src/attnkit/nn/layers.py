@@ -484,8 +484,8 @@ class Decoder(_Stack):
     Shape: ``x (B, N, C)``, ``memory (B, S, C_mem)`` -> ``(B, N, C)``; with ``need_weights``,
     also a list of per-layer ``(self_weights, cross_weights)``: ``need_weights`` is ``True``,
     ``"self"`` or ``"cross"`` as in :class:`DecoderLayer`, and ``weights_layers`` (indices,
-    negative ones from the end; default all) names the layers that compute them. The other
-    layers' entries are None, and they keep the fused kernels. ``pattern`` in ``forward`` is one
+    negative ones from the end; default all) names the layers that compute them. The others
+    give ``(None, None)`` and keep the fused kernels. ``pattern`` in ``forward`` is one
     self-attention pattern for every layer or a sequence of one per layer.
     """
 
