@@ -60,10 +60,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(Path(args.run) / "train.json")
-    scratch = Path(tempfile.mkdtemp(prefix="attnkit-bench-copy-"))
-    shutil.copy(Path(args.run) / "tokenizer.json", scratch)  # the run's tokenizer; the run is not touched
-    trainer = Trainer(cfg, scratch, cache=args.cache_dir, progress=False, log=lambda m: None)
-    trainer.prepare()  # encodes the splits
+    with tempfile.TemporaryDirectory(prefix="attnkit-bench-copy-") as scratch:
+        # the run's tokenizer, in a scratch run directory: the run itself is not touched
+        shutil.copy(Path(args.run) / "tokenizer.json", scratch)
+        trainer = Trainer(cfg, scratch, cache=args.cache_dir, progress=False, log=lambda m: None)
+        trainer.prepare()  # encodes the splits
     plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[: args.batches]
     batches = [collate([trainer.train[i] for i in idx]) for idx in plan]
     vocab = trainer.tokenizer.vocab_size
