@@ -5,8 +5,9 @@
 A *name* is a word of the reference synopsis that also occurs in the description and looks like
 a name or an identifier: it contains a digit ("389", "mips64r6", "z3") or starts with a capital
 letter and has at least three characters ("Cockpit", "PHP"). For each run, counts how many of
-them its test outputs (``RUN/model-eval-test-beam4.hyp.txt``, one line per test pair, as
-``attnkit eval`` writes them) contain, and how many of the outputs' own names the description
+them its test outputs contain (one line per test pair: ``RUN/model/eval-test-beam4.hyp.txt``
+as ``attnkit eval RUN --beam 4`` writes it, or its copy ``model-eval-test-beam4.hyp.txt`` in a
+folder under ``bench/results/runs/``), and how many of the outputs' own names the description
 does not have (invented ones). This is what a copy mechanism is for, and ROUGE sees it only
 diluted among all words. Writes ``bench/results/summary_names.json``.
 """
@@ -54,6 +55,14 @@ def score(pairs: list[dict], outputs: list[str]) -> dict:
     }
 
 
+def outputs_file(run: Path) -> Path:
+    """The beam-4 test outputs of a run directory or of its folder under bench/results/runs."""
+    for path in (run / "model" / "eval-test-beam4.hyp.txt", run / "model-eval-test-beam4.hyp.txt"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{str(run)!r} has no beam-4 test outputs: run `attnkit eval {run} --beam 4`")
+
+
 def main() -> None:
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -61,7 +70,7 @@ def main() -> None:
     pairs = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line]
     out = {"test": str(test), "pairs": len(pairs), "runs": {}}
     for run in map(Path, sys.argv[2:]):
-        text = (run / "model-eval-test-beam4.hyp.txt").read_text(encoding="utf-8")
+        text = outputs_file(run).read_text(encoding="utf-8")
         out["runs"][run.name] = score(pairs, text.removesuffix("\n").split("\n"))
         print(run.name, out["runs"][run.name])
     (RESULTS / "summary_names.json").write_text(json.dumps(out, indent=2) + "\n")
