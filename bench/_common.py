@@ -8,6 +8,8 @@
   process's resident memory rose above its level before the call, in MiB (Linux's resettable
   high-water mark ``VmHWM``; ``ru_maxrss`` growth where that is unavailable).
 * ``environment`` records what the numbers depend on.
+* ``run_batches`` and ``train_steps`` give the training benchmarks a run's real batches and
+  one full training step (forward, backward, AdamW) of a model on them.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +132,36 @@ def alternate(
         }
         for name, ts in times.items()
     }
+
+
+def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
+    """``(config, batches, vocabulary size)``: the first ``count`` batches of the batch plan of the
+    training run in directory ``run``, encoded with its tokenizer from the corpus its config names.
+    The run itself is not touched (its tokenizer is copied into a scratch directory)."""
+    from attnkit.apps.train import Trainer, collate, load_config, token_batches
+
+    cfg = load_config(Path(run) / "train.json")
+    with tempfile.TemporaryDirectory(prefix="attnkit-bench-run-") as scratch:
+        shutil.copy(Path(run) / "tokenizer.json", scratch)
+        trainer = Trainer(cfg, scratch, cache=cache_dir, progress=False, log=lambda m: None)
+        trainer.prepare()  # encodes the splits
+    plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[:count]
+    return cfg, [collate([trainer.train[i] for i in idx]) for idx in plan], trainer.tokenizer.vocab_size
+
+
+def train_steps(model: torch.nn.Module, cfg, batches: list) -> Callable[[], float]:
+    """A callable that trains ``model`` one step (AdamW, the run's settings) on the next of
+    ``batches`` in turn, for :func:`alternate`."""
+    from attnkit.apps.train import make_optimizer, train_step
+
+    opt = make_optimizer(model, cfg)
+    state = {"i": 0}
+
+    def step() -> float:
+        state["i"] += 1
+        return train_step(model, opt, batches[state["i"] % len(batches)], cfg, 1000)
+
+    return step
 
 
 def peak_memory(script: Path, probe: dict, timeout: float = 900) -> dict:

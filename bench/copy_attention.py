@@ -15,24 +15,14 @@ and ratios and writes ``bench/results/copy_attention.json``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, save
-from attnkit.apps.train import (
-    Trainer,
-    collate,
-    load_config,
-    make_optimizer,
-    token_batches,
-    train_step,
-)
+from _common import alternate, environment, run_batches, save, train_steps
 from attnkit.models import Seq2Seq
 
 
@@ -59,29 +49,12 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(Path(args.run) / "train.json")
-    with tempfile.TemporaryDirectory(prefix="attnkit-bench-copy-") as scratch:
-        # the run's tokenizer, in a scratch run directory: the run itself is not touched
-        shutil.copy(Path(args.run) / "tokenizer.json", scratch)
-        trainer = Trainer(cfg, scratch, cache=args.cache_dir, progress=False, log=lambda m: None)
-        trainer.prepare()  # encodes the splits
-    plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[: args.batches]
-    batches = [collate([trainer.train[i] for i in idx]) for idx in plan]
-    vocab = trainer.tokenizer.vocab_size
+    cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
     runners = {}
     for name, cls, copy in (("no copy", Seq2Seq, False), ("copy (attnkit)", Seq2Seq, True),
                             ("copy (dense mixture)", DenseCopy, True)):  # fmt: skip
         torch.manual_seed(0)
-        mc = cfg.model_config(vocab).replace(copy_attention=copy)
-        model = cls(mc)
-        opt = make_optimizer(model, cfg)
-        state = {"i": 0}
-
-        def step(model=model, opt=opt, state=state):
-            state["i"] += 1
-            return train_step(model, opt, batches[state["i"] % len(batches)], cfg, 1000)
-
-        runners[name] = step
+        runners[name] = train_steps(cls(cfg.model_config(vocab).replace(copy_attention=copy)), cfg, batches)
     stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
     base = stats["no copy"]["median_s"]
     for name, st in stats.items():

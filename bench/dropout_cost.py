@@ -1,0 +1,57 @@
+"""What dropout costs per training step, on a run's real batches.
+
+    python bench/dropout_cost.py --run RUN [--dropouts 0,0.1,0.3] [--batches 4] [--threads 2]
+
+``RUN`` is a translation or summarization run directory (its ``train.json`` and
+``tokenizer.json`` are used; the corpus is the one its config names). One model of the run's
+shape per dropout rate, all from one seed, train in one process on the same first batches of
+the run's batch plan, alternately (``_common.alternate``); each step is forward + backward +
+AdamW. Dropout's random masks and the multiplications by them are memory-bound work that a
+CPU pays for on every sub-layer's output, so at these small widths they are a visible share of
+a step. Prints medians and ratios and writes ``bench/results/dropout_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, environment, run_batches, save, train_steps
+from attnkit.models import Seq2Seq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="a translation or summarization run directory")
+    ap.add_argument("--dropouts", default="0,0.1,0.3", help="comma-separated rates; the first is the base")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    rates = [float(r) for r in args.dropouts.split(",")]
+    if not rates or any(not 0 <= r < 1 for r in rates):
+        ap.error(f"--dropouts: expected comma-separated rates in [0, 1), got {args.dropouts!r}")
+    torch.set_num_threads(args.threads)
+    cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
+    runners = {}
+    for rate in rates:
+        torch.manual_seed(0)
+        runners[f"dropout {rate:g}"] = train_steps(
+            Seq2Seq(cfg.model_config(vocab).replace(dropout=rate)), cfg, batches
+        )
+    stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
+    base_name = f"dropout {rates[0]:g}"
+    base = stats[base_name]["median_s"]
+    for name, st in stats.items():
+        print(f"{name:12s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x {base_name})")
+    payload = {"env": environment(), "run": str(args.run), "threads": args.threads, "task": cfg.task,
+               "batch_tokens": [b.tokens for b in batches]}  # fmt: skip
+    save("dropout_cost", {**payload, "results": stats})
+
+
+if __name__ == "__main__":
+    main()
