@@ -1,6 +1,6 @@
 """What dropout costs per training step, on a run's real batches.
 
-    python bench/dropout_cost.py --run RUN [--dropouts 0,0.1,0.3] [--batches 4] [--threads 2]
+    python bench/dropout_cost.py --run RUN [--dropouts 0,0.1,0.3] [--batches 4] [--threads 2] [--profile]
 
 ``RUN`` is a translation or summarization run directory (its ``train.json`` and
 ``tokenizer.json`` are used; the corpus is the one its config names). One model of the run's
@@ -8,7 +8,9 @@ shape per dropout rate, all from one seed, train in one process on the same firs
 the run's batch plan, alternately (``_common.alternate``); each step is forward + backward +
 AdamW. Dropout's random masks and the multiplications by them are memory-bound work that a
 CPU pays for on every sub-layer's output, so at these small widths they are a visible share of
-a step. Prints medians and ratios and writes ``bench/results/dropout_cost.json``.
+a step. Prints medians and ratios and writes ``bench/results/dropout_cost.json``; ``--profile``
+first prints ``torch.profiler``'s top operators of one forward and backward of the first
+batch at each rate.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from _common import alternate, environment, run_batches, save, train_steps
 from attnkit.models import Seq2Seq
 
 
+def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> None:
+    """Print the operators that took most of one forward and backward (after a warm one)."""
+    from torch.profiler import profile
+
+    model.train()
+    model.loss(batch.src, batch.tgt, label_smoothing=label_smoothing).backward()  # warm
+    with profile() as prof:
+        model.loss(batch.src, batch.tgt, label_smoothing=label_smoothing).backward()
+    model.zero_grad(set_to_none=True)
+    print(f"{title}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a translation or summarization run directory")
@@ -31,6 +45,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--profile", action="store_true", help="print each rate's top operators first")
     args = ap.parse_args()
     rates = [float(r) for r in args.dropouts.split(",")]
     if not rates or any(not 0 <= r < 1 for r in rates):
@@ -40,9 +55,10 @@ def main() -> None:
     runners = {}
     for rate in rates:
         torch.manual_seed(0)
-        runners[f"dropout {rate:g}"] = train_steps(
-            Seq2Seq(cfg.model_config(vocab).replace(dropout=rate)), cfg, batches
-        )
+        model = Seq2Seq(cfg.model_config(vocab).replace(dropout=rate))
+        if args.profile:
+            profile_step(model, batches[0], cfg.label_smoothing, f"dropout {rate:g}")
+        runners[f"dropout {rate:g}"] = train_steps(model, cfg, batches)
     stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
     base_name = f"dropout {rates[0]:g}"
     base = stats[base_name]["median_s"]
