@@ -6,11 +6,11 @@
 ``tokenizer.json`` are used; the corpus is the one its config names). One model of the run's
 shape per dropout rate, all from one seed, train in one process on the same first batches of
 the run's batch plan, alternately (``_common.alternate``); each step is forward + backward +
-AdamW. Dropout's random masks and the multiplications by them are memory-bound work that a
-CPU pays for on every sub-layer's output, so at these small widths they are a visible share of
-a step. Prints medians and ratios and writes ``bench/results/dropout_cost.json``; ``--profile``
-first prints ``torch.profiler``'s top operators of one forward and backward of the first
-batch at each rate.
+AdamW. Drawing dropout's random masks and multiplying by them is element-wise work that a CPU
+pays for on every sub-layer's output, forward and backward, so at these small widths it is a
+visible share of a step. Prints medians and ratios and writes
+``bench/results/dropout_cost.json``; ``--profile`` first prints ``torch.profiler``'s top
+operators of one forward and backward of the first batch at each rate.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--profile", action="store_true", help="print each rate's top operators first")
     args = ap.parse_args()
-    rates = [float(r) for r in args.dropouts.split(",")]
+    try:
+        rates = [float(r) for r in args.dropouts.split(",")]
+    except ValueError:
+        rates = []
     if not rates or any(not 0 <= r < 1 for r in rates):
         ap.error(f"--dropouts: expected comma-separated rates in [0, 1), got {args.dropouts!r}")
     torch.set_num_threads(args.threads)
