@@ -10,7 +10,8 @@ AdamW. Drawing dropout's random masks and multiplying by them is element-wise wo
 pays for on every sub-layer's output, forward and backward, so at these small widths it is a
 visible share of a step. Prints medians and ratios and writes
 ``bench/results/dropout_cost.json``; ``--profile`` first prints ``torch.profiler``'s top
-operators of one forward and backward of the first batch at each rate.
+operators of one forward and backward of the first batch at each rate, and records their
+shares there.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from _common import alternate, environment, run_batches, save, train_steps
 from attnkit.models import Seq2Seq
 
 
-def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> None:
-    """Print the operators that took most of one forward and backward (after a warm one)."""
+def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> dict[str, float]:
+    """Print the operators that took most of one forward and backward (after a warm one), and
+    return their shares of its self CPU time, in percent."""
     from torch.profiler import profile
 
     model.train()
@@ -35,7 +37,11 @@ def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> N
     with profile() as prof:
         model.loss(batch.src, batch.tgt, label_smoothing=label_smoothing).backward()
     model.zero_grad(set_to_none=True)
-    print(f"{title}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    ops = prof.key_averages()
+    print(f"{title}:\n" + ops.table(sort_by="self_cpu_time_total", row_limit=8))
+    total = sum(op.self_cpu_time_total for op in ops)
+    top = sorted(ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:8]
+    return {op.key: round(100 * op.self_cpu_time_total / total, 2) for op in top}
 
 
 def main() -> None:
@@ -55,12 +61,14 @@ def main() -> None:
         ap.error(f"--dropouts: expected comma-separated rates in [0, 1), got {args.dropouts!r}")
     torch.set_num_threads(args.threads)
     cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
-    runners = {}
+    runners, profiles = {}, {}
     for rate in rates:
         torch.manual_seed(0)
         model = Seq2Seq(cfg.model_config(vocab).replace(dropout=rate))
         if args.profile:
-            profile_step(model, batches[0], cfg.label_smoothing, f"dropout {rate:g}")
+            profiles[f"dropout {rate:g}"] = profile_step(
+                model, batches[0], cfg.label_smoothing, f"dropout {rate:g}"
+            )
         runners[f"dropout {rate:g}"] = train_steps(model, cfg, batches)
     stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
     base_name = f"dropout {rates[0]:g}"
@@ -69,7 +77,7 @@ def main() -> None:
         print(f"{name:12s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x {base_name})")
     payload = {"env": environment(), "run": str(args.run), "threads": args.threads, "task": cfg.task,
                "batch_tokens": [b.tokens for b in batches]}  # fmt: skip
-    save("dropout_cost", {**payload, "results": stats})
+    save("dropout_cost", {**payload, "results": stats, "profile_self_cpu_percent": profiles or None})
 
 
 if __name__ == "__main__":
