@@ -3,13 +3,21 @@
     python bench/copy_attention.py --run RUN [--batches 4] [--threads 2]
 
 ``RUN`` is a summarization run directory (its ``train.json`` and ``tokenizer.json`` are used; the
-corpus is the one its config names). Three models of the run's shape, from one seed, train in
+corpus is the one its config names). Four models of the run's shape, from one seed, train in
 one process on the same first batches of the run's batch plan, alternately
-(``_common.alternate``): no copy attention, copy attention as attnkit computes it (the
-generator's log-probabilities corrected at the source ids only), and the mixture written
-densely over the whole vocabulary (``log(p_gen * softmax + (1 - p_gen) * copy)``), which is
-what the sparse correction replaces. Each step is forward + backward + AdamW. Prints medians
-and ratios and writes ``bench/results/copy_attention.json``.
+(``_common.alternate``):
+
+- no copy attention;
+- copy attention as attnkit trains it (``Seq2Seq.loss``: the gold token's log-probability
+  and label smoothing's sum from the logits' log-normalizer and their values at the gold and
+  source ids, with no ``(B, T, V)`` mixture);
+- the cross-entropy of the mixture ``Seq2Seq.forward`` returns (the generator's
+  log-probabilities corrected at the source ids only), which is how attnkit trained it before;
+- the mixture written densely over the whole vocabulary (``log(p_gen * softmax + (1 - p_gen)
+  * copy)``), then its cross-entropy.
+
+Each step is forward + backward + AdamW. Prints medians and ratios and writes
+``bench/results/copy_attention.json``.
 """
 
 from __future__ import annotations
@@ -26,8 +34,19 @@ from _common import alternate, environment, run_batches, save, train_steps
 from attnkit.models import Seq2Seq
 
 
-class DenseCopy(Seq2Seq):
-    """The same model with the mixture computed over the whole vocabulary, term by term."""
+class MixtureLoss(Seq2Seq):
+    """The same model, trained on the cross-entropy of :meth:`Seq2Seq.forward`'s mixture."""
+
+    def loss(self, src, tgt, *, label_smoothing=0.0, reduction="mean"):
+        logits = self(src, tgt[:, :-1])
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
+            label_smoothing=label_smoothing, reduction=reduction,
+        )  # fmt: skip
+
+
+class DenseCopy(MixtureLoss):
+    """The same, with the mixture computed over the whole vocabulary, term by term."""
 
     def _mix(self, logits, h, x, memory, cross, src):
         attn = cross.float().mean(1)
@@ -52,13 +71,14 @@ def main() -> None:
     cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
     runners = {}
     for name, cls, copy in (("no copy", Seq2Seq, False), ("copy (attnkit)", Seq2Seq, True),
+                            ("copy (mixture, then CE)", MixtureLoss, True),
                             ("copy (dense mixture)", DenseCopy, True)):  # fmt: skip
         torch.manual_seed(0)
         runners[name] = train_steps(cls(cfg.model_config(vocab).replace(copy_attention=copy)), cfg, batches)
     stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
     base = stats["no copy"]["median_s"]
     for name, st in stats.items():
-        print(f"{name:22s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x no copy)")
+        print(f"{name:24s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x no copy)")
     tokens = [b.tokens for b in batches]
     payload = {"env": environment(), "run": str(args.run), "threads": args.threads, "batch_tokens": tokens}
     save("copy_attention", {**payload, "results": stats})

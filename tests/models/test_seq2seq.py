@@ -190,6 +190,53 @@ def test_copy_attention_gradients_are_finite_with_label_smoothing():
     assert model.copy_gate.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_copy_attention_loss_is_the_cross_entropy_of_the_mixture(label_smoothing, reduction):
+    """The loss computed without the (B, T, V) mixture equals F.cross_entropy of forward's
+    mixture, in float64, forward and backward: repeated source ids, padding in sources and
+    targets, targets longer than sources, gold tokens absent from the source."""
+    torch.manual_seed(0)
+    model = Seq2Seq(small_config(copy_attention=True)).double()
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(-1.0)  # copy carries weight
+    src, tgt = reverse_batch(6, torch.Generator().manual_seed(5), lo=1)
+    tgt = torch.cat([tgt, torch.randint(3, VOCAB, (6, 4), generator=torch.Generator().manual_seed(1))], 1)
+    tgt[0, -3:] = PAD  # a padded row among full ones
+    assert tgt.shape[1] != src.shape[1] and bool((src == PAD).any())
+    assert any(len(set(r[r > EOS].tolist())) < int((r > EOS).sum()) for r in src)  # repeated ids
+    not_copyable = [
+        int(t) not in s.tolist() for s, r in zip(src, tgt, strict=True) for t in r[1:] if t != PAD
+    ]
+    assert any(not_copyable)
+    got = model.loss(src, tgt, label_smoothing=label_smoothing, reduction=reduction)
+    mixture = model(src, tgt[:, :-1])
+    want = torch.nn.functional.cross_entropy(
+        mixture.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    grads = [torch.autograd.grad(f, list(model.parameters())) for f in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_copy_attention_loss_on_one_target_token_and_bad_arguments():
+    torch.manual_seed(0)
+    model = Seq2Seq(small_config(copy_attention=True)).double()
+    src = torch.tensor([[5, 6, 5, EOS]])
+    tgt = torch.tensor([[BOS, 5]])  # one predicted token, copyable twice over
+    want = torch.nn.functional.cross_entropy(model(src, tgt[:, :1])[0], tgt[0, 1:], label_smoothing=0.2)
+    assert torch.allclose(model.loss(src, tgt, label_smoothing=0.2), want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="reduction 'mean' or 'sum', but got 'none'"):
+        model.loss(src, tgt, reduction="none")
+    for copy in (model, Seq2Seq(small_config())):  # with and without copy attention
+        with pytest.raises(ValueError, match=r"tgt ids in \[0, 16\), but got \[99, 99\]"):
+            copy.loss(src, torch.tensor([[BOS, 99]]))
+    with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\], but got 1.5"):
+        model.loss(src, tgt, label_smoothing=1.5)
+
+
 def test_copy_attention_decodes_with_its_cache_and_round_trips(tmp_path):
     torch.manual_seed(1)
     model = Seq2Seq(small_config(copy_attention=True)).eval()

@@ -210,46 +210,83 @@ class Seq2Seq(nn.Module):
         ``copy_attention`` the log-probabilities of the generate/copy mixture (then ``src
         (B, S)``, the source ids, is required). With a ``cache``, ``tgt_in`` holds only the new
         positions."""
-        offset = 0 if cache is None else cache.length
-        x = self.dropout(self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset))
-        if self.copy_gate is None:
-            return self.out_proj(self.decoder(x, memory, memory_key_mask=src_key_mask, cache=cache))
-        if src is None or src.shape != src_key_mask.shape:
+        if self.copy_gate is not None and (src is None or src.shape != src_key_mask.shape):
             raise ValueError(
                 f"Seq2Seq.decode: copy_attention needs src, the source ids of shape "
                 f"{tuple(src_key_mask.shape)}, but got {None if src is None else tuple(src.shape)}."
             )
+        h, x, cross = self._decoder_states(tgt_in, memory, src_key_mask, cache)
+        if cross is None:
+            return self.out_proj(h)
+        return self._mix(self.out_proj(h), h, x, memory, cross, src)
+
+    def _decoder_states(
+        self, tgt_in: Tensor, memory: Tensor, src_key_mask: Tensor, cache: DecoderCache | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The decoder's output ``h (B, T, C)``, its input ``x`` (embedded ``tgt_in``) and,
+        with ``copy_attention``, the last layer's cross-attention weights ``(B, H, T, S)``."""
+        offset = 0 if cache is None else cache.length
+        x = self.dropout(self.tgt_pos(self.tgt_embed(tgt_in) * math.sqrt(self.config.dim), offset=offset))
+        if self.copy_gate is None:
+            return self.decoder(x, memory, memory_key_mask=src_key_mask, cache=cache), x, None
         h, weights = self.decoder(
             x, memory, memory_key_mask=src_key_mask, cache=cache, need_weights="cross", weights_layers=[-1]
         )
-        return self._mix(self.out_proj(h), h, x, memory, weights[-1][1], src)
+        return h, x, weights[-1][1]
+
+    def _copy_gate(
+        self, h: Tensor, x: Tensor, memory: Tensor, cross: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """The copy distribution over source positions and the gate: ``cross (B, H, T, S)``
+        are the last layer's cross-attention weights, whose head mean ``attn (B, T, S)`` is
+        what each step copies from each source position (padding keys have weight 0); the
+        gate ``(B, T, 1)`` is ``logit(p_gen)``, from the decoder state, the copy context and
+        the decoder input (See et al. 2017). Both in ``dtype``."""
+        attn = cross.to(dtype).mean(1)
+        context = (attn @ memory.to(dtype)).to(h.dtype)  # (B, T, C)
+        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).to(dtype)
+        return attn, gate
+
+    @staticmethod
+    def _source_mass(attn: Tensor, src: Tensor) -> Tensor:
+        """``(B, T, S)``: the copy probability of the id at each source position, the weight
+        ``attn (B, T, S)`` puts on all positions holding that id (a repeated id adds up its
+        positions)."""
+        return attn @ (src[:, :, None] == src[:, None, :]).to(attn.dtype)
+
+    @staticmethod
+    def _first_occurrence(src: Tensor) -> Tensor:
+        """``(B, S)`` bool: whether each source position holds the first copy of its id in
+        the row (so that a per-id correction is applied once)."""
+        ids, order = src.sort(dim=-1, stable=True)
+        first_sorted = torch.ones_like(ids, dtype=torch.bool)
+        first_sorted[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        return torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+
+    @staticmethod
+    def _mix_at(log_gen: Tensor, gate: Tensor, mass: Tensor) -> Tensor:
+        """``log(p_gen * p_vocab + (1 - p_gen) * copy)`` from ``log_gen = log(p_gen *
+        p_vocab)`` and the copy mass, elementwise. The clamp keeps the log finite (and its
+        gradient zero) where nothing is copied."""
+        return torch.logaddexp(log_gen, F.logsigmoid(-gate) + mass.clamp_min(1e-30).log())
 
     def _mix(
         self, logits: Tensor, h: Tensor, x: Tensor, memory: Tensor, cross: Tensor, src: Tensor
     ) -> Tensor:
-        """``log(p_gen * softmax(logits) + (1 - p_gen) * copy)``, in float32 at least: ``cross
-        (B, H, T, S)`` are the last layer's cross-attention weights; their head mean, summed per
-        source id of ``src``, is the copy distribution.
+        """``log(p_gen * softmax(logits) + (1 - p_gen) * copy)`` over the whole vocabulary,
+        in float32 at least, where ``copy`` is the head mean of the last layer's
+        cross-attention weights ``cross (B, H, T, S)`` summed per source id of ``src``.
 
         ``copy`` is zero except at the source's ids, so the mixture is the generator's
         log-probabilities, corrected at those ids only: the log and ``logaddexp`` of the
         mixture run on ``(B, T, S)``, not on the whole ``(B, T, V)`` vocabulary."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        attn = cross.to(dtype).mean(1)  # (B, T, S); padding keys have weight 0
-        context = (attn @ memory.to(dtype)).to(h.dtype)  # (B, T, C)
-        gate = self.copy_gate(torch.cat([h, context, x.to(h.dtype)], -1)).to(dtype)  # (B, T, 1)
+        attn, gate = self._copy_gate(h, x, memory, cross, dtype)
         out = F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1)  # generate: log(p_gen * softmax)
         idx = src[:, None, :].expand(-1, attn.shape[1], -1)  # (B, T, S)
-        # the copy probability of each source position's id (a repeated id adds up its positions)
-        mass = logits.new_zeros(logits.shape, dtype=dtype).scatter_add_(-1, idx, attn).gather(-1, idx)
         gen = out.gather(-1, idx)
-        # the clamp keeps log finite (and its gradient zero) where nothing is copied
-        mixed = torch.logaddexp(gen, F.logsigmoid(-gate) + mass.clamp_min(1e-30).log())
-        # correct each id once: at its first position in the row
-        ids, order = src.sort(dim=-1, stable=True)
-        first_sorted = torch.ones_like(ids, dtype=torch.bool)
-        first_sorted[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+        mixed = self._mix_at(gen, gate, self._source_mass(attn, src))
+        first = self._first_occurrence(src)
         return out.scatter_add(-1, idx, (mixed - gen) * first[:, None, :])
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -263,12 +300,56 @@ class Seq2Seq(nn.Module):
         """Token cross-entropy of ``tgt (B, T)`` (``bos ... eos`` then padding): the decoder
         reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``; padding is ignored. ``reduction``:
         ``"mean"`` over the predicted tokens, or their ``"sum"`` (data-parallel training
-        divides by the whole batch's token count)."""
-        logits = self(src, tgt[:, :-1])
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )  # fmt: skip
+        divides by the whole batch's token count). ``label_smoothing`` as in
+        :func:`torch.nn.functional.cross_entropy`.
+
+        With ``copy_attention`` the loss is the same number as the cross-entropy of
+        :meth:`forward`'s mixture, computed without building that ``(B, T, V)`` mixture: only
+        the logits' log-normalizer, sum and values at the gold and source ids are needed."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Seq2Seq.loss: expected reduction 'mean' or 'sum', but got {reduction!r}.")
+        self._check_ids("tgt", tgt[:, 1:], self.config.target_vocab)
+        if self.copy_gate is None:
+            logits = self(src, tgt[:, :-1])
+            return F.cross_entropy(
+                logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
+                label_smoothing=label_smoothing, reduction=reduction,
+            )  # fmt: skip
+        return self._copy_loss(src, tgt, label_smoothing, reduction)
+
+    def _copy_loss(self, src: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
+        """:meth:`loss` for the pointer-generator. With ``lse`` the logits' log-normalizer,
+        ``log p(v) = log p_gen + logit_v - lse`` for every id ``v`` outside the source, and
+        the mixture of :meth:`_mix_at` at the source's ids. So the gold token's
+        log-probability needs only its logit and copy mass, and label smoothing's
+        ``sum_v log p(v)`` is ``V log p_gen + sum_v logit_v - V lse`` plus the corrections at
+        the source's distinct ids."""
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"Seq2Seq.loss: expected label_smoothing in [0, 1], but got {label_smoothing}.")
+        tgt_in, gold = tgt[:, :-1], tgt[:, 1:]
+        self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
+        memory, src_key_mask = self.encode(src)
+        h, x, cross = self._decoder_states(tgt_in, memory, src_key_mask)
+        logits = self.out_proj(h)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        attn, gate = self._copy_gate(h, x, memory, cross, dtype)
+        logits = logits.to(dtype)
+        lse = logits.logsumexp(-1, keepdim=True)  # (B, T, 1)
+        log_gen = F.logsigmoid(gate) - lse  # add a logit to get log(p_gen * p_vocab)
+        gold_mass = (attn * (src[:, None, :] == gold[..., None])).sum(-1, keepdim=True)  # (B, T, 1)
+        gold_lp = self._mix_at(log_gen + logits.gather(-1, gold[..., None]), gate, gold_mass).squeeze(-1)
+        keep = gold != self.config.pad_id
+        token_loss = -gold_lp
+        if label_smoothing > 0:
+            idx = src[:, None, :].expand(-1, gold.shape[1], -1)  # (B, T, S)
+            gen = log_gen + logits.gather(-1, idx)
+            fix = self._mix_at(gen, gate, self._source_mass(attn, src)) - gen
+            fix = (fix * self._first_occurrence(src)[:, None, :]).sum(-1)  # (B, T)
+            V = logits.shape[-1]
+            sum_lp = V * log_gen.squeeze(-1) + logits.sum(-1) + fix
+            token_loss = (1 - label_smoothing) * token_loss - label_smoothing / V * sum_lp
+        total = token_loss.masked_fill(~keep, 0.0).sum()
+        return total if reduction == "sum" else total / keep.sum()
 
     # -- decoding ----------------------------------------------------------------------------
     def _max_new(self, src: Tensor, max_new_tokens: int | None) -> int:
