@@ -1,14 +1,16 @@
 """What dropout costs per training step, on a run's real batches.
 
-    python bench/dropout_cost.py --run RUN [--dropouts 0,0.1,0.3] [--batches 4] [--threads 2] [--profile]
+    python bench/dropout_cost.py --run RUN [--dropouts 0,0.1] [--batches 4] [--threads 2] [--profile]
 
 ``RUN`` is a translation or summarization run directory (its ``train.json`` and
 ``tokenizer.json`` are used; the corpus is the one its config names). One model of the run's
-shape per dropout rate, all from one seed, train in one process on the same first batches of
-the run's batch plan, alternately (``_common.alternate``); each step is forward + backward +
-AdamW. Drawing dropout's random masks and multiplying by them is element-wise work that a CPU
-pays for on every sub-layer's output, forward and backward, so at these small widths it is a
-visible share of a step. Prints medians and ratios and writes
+shape per dropout rate, and for each rate above zero a second one with ``torch.nn.Dropout``
+in place of attnkit's (``attnkit.nn.Dropout``: the mask from 16-bit lanes of random words),
+all from one seed, train in one process on the same first batches of the run's batch plan,
+alternately (``_common.alternate``); each step is forward + backward + AdamW. Drawing
+dropout's random masks and multiplying by them is element-wise work that a CPU pays for on
+every sub-layer's output, forward and backward, so at these small widths it is a visible share
+of a step. Prints medians and ratios and writes
 ``bench/results/dropout_cost.json``; ``--profile`` first prints ``torch.profiler``'s top
 operators of one forward and backward of the first batch at each rate, and records their
 shares there.
@@ -21,10 +23,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import alternate, environment, run_batches, save, train_steps
 from attnkit.models import Seq2Seq
+from attnkit.nn import Dropout
 
 
 def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> dict[str, float]:
@@ -44,10 +48,20 @@ def profile_step(model: Seq2Seq, batch, label_smoothing: float, title: str) -> d
     return {op.key: round(100 * op.self_cpu_time_total / total, 2) for op in top}
 
 
+def with_torch_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with each ``attnkit.nn.Dropout`` replaced by ``torch.nn.Dropout`` of the same rate."""
+    for name, child in model.named_children():
+        if isinstance(child, Dropout):
+            setattr(model, name, nn.Dropout(child.p))
+        else:
+            with_torch_dropout(child)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a translation or summarization run directory")
-    ap.add_argument("--dropouts", default="0,0.1,0.3", help="comma-separated rates; the first is the base")
+    ap.add_argument("--dropouts", default="0,0.1", help="comma-separated rates; the first is the base")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None)
@@ -63,18 +77,20 @@ def main() -> None:
     cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
     runners, profiles = {}, {}
     for rate in rates:
-        torch.manual_seed(0)
-        model = Seq2Seq(cfg.model_config(vocab).replace(dropout=rate))
-        if args.profile:
-            profiles[f"dropout {rate:g}"] = profile_step(
-                model, batches[0], cfg.label_smoothing, f"dropout {rate:g}"
-            )
-        runners[f"dropout {rate:g}"] = train_steps(model, cfg, batches)
+        for kind in ("attnkit", "torch") if rate > 0 else ("",):
+            name = f"dropout {rate:g}" + (f" ({kind})" if kind else "")
+            torch.manual_seed(0)
+            model = Seq2Seq(cfg.model_config(vocab).replace(dropout=rate))
+            if kind == "torch":
+                with_torch_dropout(model)
+            if args.profile:
+                profiles[name] = profile_step(model, batches[0], cfg.label_smoothing, name)
+            runners[name] = train_steps(model, cfg, batches)
     stats = alternate(runners, rounds=3 * len(batches), budget_s=0.0)
-    base_name = f"dropout {rates[0]:g}"
+    base_name = next(iter(stats))
     base = stats[base_name]["median_s"]
     for name, st in stats.items():
-        print(f"{name:12s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x {base_name})")
+        print(f"{name:22s} median {st['median_s']:.3f} s/step  ({st['median_s'] / base:.2f}x {base_name})")
     payload = {"env": environment(), "run": str(args.run), "threads": args.threads, "task": cfg.task,
                "batch_tokens": [b.tokens for b in batches]}  # fmt: skip
     save("dropout_cost", {**payload, "results": stats, "profile_self_cpu_percent": profiles or None})

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import Encoder, EncoderLayer
+from ..nn import Dropout, Encoder, EncoderLayer
 from ..patterns import Pattern, parse_pattern
 from ._io import (
     ModelConfig,
@@ -127,7 +127,7 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(
         self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None

@@ -21,6 +21,7 @@ from ..nn import (
     Decoder,
     DecoderCache,
     DecoderLayer,
+    Dropout,
     Encoder,
     EncoderLayer,
     LearnedPositionalEmbedding,
@@ -141,7 +142,7 @@ class Seq2Seq(nn.Module):
         else:
             self.src_pos = LearnedPositionalEmbedding(c.max_len, c.dim)
             self.tgt_pos = LearnedPositionalEmbedding(c.max_len, c.dim)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         common = dict(
             num_kv_heads=c.num_kv_heads, activation=c.activation, norm=c.norm, norm_first=c.norm_first,
             dropout=c.dropout, attention_dropout=c.attention_dropout, backend=backend,
@@ -248,11 +249,19 @@ class Seq2Seq(nn.Module):
         return attn, gate
 
     @staticmethod
-    def _source_mass(attn: Tensor, src: Tensor) -> Tensor:
+    def _source_mass(attn: Tensor, src: Tensor, vocab: int) -> Tensor:
         """``(B, T, S)``: the copy probability of the id at each source position, the weight
         ``attn (B, T, S)`` puts on all positions holding that id (a repeated id adds up its
-        positions)."""
-        return attn @ (src[:, :, None] == src[:, None, :]).to(attn.dtype)
+        positions).
+
+        Two ways, chosen by size: a product with the ``(B, S, S)`` matrix of equal ids costs
+        ``S * S`` per row whatever ``T`` is (training: many steps at once), adding up per id
+        in a ``(B, T, vocab)`` buffer costs ``T * vocab`` (decoding: one step at a time)."""
+        B, T, S = attn.shape
+        if T * vocab >= S * S:
+            return attn @ (src[:, :, None] == src[:, None, :]).to(attn.dtype)
+        idx = src[:, None, :].expand(-1, T, -1)
+        return attn.new_zeros(B, T, vocab).scatter_add_(-1, idx, attn).gather(-1, idx)
 
     @staticmethod
     def _first_occurrence(src: Tensor) -> Tensor:
@@ -285,7 +294,7 @@ class Seq2Seq(nn.Module):
         out = F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1)  # generate: log(p_gen * softmax)
         idx = src[:, None, :].expand(-1, attn.shape[1], -1)  # (B, T, S)
         gen = out.gather(-1, idx)
-        mixed = self._mix_at(gen, gate, self._source_mass(attn, src))
+        mixed = self._mix_at(gen, gate, self._source_mass(attn, src, logits.shape[-1]))
         first = self._first_occurrence(src)
         return out.scatter_add(-1, idx, (mixed - gen) * first[:, None, :])
 
@@ -343,7 +352,7 @@ class Seq2Seq(nn.Module):
         if label_smoothing > 0:
             idx = src[:, None, :].expand(-1, gold.shape[1], -1)  # (B, T, S)
             gen = log_gen + logits.gather(-1, idx)
-            fix = self._mix_at(gen, gate, self._source_mass(attn, src)) - gen
+            fix = self._mix_at(gen, gate, self._source_mass(attn, src, logits.shape[-1])) - gen
             fix = (fix * self._first_occurrence(src)[:, None, :]).sum(-1)  # (B, T)
             V = logits.shape[-1]
             sum_lp = V * log_gen.squeeze(-1) + logits.sum(-1) + fix

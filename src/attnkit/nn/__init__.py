@@ -1,6 +1,7 @@
 """Neural-network modules built on :func:`attnkit.attention`."""
 
 from .attention import MultiHeadAttention
+from .dropout import Dropout
 from .kv_cache import KVCache
 from .layers import (
     Decoder,
@@ -20,6 +21,7 @@ __all__ = [
     "Decoder",
     "DecoderCache",
     "DecoderLayer",
+    "Dropout",
     "Encoder",
     "EncoderLayer",
     "FeedForward",

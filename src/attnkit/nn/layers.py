@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..patterns import Causal, Pattern
 from .attention import MultiHeadAttention, reject_unknown_keywords
+from .dropout import Dropout
 from .kv_cache import KVCache
 from .positional import RotaryEmbedding
 
@@ -115,7 +116,7 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias) if self.gated else None
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
@@ -183,7 +184,7 @@ class _Block(nn.Module):
         dropout, attention_dropout, bias, ffn_bias, pattern, rotary, backend,
     ) -> dict:  # fmt: skip
         self.norm_first = norm_first
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         attn_kwargs = dict(
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
