@@ -230,11 +230,11 @@ def test_copy_attention_loss_on_one_target_token_and_bad_arguments():
     assert torch.allclose(model.loss(src, tgt, label_smoothing=0.2), want, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="reduction 'mean' or 'sum', but got 'none'"):
         model.loss(src, tgt, reduction="none")
-    for copy in (model, Seq2Seq(small_config())):  # with and without copy attention
+    for m in (model, Seq2Seq(small_config())):  # with and without copy attention
         with pytest.raises(ValueError, match=r"tgt ids in \[0, 16\), but got \[99, 99\]"):
-            copy.loss(src, torch.tensor([[BOS, 99]]))
-    with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\], but got 1.5"):
-        model.loss(src, tgt, label_smoothing=1.5)
+            m.loss(src, torch.tensor([[BOS, 99]]))
+        with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\], but got 1.5"):
+            m.loss(src, tgt, label_smoothing=1.5)
 
 
 def test_copy_attention_decodes_with_its_cache_and_round_trips(tmp_path):

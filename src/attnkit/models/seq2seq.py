@@ -317,6 +317,8 @@ class Seq2Seq(nn.Module):
         the logits' log-normalizer, sum and values at the gold and source ids are needed."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"Seq2Seq.loss: expected reduction 'mean' or 'sum', but got {reduction!r}.")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"Seq2Seq.loss: expected label_smoothing in [0, 1], but got {label_smoothing}.")
         self._check_ids("tgt", tgt[:, 1:], self.config.target_vocab)
         if self.copy_gate is None:
             logits = self(src, tgt[:, :-1])
@@ -333,8 +335,6 @@ class Seq2Seq(nn.Module):
         log-probability needs only its logit and copy mass, and label smoothing's
         ``sum_v log p(v)`` is ``V log p_gen + sum_v logit_v - V lse`` plus the corrections at
         the source's distinct ids."""
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"Seq2Seq.loss: expected label_smoothing in [0, 1], but got {label_smoothing}.")
         tgt_in, gold = tgt[:, :-1], tgt[:, 1:]
         self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
         memory, src_key_mask = self.encode(src)
