@@ -38,11 +38,7 @@ class MixtureLoss(Seq2Seq):
     """The same model, trained on the cross-entropy of :meth:`Seq2Seq.forward`'s mixture."""
 
     def loss(self, src, tgt, *, label_smoothing=0.0, reduction="mean"):
-        logits = self(src, tgt[:, :-1])
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )  # fmt: skip
+        return self._cross_entropy(self(src, tgt[:, :-1]), tgt, label_smoothing, reduction)
 
 
 class DenseCopy(MixtureLoss):

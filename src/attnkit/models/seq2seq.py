@@ -321,12 +321,15 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"Seq2Seq.loss: expected label_smoothing in [0, 1], but got {label_smoothing}.")
         self._check_ids("tgt", tgt[:, 1:], self.config.target_vocab)
         if self.copy_gate is None:
-            logits = self(src, tgt[:, :-1])
-            return F.cross_entropy(
-                logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-                label_smoothing=label_smoothing, reduction=reduction,
-            )  # fmt: skip
+            return self._cross_entropy(self(src, tgt[:, :-1]), tgt, label_smoothing, reduction)
         return self._copy_loss(src, tgt, label_smoothing, reduction)
+
+    def _cross_entropy(self, scores: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
+        """``F.cross_entropy`` of ``scores (B, T, V)`` against ``tgt[:, 1:]``, padding ignored."""
+        return F.cross_entropy(
+            scores.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
+            label_smoothing=label_smoothing, reduction=reduction,
+        )  # fmt: skip
 
     def _copy_loss(self, src: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
         """:meth:`loss` for the pointer-generator. With ``lse`` the logits' log-normalizer,
