@@ -33,8 +33,9 @@ def test_rate_and_scale_per_lane(p):
 
 
 def test_rounded_rate():
-    assert effective(0.1) == 6554 / 65536
     torch.manual_seed(0)
+    out = dropout(torch.ones(1000), 0.1)  # p rounds to 6554 / 65536; the scale follows it
+    assert torch.equal(out[out != 0], torch.full_like(out[out != 0], 65536 / (65536 - 6554)))
     assert torch.equal(dropout(torch.ones(1000), 1e-6), torch.ones(1000))  # rounds to 0: nothing dropped
 
 
