@@ -279,6 +279,12 @@ class Seq2Seq(nn.Module):
         gradient zero) where nothing is copied."""
         return torch.logaddexp(log_gen, F.logsigmoid(-gate) + mass.clamp_min(1e-30).log())
 
+    def _source_fix(self, gen: Tensor, gate: Tensor, attn: Tensor, src: Tensor, vocab: int) -> Tensor:
+        """``(B, T, S)``: what the copy adds to ``gen = log(p_gen * p_vocab)`` at each source
+        position's id (the mixture's log minus ``gen``), once per id: zero at repeats."""
+        fix = self._mix_at(gen, gate, self._source_mass(attn, src, vocab)) - gen
+        return fix * self._first_occurrence(src)[:, None, :]
+
     def _mix(
         self, logits: Tensor, h: Tensor, x: Tensor, memory: Tensor, cross: Tensor, src: Tensor
     ) -> Tensor:
@@ -293,10 +299,9 @@ class Seq2Seq(nn.Module):
         attn, gate = self._copy_gate(h, x, memory, cross, dtype)
         out = F.logsigmoid(gate) + logits.to(dtype).log_softmax(-1)  # generate: log(p_gen * softmax)
         idx = src[:, None, :].expand(-1, attn.shape[1], -1)  # (B, T, S)
-        gen = out.gather(-1, idx)
-        mixed = self._mix_at(gen, gate, self._source_mass(attn, src, logits.shape[-1]))
-        first = self._first_occurrence(src)
-        return out.scatter_add(-1, idx, (mixed - gen) * first[:, None, :])
+        return out.scatter_add(
+            -1, idx, self._source_fix(out.gather(-1, idx), gate, attn, src, logits.shape[-1])
+        )
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
@@ -354,10 +359,8 @@ class Seq2Seq(nn.Module):
         token_loss = -gold_lp
         if label_smoothing > 0:
             idx = src[:, None, :].expand(-1, gold.shape[1], -1)  # (B, T, S)
-            gen = log_gen + logits.gather(-1, idx)
-            fix = self._mix_at(gen, gate, self._source_mass(attn, src, logits.shape[-1])) - gen
-            fix = (fix * self._first_occurrence(src)[:, None, :]).sum(-1)  # (B, T)
             V = logits.shape[-1]
+            fix = self._source_fix(log_gen + logits.gather(-1, idx), gate, attn, src, V).sum(-1)  # (B, T)
             sum_lp = V * log_gen.squeeze(-1) + logits.sum(-1) + fix
             token_loss = (1 - label_smoothing) * token_loss - label_smoothing / V * sum_lp
         total = token_loss.masked_fill(~keep, 0.0).sum()
