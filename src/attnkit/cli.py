@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -59,6 +60,14 @@ def _positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, but got {value}.")
+
+
+def _decoding(args: argparse.Namespace) -> None:
+    """Check ``--beam`` and ``--length-penalty`` (``None``: the run's)."""
+    if args.beam is not None and args.beam < 1:
+        raise UsageError(f"--beam: expected >= 1, but got {args.beam}.")
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        raise UsageError(f"--length-penalty: expected a finite number, but got {args.length_penalty}.")
 
 
 def _warn(msg: str) -> None:
@@ -381,9 +390,10 @@ def _eval(args: argparse.Namespace) -> int:
 
         with _input("--test-file"):
             read_test_file(args.test_file)  # a bad file fails before the model loads
+    _decoding(args)
     result = evaluate(
         args.run, split=args.split, beam_size=args.beam, limit=args.limit, progress=not args.no_progress,
-        device=args.device, test_file=args.test_file,
+        device=args.device, test_file=args.test_file, length_penalty=args.length_penalty,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
@@ -403,10 +413,9 @@ def _generate(args: argparse.Namespace) -> int:
     texts = [t.strip() for t in texts if t.strip()]
     if not texts:
         raise UsageError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
-    if args.beam is not None and args.beam < 1:
-        raise UsageError(f"--beam: expected >= 1, but got {args.beam}.")
+    _decoding(args)
     _positive(max_tokens=args.max_tokens)
-    ids = tm.generate_ids(texts, beam_size=args.beam)
+    ids = tm.generate_ids(texts, beam_size=args.beam, length_penalty=args.length_penalty)
     for out in ids:
         print(tm.tokenizer.decode(out))
     if args.show_attention:
@@ -532,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.set_defaults(func=_patterns)
 
     cache_help = "data cache (default $ATTNKIT_DATA or ~/.cache/attnkit)"
+    lp_help = "beam search ranks finished outputs by log p / length**LP (default: the run's)"
     data = sub.add_parser("data", help="build a corpus from Debian's archive (no root, nothing installed)")
     data.add_argument("task", choices=("translate", "summarize"))
     data.add_argument("--lang", default="de", choices=("de", "fr", "es"), help="target language (translate)")
@@ -570,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score on your own pairs instead of a split: source TAB reference, one pair a line",
     )  # fmt: skip
     ev.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
+    ev.add_argument("--length-penalty", type=float, default=None, help=lp_help)
     ev.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
@@ -593,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--model", default=None, help=f"run or model directory (default CACHE/runs/{DEFAULT_RUNS[task]})"
         )
         g.add_argument("--beam", type=int, default=None, help="beam size (default: the run's)")
+        g.add_argument("--length-penalty", type=float, default=None, help=lp_help)
         g.add_argument(
             "--show-attention", action="store_true", help="print the cross-attention of the first output"
         )

@@ -127,6 +127,42 @@ def test_eval_on_a_test_file(tmp_path, cache, capsys):
     assert "expected a test file" in capsys.readouterr().err
 
 
+def test_eval_length_penalty(tmp_path, cache, capsys, monkeypatch):
+    """``--length-penalty`` reaches beam search, is recorded in the score file, and names its
+    files apart from the run's own setting; a non-finite value is a usage error."""
+    out = tmp_path / "run"
+    Trainer(TrainConfig.from_dict(TINY), out, cache=cache, progress=False, log=lambda m: None).run()
+    seen = []
+    generate = Seq2Seq.generate
+
+    def spy(self, src, **kwargs):
+        seen.append(kwargs["length_penalty"])
+        return generate(self, src, **kwargs)
+
+    monkeypatch.setattr(Seq2Seq, "generate", spy)
+    run_lp = TINY.get("length_penalty", 1.0)
+    assert evaluate(out, split="test", beam_size=2, progress=False, limit=3)["length_penalty"] == run_lp
+    assert set(seen) == {run_lp} and (out / "model" / "eval-test-beam2.json").exists()
+    seen.clear()
+    assert (
+        main(["eval", str(out), "--beam", "2", "--length-penalty", "0.6", "--limit", "3", "--no-progress"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["length_penalty"] == 0.6 and set(seen) == {0.6}
+    saved = json.loads((out / "model" / "eval-test-beam2-lp0.6.json").read_text())
+    assert saved == result and (out / "model" / "eval-test-beam2-lp0.6.hyp.txt").read_text().count("\n") == 3
+    seen.clear()
+    assert main(["translate", "Click OK.", "--model", str(out), "--beam", "2", "--length-penalty", "2"]) == 0
+    assert seen == [2.0]
+    capsys.readouterr()
+    for bad in ("nan", "inf"):
+        assert main(["eval", str(out), "--length-penalty", bad]) == 2
+        assert f"--length-penalty: expected a finite number, but got {bad}" in capsys.readouterr().err
+    assert main(["eval", str(out), "--beam", "0"]) == 2
+    assert "--beam: expected >= 1, but got 0" in capsys.readouterr().err
+
+
 def test_checkpoint_averaging_and_copy_attention(tmp_path, cache):
     """``average_last`` keeps the last validations' weights and writes their mean to
     ``model-avg/``, which evaluates like ``model/``; a copy-attention model trains through it."""

@@ -143,6 +143,10 @@ def test_errors(tmp_path):
         model.generate(torch.ones(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match="beam_size"):
         model.generate(torch.tensor([[3, EOS]]), beam_size=0)
+    with pytest.raises(ValueError, match="finite length_penalty, but got nan"):
+        model.generate(torch.tensor([[3, EOS]]), beam_size=2, length_penalty=float("nan"))
+    with pytest.raises(TypeError, match="length_penalty to be a number, but got str"):
+        model.generate(torch.tensor([[3, EOS]]), beam_size=2, length_penalty="0.6")
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(ValueError, match="not an attnkit Seq2Seq"):
         Seq2Seq.from_pretrained(tmp_path)

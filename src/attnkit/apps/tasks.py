@@ -39,21 +39,34 @@ class TaskModel:
     task: dict
     path: Path
 
+    @property
+    def length_penalty(self) -> float:
+        """The run's beam-search length penalty (``length_penalty`` of its config)."""
+        return float(self.task.get("length_penalty", 1.0))
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Right-padded source ids ``(B, S)`` with ``eos``, truncated to the trained length."""
         device = next(self.model.parameters()).device
         return source_batch(self.tokenizer, texts, self.task["max_src_tokens"]).to(device)
 
     def generate_ids(
-        self, texts: list[str], *, beam_size: int | None = None, batch_size: int = 32, progress=None
+        self,
+        texts: list[str],
+        *,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
+        batch_size: int = 32,
+        progress=None,
     ) -> list[list[int]]:
         """Output token ids for ``texts`` in order, decoded in length-sorted batches; ``progress``
-        is called with the number of texts done after each batch."""
+        is called with the number of texts done after each batch. ``beam_size`` and
+        ``length_penalty`` default to the run's (see :meth:`Seq2Seq.generate`)."""
         beam = self.task.get("beam_size", 4) if beam_size is None else beam_size
+        lp = self.length_penalty if length_penalty is None else length_penalty
 
         def run(batch: list[str]) -> list[list[int]]:
             return self.model.generate(
-                self.encode(batch), beam_size=beam, length_penalty=self.task.get("length_penalty", 1.0),
+                self.encode(batch), beam_size=beam, length_penalty=lp,
                 max_new_tokens=self.task.get("max_tgt_tokens", 128),
             )  # fmt: skip
 
@@ -164,12 +177,15 @@ def evaluate(
     progress: bool = True,
     device: str | torch.device = "cpu",
     test_file: str | Path | None = None,
+    length_penalty: float | None = None,
 ) -> dict:
     """Decode ``split`` of the model's corpus (or the pairs of ``test_file``, see
     :func:`read_test_file`) and score it; writes ``eval-{split}-beam{K}.json`` and
     ``eval-{split}-beam{K}.hyp.txt`` next to the model (``split`` is ``file-{name}`` for a
-    test file)."""
+    test file; a ``length_penalty`` other than the run's adds ``-lp{value}`` to the names).
+    ``beam_size`` and ``length_penalty`` default to the run's."""
     tm = load_task_model(path, device=device)
+    lp = tm.length_penalty if length_penalty is None else length_penalty
     if test_file is not None:
         pairs = read_test_file(test_file)[:limit]
         split = f"file-{Path(test_file).stem}"
@@ -186,24 +202,26 @@ def evaluate(
         bar = tqdm(total=len(srcs), desc=f"decode {split}", unit="ex", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        hyps = tm.generate(srcs, beam_size=beam_size, progress=None if bar is None else bar.update)
+        hyps = tm.generate(
+            srcs, beam_size=beam_size, length_penalty=lp, progress=None if bar is None else bar.update
+        )
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
     beam = tm.task.get("beam_size", 4) if beam_size is None else beam_size
     result = {"task": tm.task["task"], "split": split, "examples": len(pairs), "beam_size": beam,
+              "length_penalty": lp,
               **({"test_file": str(test_file)} if test_file is not None else {}),
               "decode_seconds": round(seconds, 1), "model": str(tm.path), "step": tm.task.get("step"),
               **score(tm.task["task"], hyps, refs)}  # fmt: skip
     if tm.task["task"] == "summarize":
         result["lead10_baseline"] = score("summarize", lead_baseline(srcs), refs)
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(tm.path / f"eval-{split}-beam{beam}.json", lambda p: p.write_text(text, encoding="utf-8"))
+    stem = f"eval-{split}-beam{beam}" + ("" if lp == tm.length_penalty else f"-lp{lp:g}")
+    atomic_write(tm.path / f"{stem}.json", lambda p: p.write_text(text, encoding="utf-8"))
     lines = "".join(h.replace("\n", " ") + "\n" for h in hyps)
-    atomic_write(
-        tm.path / f"eval-{split}-beam{beam}.hyp.txt", lambda p: p.write_text(lines, encoding="utf-8")
-    )
+    atomic_write(tm.path / f"{stem}.hyp.txt", lambda p: p.write_text(lines, encoding="utf-8"))
     return result
 
 

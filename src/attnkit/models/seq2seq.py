@@ -394,6 +394,13 @@ class Seq2Seq(nn.Module):
         """
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f"Seq2Seq.generate: expected beam_size >= 1, but got {beam_size!r}.")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+            kind = type(length_penalty).__name__
+            raise TypeError(f"Seq2Seq.generate: expected length_penalty to be a number, but got {kind}.")
+        if not math.isfinite(length_penalty):
+            raise ValueError(
+                f"Seq2Seq.generate: expected a finite length_penalty, but got {length_penalty!r}."
+            )
         was_training = self.training
         self.eval()
         try:
