@@ -3,7 +3,8 @@
 ``torch.nn.functional.dropout`` on CPU draws one Bernoulli sample per element with
 ``bernoulli_`` into a float tensor, scales it, multiplies, and keeps that float tensor for
 the backward. Training the translation and summarization models on a 2-core CPU, dropout 0.1
-made a step 1.5-1.7x as long, a quarter of it in ``bernoulli_`` (``bench/dropout_cost.py``).
+made a step 1.5-1.7x as long, a quarter of it in ``bernoulli_`` (``bench/dropout_cost.py``;
+``bench/results/dropout_cost-torch-run{1,2}.json``).
 
 Here one 64-bit random word from torch's default generator gives four 16-bit lanes; an
 element is dropped when its lane falls below ``round(p * 2**16)``. The output is
@@ -39,13 +40,17 @@ def _drop_mask(shape: torch.Size, p: float) -> Tensor:
     return (lanes < round(p * _LANES) - _LANES // 2).view(shape)
 
 
+def _check_p(p: float, who: str) -> None:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{who}: expected p in [0, 1], but got p={p!r}.")
+
+
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """Zero each element of ``x`` (any shape) with probability ``p`` and scale the rest by
     ``1 / (1 - p)`` while ``training``; ``x`` unchanged otherwise. Like
     :func:`torch.nn.functional.dropout` (which runs on devices other than CPU); on CPU ``p``
     is rounded to a multiple of ``2**-16`` and the mask costs less (module docstring)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: expected p in [0, 1], but got p={p!r}.")
+    _check_p(p, "dropout")
     if not x.is_floating_point():
         raise TypeError(f"dropout: expected a floating-point x, but got {x.dtype}.")
     if not training or p == 0.0 or x.numel() == 0:
@@ -70,8 +75,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: expected p in [0, 1], but got p={p!r}.")
+        _check_p(p, "Dropout")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:
