@@ -9,11 +9,13 @@
   high-water mark ``VmHWM``; ``ru_maxrss`` growth where that is unavailable).
 * ``environment`` records what the numbers depend on.
 * ``run_batches`` and ``train_steps`` give the training benchmarks a run's real batches and
-  one full training step (forward, backward, AdamW) of a model on them.
+  one full training step (forward, backward, AdamW) of a model on them; ``run_parser`` and
+  ``load_run`` their common arguments.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -147,6 +149,25 @@ def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
         trainer.prepare()  # encodes the splits
     plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[:count]
     return cfg, [collate([trainer.train[i] for i in idx]) for idx in plan], trainer.tokenizer.vocab_size
+
+
+def run_parser(doc: str, *, run_help: str, batches: int) -> argparse.ArgumentParser:
+    """The arguments every benchmark on a training run's batches takes: ``--run``, ``--batches``,
+    ``--threads``, ``--cache-dir`` (add your own, then call :func:`load_run`)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help=run_help)
+    ap.add_argument("--batches", type=int, default=batches, help="how many of the run's first batches")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    return ap
+
+
+def load_run(ap: argparse.ArgumentParser, args):
+    """Check ``--batches``, set the thread count and return :func:`run_batches`' triple."""
+    if args.batches < 1:
+        ap.error(f"--batches: expected a positive count, got {args.batches}")
+    torch.set_num_threads(args.threads)
+    return run_batches(args.run, args.batches, args.cache_dir)
 
 
 def train_steps(model: torch.nn.Module, cfg, batches: list) -> Callable[[], float]:

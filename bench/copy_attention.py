@@ -22,7 +22,6 @@ Each step is forward + backward + AdamW. Prints medians and ratios and writes
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, run_batches, save, train_steps
+from _common import alternate, environment, load_run, run_parser, save, train_steps
 from attnkit.models import Seq2Seq
 
 
@@ -57,14 +56,9 @@ class DenseCopy(MixtureLoss):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a summarization run directory")
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
+    ap = run_parser(__doc__, run_help="a summarization run directory", batches=4)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
+    cfg, batches, vocab = load_run(ap, args)
     runners = {}
     for name, cls, copy in (("no copy", Seq2Seq, False), ("copy (attnkit)", Seq2Seq, True),
                             ("copy (mixture, then CE)", MixtureLoss, True),

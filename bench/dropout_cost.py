@@ -18,7 +18,6 @@ shares there.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, run_batches, save, train_steps
+from _common import alternate, environment, load_run, run_parser, save, train_steps
 from attnkit.models import Seq2Seq
 from attnkit.nn import Dropout
 
@@ -59,12 +58,8 @@ def with_torch_dropout(model: nn.Module) -> nn.Module:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a translation or summarization run directory")
+    ap = run_parser(__doc__, run_help="a translation or summarization run directory", batches=4)
     ap.add_argument("--dropouts", default="0,0.1", help="comma-separated rates; the first is the base")
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--profile", action="store_true", help="print each rate's top operators first")
     args = ap.parse_args()
     try:
@@ -73,8 +68,7 @@ def main() -> None:
         rates = []
     if not rates or any(not 0 <= r < 1 for r in rates):
         ap.error(f"--dropouts: expected comma-separated rates in [0, 1), got {args.dropouts!r}")
-    torch.set_num_threads(args.threads)
-    cfg, batches, vocab = run_batches(args.run, args.batches, args.cache_dir)
+    cfg, batches, vocab = load_run(ap, args)
     runners, profiles = {}, {}
     for rate in rates:
         for kind in ("attnkit", "torch") if rate > 0 else ("",):
