@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from attnkit.backends import AttentionResult, Backend, register_backend
 
 from .reference import attention_ref, max_err
 
-ALL = ["reference", "sdpa", "tiled", "blocksparse"]
+ALL = ["reference", "eager", "sdpa", "tiled", "blocksparse"]
 
 
 def qkv(B=2, H=4, Hkv=2, N=19, S=23, D=16, dtype=torch.float32, grad=False):
@@ -118,7 +120,7 @@ def test_tiled_is_deterministic(small_tiles):
 
 
 # ------------------------------------------------------------------ lse and weights
-@pytest.mark.parametrize("backend", ["reference", "tiled", "blocksparse"])
+@pytest.mark.parametrize("backend", ["reference", "eager", "tiled", "blocksparse"])
 def test_lse_is_the_log_sum_exp_of_the_masked_scores(backend, small_tiles):
     q, k, v = qkv(dtype=torch.float64)
     pattern = P.SlidingWindow(3) & P.Causal()
@@ -160,18 +162,19 @@ def test_all_three_outputs():
 
 
 # ------------------------------------------------------------------ dropout
-def test_dropout_is_the_same_mask_on_reference_and_tiled(small_tiles):
+def test_dropout_is_the_same_mask_on_reference_eager_and_tiled(small_tiles):
     q, k, v = qkv(dtype=torch.float64, grad=True)
     results = []
-    for backend in ("reference", "tiled"):
+    for backend in ("reference", "eager", "tiled"):
         for t in (q, k, v):
             t.grad = None
         torch.manual_seed(42)
         out = attention(q, k, v, pattern=P.Causal(), dropout_p=0.3, backend=backend)
         out.square().sum().backward()
         results.append([out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
-    for a, b in zip(*results, strict=True):
-        assert max_err(a, b) < 1e-12
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert max_err(a, b) < 1e-12
 
 
 def test_dropout_statistics_and_reproducibility():
@@ -217,6 +220,29 @@ def test_auto_choices():
     assert _auto(return_lse=True) == "tiled"
 
 
+def test_auto_trains_short_sequences_on_eager_up_to_the_measured_length(monkeypatch):
+    from attnkit.backends import _tuning
+    from attnkit.functional import build_inputs
+
+    def choice(N, S, grad=True, **kwargs):
+        q, k, v = qkv(N=N, S=S, grad=grad)
+        return backends.select(build_inputs(q, k, v, **kwargs)).name
+
+    for keys in (0, 32):
+        monkeypatch.setattr(_tuning, "DEFAULT", dataclasses.replace(_tuning.DEFAULT, eager_keys=keys))
+        _tuning.forget()  # the dispatch cache
+        short = "eager" if keys else "sdpa"
+        assert choice(19, 23) == short
+        assert choice(19, 23, pattern=P.Causal()) == short
+        assert choice(19, 23, pattern=P.KeyPadding([3, 23])) == short
+        assert choice(19, 23, grad=False) == "sdpa"  # inference keeps the fused kernel
+        assert choice(19, 33) == "sdpa"  # longer than the crossover
+        with torch.no_grad():
+            assert choice(19, 23) == "sdpa"
+    assert choice(19, 23, pattern=P.SlidingWindow(4) | P.Global((0,))) != "eager"
+    _tuning.forget()
+
+
 def test_auto_within_tolerance_of_forced_backends():
     q, k, v = qkv()
     for pattern in (None, P.Causal(), P.SlidingWindow(4) | P.Global((0,))):
@@ -248,7 +274,7 @@ def test_unknown_backend():
     q, k, v = qkv()
     with pytest.raises(
         ValueError,
-        match=r"one of \['varlen', 'triton', 'flex', 'blocksparse', 'sdpa', 'tiled', 'reference'\], "
+        match=r"one of \['varlen', 'triton', 'flex', 'blocksparse', 'eager', 'sdpa', 'tiled', 'reference'\], "
         r"but got backend='flash'",
     ):
         attention(q, k, v, backend="flash")

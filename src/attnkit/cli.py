@@ -460,6 +460,8 @@ def _tune(args: argparse.Namespace) -> int:
                 print(f"  {direction:<8} {layout:<6} GFLOP/s by tile  {cells}")
         print(f"  gathered tile cost (copy included) {tuning.gather_copy:.2f}x its kernel time")
         print(f"  dense SDPA with a boolean mask     {tuning.sdpa_mask_rate:.1f} GFLOP/s")
+        eager = f"up to {tuning.eager_keys} tokens" if tuning.eager_keys else "never"
+        print(f"  training on the eager backend      {eager} (faster than the fused kernel there)")
     return 0
 
 

@@ -46,7 +46,7 @@ def leaves(tensors, dtype=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mask_case", list(MASKS))
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "tiled", "blocksparse"])
+@pytest.mark.parametrize("backend", ["reference", "eager", "sdpa", "tiled", "blocksparse"])
 def test_matches_oracle(backend, mask_case, shape, dtype, small_tiles):
     pattern, mask, q, k, v = make_inputs(shape, dtype, mask_case)
     dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=torch.float64)
@@ -69,7 +69,7 @@ def test_matches_oracle(backend, mask_case, shape, dtype, small_tiles):
 
 
 @pytest.mark.parametrize("mask_case", list(MASKS))
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "tiled", "blocksparse"])
+@pytest.mark.parametrize("backend", ["reference", "eager", "sdpa", "tiled", "blocksparse"])
 def test_float64_is_exact(backend, mask_case, small_tiles):
     shape = (2, 4, 2, 37, 51, 24, 24)
     pattern, mask, q, k, v = make_inputs(shape, torch.float64, mask_case)

@@ -25,7 +25,7 @@ def _fake(fast_tile: int, *, mask_rate: float = 100.0) -> _tuning.Tuning:
         }
         for d in ("forward", "backward")
     }
-    return _tuning.Tuning(rates, 1.2, mask_rate, "measured", _tuning.machine_key(torch.float32))
+    return _tuning.Tuning(rates, 1.2, mask_rate, 64, "measured", _tuning.machine_key(torch.float32))
 
 
 @pytest.fixture
@@ -44,6 +44,13 @@ def test_calibration_measures_positive_rates_for_every_tile():
     assert len(values) == 2 * 2 * len(_tuning.TILES)
     assert all(math.isfinite(v) and v > 0 for v in [*values, t.gather_copy, t.sdpa_mask_rate])
     assert t.gather_copy >= 1 and t.source == "measured"
+    assert t.eager_keys in (0, *_tuning.EAGER_LENGTHS)
+
+
+def test_eager_crossover_is_the_longest_length_eager_wins_at_every_shorter_one():
+    assert _tuning.eager_crossover({16: (1, 2), 32: (2, 3), 64: (5, 4), 128: (1, 9)}) == 32
+    assert _tuning.eager_crossover({16: (3, 2), 32: (1, 3)}) == 0
+    assert _tuning.eager_crossover({16: (1, 2), 512: (1, 2)}) == 512
 
 
 def test_machine_key_names_cpu_torch_threads_and_dtype():
@@ -66,7 +73,9 @@ def test_first_use_measures_once_and_stores(tuned, monkeypatch, capsys):
     again = _tuning.current(torch.float32)
     assert again.source == "file" and again.kernel_rates == first.kernel_rates
     stored = json.loads(tuned.read_text())
-    assert stored["format"] == 1 and list(stored["entries"]) == [_tuning.machine_key(torch.float32)]
+    assert stored["format"] == _tuning.FORMAT and list(stored["entries"]) == [
+        _tuning.machine_key(torch.float32)
+    ]
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 99, "entries": {}}'])
@@ -76,12 +85,23 @@ def test_corrupt_or_foreign_file_warns_and_is_rewritten(tuned, monkeypatch, cont
     with pytest.warns(RuntimeWarning, match="ignoring the tuning file"):
         t = _tuning.current(torch.float32)
     assert t.kernel_rates["forward"]["band"][64] == 1000.0
-    assert json.loads(tuned.read_text())["format"] == 1
+    assert json.loads(tuned.read_text())["format"] == _tuning.FORMAT
+
+
+def test_an_older_format_is_measured_again_quietly(tuned, monkeypatch, recwarn):
+    key = _tuning.machine_key(torch.float32)
+    tuned.write_text(json.dumps({"format": _tuning.FORMAT - 1, "entries": {key: {"gather_copy": 1.0}}}))
+    monkeypatch.setattr(_tuning, "calibrate", lambda dtype: _fake(64))
+    assert _tuning.current(torch.float32).eager_keys == 64
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert json.loads(tuned.read_text())["format"] == _tuning.FORMAT
 
 
 def test_a_bad_entry_is_measured_again(tuned, monkeypatch):
     key = _tuning.machine_key(torch.float32)
-    tuned.write_text(json.dumps({"format": 1, "entries": {key: {"kernel_rates": {}, "gather_copy": -1}}}))
+    tuned.write_text(
+        json.dumps({"format": _tuning.FORMAT, "entries": {key: {"kernel_rates": {}, "gather_copy": -1}}})
+    )
     monkeypatch.setattr(_tuning, "calibrate", lambda dtype: _fake(128))
     with pytest.warns(RuntimeWarning, match="ignoring the tuning entry"):
         assert _tuning.current(torch.float32).kernel_rates["forward"]["band"][128] == 1000.0

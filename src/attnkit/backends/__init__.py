@@ -7,6 +7,7 @@ backend          what                                            auto picks it f
 ``triton``       attnkit's block-sparse Triton kernels (CUDA)    other patterns (CUDA)
 ``flex``         compiled FlexAttention on the block map         patterns ``triton`` declines
 ``blocksparse``  tiles of the block map on torch's CPU kernel    sparse patterns (CPU)
+``eager``        materialized, in torch ops (autograd)          short-sequence training (CPU)
 ``sdpa``         torch's fused ``scaled_dot_product_attention``  dense, causal, padding, masks
 ``tiled``        FlashAttention in eager torch, ``O(N)`` memory  what others decline
 ``reference``    materialized float64 oracle, returns weights    ``return_weights``
@@ -24,6 +25,7 @@ from __future__ import annotations
 from .. import caches
 from .base import AttentionInputs, AttentionResult, Backend
 from .blocksparse import BlockSparseBackend
+from .eager import EagerBackend
 from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
@@ -155,6 +157,7 @@ def _signature(inp: AttentionInputs) -> tuple:
 
 
 register_backend(ReferenceBackend)
+register_backend(EagerBackend)
 register_backend(SdpaBackend)
 register_backend(TiledBackend)
 register_backend(BlockSparseBackend, priority=0)

@@ -34,11 +34,24 @@ import torch
 from .. import caches
 from .._files import atomic_write, user_cache_dir
 
-__all__ = ["TILES", "Tuning", "calibrate", "current", "forget", "machine_key", "store", "tuning_file"]
+__all__ = [
+    "EAGER_LENGTHS",
+    "TILES",
+    "Tuning",
+    "calibrate",
+    "current",
+    "eager_crossover",
+    "forget",
+    "machine_key",
+    "store",
+    "tuning_file",
+]
 
 #: Candidate tile sizes of the block-sparse plans.
 TILES = (32, 64, 128, 256)
-FORMAT = 1
+#: Sequence lengths at which materialized and fused training attention are compared.
+EAGER_LENGTHS = (16, 32, 64, 128, 256, 512)
+FORMAT = 2  # 2: eager_keys added
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per machine key
@@ -53,12 +66,17 @@ class Tuning:
             its kernel time alone.
         sdpa_mask_rate: Forward GFLOP/s of dense ``scaled_dot_product_attention`` with a
             boolean mask.
+        eager_keys: The longest sequence (of :data:`EAGER_LENGTHS`) up to which a training
+            step of materialized attention (the ``eager`` backend: forward and backward with
+            a key padding mask) is faster than ``scaled_dot_product_attention``'s, at every
+            shorter length too; 0 when it never is.
         source: ``"built-in"``, ``"measured"`` or ``"file"``.
     """
 
     kernel_rates: dict
     gather_copy: float
     sdpa_mask_rate: float
+    eager_keys: int
     source: str = "built-in"
     key: str = field(default="", compare=False)
 
@@ -87,7 +105,12 @@ class Tuning:
             }
             for direction in ("forward", "backward")
         }
-        tuning = cls(rates, float(data["gather_copy"]), float(data["sdpa_mask_rate"]), "file", key)
+        eager_keys = int(data["eager_keys"])
+        if eager_keys not in (0, *EAGER_LENGTHS):
+            raise ValueError(f"eager_keys={eager_keys} is not 0 or one of {EAGER_LENGTHS}")
+        tuning = cls(
+            rates, float(data["gather_copy"]), float(data["sdpa_mask_rate"]), eager_keys, "file", key
+        )
         values = [r for d in rates.values() for lay in d.values() for r in lay.values()]
         if not all(
             v > 0 and v == v and v != float("inf")
@@ -98,7 +121,8 @@ class Tuning:
 
 
 #: Measured with bench/sparse_tiles.py and bench/dispatch.py on a 2-core AMD EPYC (AVX-512 +
-#: BF16, no AMX), torch 2.13, float32: used with ``ATTNKIT_TUNE=off``.
+#: BF16, no AMX), torch 2.13, float32: used with ``ATTNKIT_TUNE=off``. ``eager_keys``: its
+#: :func:`calibrate` gave 16 to 64 for float32 (close calls from 32 on) and 128 for bfloat16.
 DEFAULT = Tuning(
     kernel_rates={
         "forward": {
@@ -112,6 +136,7 @@ DEFAULT = Tuning(
     },
     gather_copy=1.2,
     sdpa_mask_rate=157.5,
+    eager_keys=64,
 )
 
 _LOCK = threading.RLock()
@@ -172,6 +197,8 @@ def _read_all() -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < FORMAT:
+            return {}  # an older attnkit's file: measured again (quietly) and rewritten
         if (
             not isinstance(data, dict)
             or data.get("format") != FORMAT
@@ -234,7 +261,9 @@ def calibrate(
 ) -> Tuning:
     """Measure the rates on this machine (a few seconds): torch's fused CPU kernel on band
     (512 keys per tile) and gathered (256 keys per tile) layouts for every tile size, forward
-    and backward; the copy of gathered keys; dense SDPA with a boolean mask.
+    and backward; the copy of gathered keys; dense SDPA with a boolean mask; and a training
+    step (forward and backward, ``rows`` query rows with a key padding mask) of fused against
+    materialized attention at each of :data:`EAGER_LENGTHS`.
 
     All the measured calls are set up first and then timed in turns (:func:`_best_times`), so
     a burst of load on a shared machine slows one round of every call, not every run of one."""
@@ -279,6 +308,8 @@ def calibrate(
     qs, ks, vs = (randn(1, X, n, D) for _ in range(3))
     mask = torch.rand(n, n, generator=g) < 0.5
     calls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+    for length in EAGER_LENGTHS:
+        calls.update(_training_calls(randn, rows // length or 1, X, length, D, g))
     best = _best_times(calls)
 
     rates: dict = {d: {lay: {} for lay in ("band", "gather")} for d in ("forward", "backward")}
@@ -289,9 +320,43 @@ def calibrate(
         kernel_rates=rates,
         gather_copy=copy_ratios[len(copy_ratios) // 2],
         sdpa_mask_rate=4 * X * n * n * D / best["sdpa"] / 1e9,
+        eager_keys=eager_crossover({n: (best["eager", n], best["fused", n]) for n in EAGER_LENGTHS}),
         source="measured",
         key=machine_key(dtype),
     )
+
+
+def _training_calls(randn, batch: int, heads: int, length: int, head_dim: int, g) -> dict:
+    """``{("fused"|"eager", length): step}``: forward and backward of self-attention over
+    ``batch`` padded sequences of ``length``, by ``scaled_dot_product_attention`` and by the
+    ``eager`` backend's :func:`~attnkit.backends.eager.materialized`."""
+    from .base import AttentionInputs, compute_dtype
+    from .eager import materialized
+
+    q, k, v = (randn(batch, heads, length, head_dim).requires_grad_() for _ in range(3))
+    lengths = torch.randint(length // 2 + 1, length + 1, (batch, 1), generator=g)
+    mask = (torch.arange(length) < lengths).view(batch, 1, 1, length)
+    dout = randn(batch, heads, length, head_dim)
+    inp = AttentionInputs(q, k, v, None, mask, None, head_dim**-0.5, 0.0, None, False, False)
+    ct = compute_dtype(q.dtype)
+    return {
+        ("fused", length): lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask
+        ).backward(dout),
+        ("eager", length): lambda: materialized(inp, q.dtype, ct)[0].backward(dout),
+    }
+
+
+def eager_crossover(times: dict[int, tuple[float, float]]) -> int:
+    """From ``{length: (eager seconds, fused seconds)}``, the longest length up to which eager
+    is faster at every measured length (0 when it is slower at the shortest)."""
+    longest = 0
+    for length in sorted(times):
+        eager, fused = times[length]
+        if eager >= fused:
+            break
+        longest = length
+    return longest
 
 
 def _best_times(calls: dict, repeats: int = 5) -> dict:
