@@ -1,8 +1,8 @@
 """The ``eager`` backend: materialized attention in torch operators, differentiated by autograd.
 
 Algorithm: ``scores = q @ k^T`` at the inputs' dtype (torch's matmul accumulates bfloat16 in
-float32; float16, whose range ends at 65504, is multiplied in float32), then scale, bias, mask and softmax (torch's) in float32, and
-``probs @ v`` at the inputs' dtype again. Query heads that share a key/value head (GQA) are
+float32; float16, whose range ends at 65504, is multiplied in float32), then scale, bias, mask
+and softmax (torch's) in float32, and ``probs @ v`` at the inputs' dtype again. Query heads that share a key/value head (GQA) are
 stacked along the rows of one matmul. This is what "eager" attention in most PyTorch model code
 computes; :func:`materialized` is also the body of the float64 ``reference`` oracle.
 
