@@ -2,9 +2,10 @@
 
 Algorithm: ``scores = q @ k^T`` at the inputs' dtype (torch's matmul accumulates bfloat16 in
 float32; float16, whose range ends at 65504, is multiplied in float32), then scale, bias, mask
-and softmax (torch's) in float32, and ``probs @ v`` at the inputs' dtype again. Query heads that share a key/value head (GQA) are
-stacked along the rows of one matmul. This is what "eager" attention in most PyTorch model code
-computes; :func:`materialized` is also the body of the float64 ``reference`` oracle.
+and softmax (torch's) in float32, and ``probs @ v`` at the inputs' dtype again. Query heads that
+share a key/value head (GQA) are stacked along the rows of one matmul. This is what "eager"
+attention in most PyTorch model code computes; :func:`materialized` is also the body of the
+float64 ``reference`` oracle.
 
 Why a backend: torch's fused CPU kernel (the one behind ``scaled_dot_product_attention``) works
 in query and key blocks of fixed size, and on short sequences its backward spends most of its
