@@ -151,11 +151,12 @@ def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
     return cfg, [collate([trainer.train[i] for i in idx]) for idx in plan], trainer.tokenizer.vocab_size
 
 
-def run_parser(doc: str, *, run_help: str, batches: int) -> argparse.ArgumentParser:
-    """The arguments every benchmark on a training run's batches takes: ``--run``, ``--batches``,
-    ``--threads``, ``--cache-dir`` (add your own, then call :func:`load_run`)."""
+def run_parser(doc: str, *, run_help: str, batches: int, required: bool = True) -> argparse.ArgumentParser:
+    """The arguments every benchmark on a training run's batches takes: ``--run`` (``None``
+    when not ``required`` and not given), ``--batches``, ``--threads``, ``--cache-dir`` (add
+    your own, then call :func:`load_run`)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help=run_help)
+    ap.add_argument("--run", required=required, help=run_help)
     ap.add_argument("--batches", type=int, default=batches, help="how many of the run's first batches")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None)
