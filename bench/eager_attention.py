@@ -57,11 +57,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results: dict = {
-        "env": environment(),
-        "calibration": calibration(["float32", "bfloat16"]),
-        "attention": [],
-    }
+    cal = calibration(["float32", "bfloat16"])
+    results: dict = {"env": environment(), "calibration": cal, "attention": []}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).replace("torch.", "")
         print(f"{name}: measured crossover eager_keys = {cal[name]['eager_keys']}")
