@@ -7,14 +7,14 @@ share a key/value head (GQA) are stacked along the rows of one matmul. This is w
 attention in most PyTorch model code computes; :func:`materialized` is also the body of the
 float64 ``reference`` oracle.
 
-Why a backend: torch's fused CPU kernel (the one behind ``scaled_dot_product_attention``) works
-in query and key blocks of fixed size, and on short sequences its backward spends most of its
-time on that blocking, several times what the three matmuls of a materialized backward cost
-(``bench/eager_attention.py``). ``auto`` therefore runs this backend for CPU *training* when
-every query and key row fits in this machine's measured crossover length
-(:attr:`~attnkit.backends._tuning.Tuning.eager_keys`, measured at first use like the
-block-sparse rates), and leaves inference, long sequences, sparse patterns and GPUs to the
-fused kernels.
+Why a backend: on short sequences the backward of torch's fused CPU kernel (the one behind
+``scaled_dot_product_attention``) takes several times what the matmuls of a materialized
+backward take, most of all in bfloat16 (``bench/eager_attention.py``; measured, not explained:
+the kernel works in fixed query and key blocks, and its cost barely falls with the length).
+``auto`` therefore runs this backend for CPU *training* when every query and key row fits in
+this machine's measured crossover length (:attr:`~attnkit.backends._tuning.Tuning.eager_keys`,
+measured at first use like the block-sparse rates), and leaves inference, long sequences,
+sparse patterns and GPUs to the fused kernels.
 
 Supports: every device and float dtype, every pattern (as a materialized mask), boolean masks,
 float biases with gradients, dropout (the counter-based mask shared with ``reference`` and
@@ -47,7 +47,9 @@ class EagerBackend(Backend):
         if inp.device.type != "cpu":
             return [f"device={inp.device.type}: the fused GPU kernels are faster"]
         if not inp.requires_grad:
-            return ["no gradient needed: the fused kernel's forward is as fast and keeps no N x S tensor"]
+            return [
+                "no gradient needed: the crossover is measured for training; inference keeps the fused kernel"
+            ]
         p = inp.pattern
         if p is not None and not isinstance(p, (Full, Causal, KeyPadding)):
             return [f"pattern {p!r}: the sparse backends skip its empty blocks"]
