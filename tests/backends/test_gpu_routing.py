@@ -24,7 +24,16 @@ def _inputs(pattern, n=40, s=40, dtype=torch.float16, **kw):
 
 
 def test_the_auto_order():
-    assert backends.available() == ["varlen", "triton", "flex", "blocksparse", "sdpa", "tiled", "reference"]
+    assert backends.available() == [
+        "varlen",
+        "triton",
+        "flex",
+        "blocksparse",
+        "eager",
+        "sdpa",
+        "tiled",
+        "reference",
+    ]
 
 
 @pytest.mark.parametrize(

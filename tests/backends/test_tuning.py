@@ -47,6 +47,14 @@ def test_calibration_measures_positive_rates_for_every_tile():
     assert t.eager_keys in (0, *_tuning.EAGER_LENGTHS)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_calibration_works_from_inference_code(mode):
+    """The first sparse call that measures may come from a model in eval mode."""
+    with mode():
+        t = _tuning.calibrate(torch.float32, rows=64, heads=1, head_dim=16)
+    assert t.eager_keys in (0, *_tuning.EAGER_LENGTHS)
+
+
 def test_eager_crossover_is_the_longest_length_eager_wins_at_every_shorter_one():
     assert _tuning.eager_crossover({16: (1, 2), 32: (2, 3), 64: (5, 4), 128: (1, 9)}) == 32
     assert _tuning.eager_crossover({16: (3, 2), 32: (1, 3)}) == 0

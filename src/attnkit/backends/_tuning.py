@@ -19,6 +19,7 @@ measured here, not shipped as one machine's constants.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -331,20 +332,33 @@ def _training_calls(randn, batch: int, heads: int, length: int, head_dim: int, g
     ``batch`` padded sequences of ``length``, by ``scaled_dot_product_attention`` and by the
     ``eager`` backend's :func:`~attnkit.backends.eager.materialized`."""
     from .base import AttentionInputs, compute_dtype
-    from .eager import materialized
+    from .eager import materialized, matmul_dtype
 
-    q, k, v = (randn(batch, heads, length, head_dim).requires_grad_() for _ in range(3))
+    with _autograd():
+        q, k, v = (randn(batch, heads, length, head_dim).requires_grad_() for _ in range(3))
     lengths = torch.randint(length // 2 + 1, length + 1, (batch, 1), generator=g)
     mask = (torch.arange(length) < lengths).view(batch, 1, 1, length)
     dout = randn(batch, heads, length, head_dim)
     inp = AttentionInputs(q, k, v, None, mask, None, head_dim**-0.5, 0.0, None, False, False)
-    ct = compute_dtype(q.dtype)
-    return {
-        ("fused", length): lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask
-        ).backward(dout),
-        ("eager", length): lambda: materialized(inp, q.dtype, ct)[0].backward(dout),
-    }
+    mm, ct = matmul_dtype(q.dtype), compute_dtype(q.dtype)
+
+    def fused() -> None:
+        with _autograd():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(dout)
+
+    def eager() -> None:
+        with _autograd():
+            materialized(inp, mm, ct)[0].backward(dout)
+
+    return {("fused", length): fused, ("eager", length): eager}
+
+
+@contextlib.contextmanager
+def _autograd():
+    """Autograd on, whatever the caller's mode: the first use that measures may come from
+    inference code (``torch.no_grad`` or ``torch.inference_mode``)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def eager_crossover(times: dict[int, tuple[float, float]]) -> int:

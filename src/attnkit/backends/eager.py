@@ -33,7 +33,7 @@ from ._dropout import keep_grid
 from ._masks import dense_allowed
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
-__all__ = ["EagerBackend", "materialized"]
+__all__ = ["EagerBackend", "materialized", "matmul_dtype"]
 
 
 class EagerBackend(Backend):
@@ -63,11 +63,17 @@ class EagerBackend(Backend):
 
     @classmethod
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
-        # float16's range ends at 65504, which unscaled q @ k^T of large logits passes
-        matmul = torch.float32 if inp.dtype == torch.float16 else inp.dtype
-        out, probs, lse = materialized(inp, matmul, compute_dtype(inp.dtype), want_lse=inp.return_lse)
+        out, probs, lse = materialized(
+            inp, matmul_dtype(inp.dtype), compute_dtype(inp.dtype), want_lse=inp.return_lse
+        )
         weights = probs.to(inp.dtype) if inp.return_weights else None
         return AttentionResult(out, weights, None if lse is None else lse.to(lse_dtype(inp.dtype)))
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``eager`` multiplies in: the inputs' own, except float16, whose range ends at
+    65504, which an unscaled ``q @ k^T`` of large logits passes (float32 then)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def materialized(
