@@ -122,8 +122,9 @@ class Tuning:
 
 
 #: Measured with bench/sparse_tiles.py and bench/dispatch.py on a 2-core AMD EPYC (AVX-512 +
-#: BF16, no AMX), torch 2.13, float32: used with ``ATTNKIT_TUNE=off``. ``eager_keys``: its
-#: :func:`calibrate` gave 16 to 64 for float32 (close calls from 32 on) and 128 for bfloat16.
+#: BF16, no AMX), torch 2.13, float32: used with ``ATTNKIT_TUNE=off``. ``eager_keys``: the
+#: longest length where bench/eager_attention.py found eager faster in float32 at every shorter
+#: one (bench/results/eager_attention.json; :func:`calibrate` said 16 there, a close call at 32).
 DEFAULT = Tuning(
     kernel_rates={
         "forward": {
@@ -137,7 +138,7 @@ DEFAULT = Tuning(
     },
     gather_copy=1.2,
     sdpa_mask_rate=157.5,
-    eager_keys=64,
+    eager_keys=32,
 )
 
 _LOCK = threading.RLock()
