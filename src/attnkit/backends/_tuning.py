@@ -1,10 +1,13 @@
-"""Per-machine rates for the block-sparse cost model, measured on the machine that runs.
+"""Per-machine rates for the block-sparse cost model and the eager crossover, measured on the
+machine that runs.
 
 The block-sparse backend chooses its tile size, which diagonals form the band, and whether
 ``auto`` should run it at all, by predicting times from a few kernel rates: torch's fused CPU
 kernel's speed on band and gathered layouts per tile size, forward and backward; the extra
 cost of copying gathered keys; and the speed of dense SDPA with a boolean mask (what ``auto``
-would run instead). These differ between CPUs by several times (an Intel Xeon with AMX runs
+would run instead). ``auto`` sends CPU training to the ``eager`` backend up to the length
+where a materialized forward and backward measured faster than the fused kernel's
+(``eager_keys``). These differ between CPUs by several times (an Intel Xeon with AMX runs
 bf16 matmuls ~6x faster than fp32; a CPU without AVX-512 runs bf16 slowly), so they are
 measured here, not shipped as one machine's constants.
 
