@@ -163,6 +163,20 @@ def run_parser(doc: str, *, run_help: str, batches: int, required: bool = True) 
     return ap
 
 
+def page_or_args(doc: str, name: str, write_page: Callable[[dict], None], *, run_help: str, batches: int):
+    """Parse a benchmark's :func:`run_parser` arguments (``--run`` optional) plus ``--page``;
+    with ``--page``, rewrite the page from ``bench/results/NAME.json`` and return ``None``.
+    Otherwise set the thread count and return ``(parser, args)``."""
+    ap = run_parser(doc, run_help=run_help, batches=batches, required=False)
+    ap.add_argument("--page", action="store_true", help="only rewrite the page from the stored results")
+    args = ap.parse_args()
+    if args.page:
+        write_page(json.loads((RESULTS / f"{name}.json").read_text()))
+        return None
+    torch.set_num_threads(args.threads)
+    return ap, args
+
+
 def load_run(ap: argparse.ArgumentParser, args):
     """Check ``--batches``, set the thread count and return :func:`run_batches`' triple."""
     if args.batches < 1:

@@ -21,7 +21,6 @@ rewrites the page from the stored results without measuring).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,13 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DOCS,
-    RESULTS,
     alternate,
     calibration,
     env_line,
     environment,
     load_run,
-    run_parser,
+    page_or_args,
     save,
     train_steps,
 )
@@ -65,15 +63,16 @@ def attention_step(backend: str, length: int, dtype: torch.dtype, causal: bool, 
 
 
 def main() -> None:
-    ap = run_parser(
-        __doc__, run_help="also time full training steps of this run's model", batches=6, required=False
+    parsed = page_or_args(
+        __doc__,
+        "eager_attention",
+        write_page,
+        run_help="also time full training steps of this run's model",
+        batches=6,
     )
-    ap.add_argument("--page", action="store_true", help="only rewrite the page from the stored results")
-    args = ap.parse_args()
-    if args.page:
-        write_page(json.loads((RESULTS / "eager_attention.json").read_text()))
+    if parsed is None:
         return
-    torch.set_num_threads(args.threads)
+    ap, args = parsed
     cal = calibration(["float32", "bfloat16"])
     results: dict = {"env": environment(), "calibration": cal, "attention": []}
     for dtype in (torch.float32, torch.bfloat16):

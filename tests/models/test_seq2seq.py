@@ -194,6 +194,34 @@ def test_copy_attention_gradients_are_finite_with_label_smoothing():
     assert model.copy_gate.weight.grad.abs().sum() > 0
 
 
+def assert_loss_is_cross_entropy_of_forward(model, src, tgt, label_smoothing, reduction):
+    """``model.loss`` equals ``F.cross_entropy`` of ``model(src, tgt_in)``'s scores (padding
+    ignored), in float64, and so do their gradients."""
+    got = model.loss(src, tgt, label_smoothing=label_smoothing, reduction=reduction)
+    want = torch.nn.functional.cross_entropy(
+        model(src, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    grads = [torch.autograd.grad(f, list(model.parameters())) for f in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_is_the_cross_entropy_of_forward(label_smoothing, reduction):
+    """Without copy attention the loss (scored on the predicted positions only) equals
+    F.cross_entropy of forward's scores with padding ignored, in float64, forward and backward;
+    also for a single predicted token."""
+    torch.manual_seed(0)
+    model = Seq2Seq(small_config()).double()
+    src, tgt = reverse_batch(6, torch.Generator().manual_seed(5), lo=1)
+    assert bool((tgt[:, 1:] == PAD).any())
+    for s, t in ((src, tgt), (src[:1], tgt[:1, :2])):
+        assert_loss_is_cross_entropy_of_forward(model, s, t, label_smoothing, reduction)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_copy_attention_loss_is_the_cross_entropy_of_the_mixture(label_smoothing, reduction):
@@ -213,16 +241,7 @@ def test_copy_attention_loss_is_the_cross_entropy_of_the_mixture(label_smoothing
         int(t) not in s.tolist() for s, r in zip(src, tgt, strict=True) for t in r[1:] if t != PAD
     ]
     assert any(not_copyable)
-    got = model.loss(src, tgt, label_smoothing=label_smoothing, reduction=reduction)
-    mixture = model(src, tgt[:, :-1])
-    want = torch.nn.functional.cross_entropy(
-        mixture.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD,
-        label_smoothing=label_smoothing, reduction=reduction,
-    )  # fmt: skip
-    assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    grads = [torch.autograd.grad(f, list(model.parameters())) for f in (got, want)]
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert_loss_is_cross_entropy_of_forward(model, src, tgt, label_smoothing, reduction)  # the mixture's
 
 
 def test_copy_attention_loss_on_one_target_token_and_bad_arguments():

@@ -26,6 +26,7 @@ from ..nn import (
     EncoderLayer,
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
+    cross_entropy,
     make_norm,
 )
 from ..nn.layers import ACTIVATIONS
@@ -326,15 +327,22 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"Seq2Seq.loss: expected label_smoothing in [0, 1], but got {label_smoothing}.")
         self._check_ids("tgt", tgt[:, 1:], self.config.target_vocab)
         if self.copy_gate is None:
-            return self._cross_entropy(self(src, tgt[:, :-1]), tgt, label_smoothing, reduction)
+            return self._cross_entropy(src, tgt, label_smoothing, reduction)
         return self._copy_loss(src, tgt, label_smoothing, reduction)
 
-    def _cross_entropy(self, scores: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
-        """``F.cross_entropy`` of ``scores (B, T, V)`` against ``tgt[:, 1:]``, padding ignored."""
-        return F.cross_entropy(
-            scores.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )  # fmt: skip
+    def _cross_entropy(self, src: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
+        """:meth:`loss` without copy attention: the output projection and
+        :func:`attnkit.nn.cross_entropy` on the predicted (not padding) positions only, in
+        float32 at least; the same number as ``F.cross_entropy`` of :meth:`forward`'s scores
+        with ``ignore_index=pad_id``."""
+        tgt_in, gold = tgt[:, :-1], tgt[:, 1:]
+        self._check_ids("tgt_in", tgt_in, self.config.target_vocab)
+        memory, src_key_mask = self.encode(src)
+        h = self._decoder_states(tgt_in, memory, src_key_mask)[0]
+        keep = gold != self.config.pad_id
+        scores = self.out_proj(h[keep])  # (n, V): one row per predicted token
+        total = cross_entropy(scores, gold[keep], label_smoothing=label_smoothing, reduction="sum")
+        return total if reduction == "sum" else total / keep.sum()
 
     def _copy_loss(self, src: Tensor, tgt: Tensor, label_smoothing: float, reduction: str) -> Tensor:
         """:meth:`loss` for the pointer-generator. With ``lse`` the logits' log-normalizer,

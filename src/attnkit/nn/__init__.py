@@ -14,6 +14,7 @@ from .layers import (
     RMSNorm,
     make_norm,
 )
+from .loss import cross_entropy
 from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
+    "cross_entropy",
     "make_norm",
 ]
