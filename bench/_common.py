@@ -163,12 +163,23 @@ def run_parser(doc: str, *, run_help: str, batches: int, required: bool = True) 
     return ap
 
 
-def page_or_args(doc: str, name: str, write_page: Callable[[dict], None], *, run_help: str, batches: int):
+def page_or_args(
+    doc: str,
+    name: str,
+    write_page: Callable[[dict], None],
+    *,
+    run_help: str,
+    batches: int,
+    parser: Callable[[argparse.ArgumentParser], None] | None = None,
+):
     """Parse a benchmark's :func:`run_parser` arguments (``--run`` optional) plus ``--page``;
     with ``--page``, rewrite the page from ``bench/results/NAME.json`` and return ``None``.
-    Otherwise set the thread count and return ``(parser, args)``."""
+    Otherwise set the thread count and return ``(parser, args)``. ``parser`` may add the
+    benchmark's own arguments."""
     ap = run_parser(doc, run_help=run_help, batches=batches, required=False)
     ap.add_argument("--page", action="store_true", help="only rewrite the page from the stored results")
+    if parser is not None:
+        parser(ap)
     args = ap.parse_args()
     if args.page:
         write_page(json.loads((RESULTS / f"{name}.json").read_text()))

@@ -1,6 +1,7 @@
 """The translation model's training loss: torch's cross-entropy against ``attnkit.nn.cross_entropy``.
 
-    python bench/fused_loss.py [--run RUN] [--batches 6] [--threads 2] [--cache-dir DIR] [--page]
+    python bench/fused_loss.py [--run RUN [--padding-only]] [--batches 6] [--threads 2]
+                               [--cache-dir DIR] [--page]
 
 1. The loss alone: forward and backward of the token cross-entropy (label smoothing 0.1) of
    ``(N, V)`` scores, ``N = 2,000`` target positions of which 29% are padding (the share in
@@ -13,7 +14,8 @@
    full training steps (forward, backward, clipping, AdamW), in fp32 and in bf16 autocast, of
    models of the run's shape from one seed on the run's first batches, computing the loss the
    old way (the output projection on every position, then ``F.cross_entropy``) or the new
-   way, all four alternately.
+   way, all four alternately; and the share of padding among the target positions of the
+   run's first 200 batches (what the 29% of part 1 stands for).
 
 Prints medians and ratios (before / after: above 1 means the new loss is faster), writes
 ``bench/results/fused_loss.json`` and ``docs/bench/fused_loss.md`` (``--page`` rewrites the
@@ -22,6 +24,7 @@ page from the stored results without measuring).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,12 +32,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, alternate, env_line, environment, load_run, page_or_args, save, train_steps
+from _common import (
+    DOCS,
+    RESULTS,
+    alternate,
+    env_line,
+    environment,
+    load_run,
+    page_or_args,
+    run_batches,
+    save,
+    train_steps,
+)
 from attnkit.models import Seq2Seq
 from attnkit.nn import cross_entropy
 
 PAD = 0
 ROWS, VOCAB, PAD_SHARE, SMOOTHING = 2000, 8000, 0.29, 0.1
+PADDING_BATCHES = 200  # with --run: the share of padding among the target positions of this many batches
 
 
 class BeforeSeq2Seq(Seq2Seq):
@@ -68,6 +83,15 @@ def loss_step(way: str, dtype: torch.dtype):
     return before if way == "before" else after
 
 
+def target_padding(run: str, cache_dir: str | None) -> dict:
+    """The share of padding among the target positions of ``run``'s first batches."""
+    plan = run_batches(run, PADDING_BATCHES, cache_dir)[1]
+    gold = [b.tgt[:, 1:] for b in plan]
+    padding = sum(int((t == PAD).sum()) for t in gold) / sum(t.numel() for t in gold)
+    print(f"target positions that are padding in the run's first {len(plan)} batches: {padding:.1%}")
+    return {"target_padding": padding, "target_padding_batches": len(plan)}
+
+
 def main() -> None:
     parsed = page_or_args(
         __doc__,
@@ -75,10 +99,23 @@ def main() -> None:
         write_page,
         run_help="also time full training steps of this run's model",
         batches=6,
+        parser=lambda ap: ap.add_argument(
+            "--padding-only",
+            action="store_true",
+            help="with --run: add only the padding share to the results",
+        ),
     )
     if parsed is None:
         return
     ap, args = parsed
+    if args.padding_only:  # add the padding share to the stored results, timing nothing
+        if args.run is None:
+            ap.error("--padding-only needs --run")
+        results = json.loads((RESULTS / "fused_loss.json").read_text())
+        results.update(target_padding(args.run, args.cache_dir))
+        save("fused_loss", results)
+        write_page(results)
+        return
     results: dict = {"env": environment(), "loss": []}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).replace("torch.", "")
@@ -92,6 +129,7 @@ def main() -> None:
         results["loss"].append({"dtype": name, "ratio": ratio, **stats})
     if args.run is not None:
         cfg, batches, vocab = load_run(ap, args)
+        results.update(target_padding(args.run, args.cache_dir))
         runners = {}
         for precision in ("fp32", "bf16"):
             for way, cls in (("before", BeforeSeq2Seq), ("after", Seq2Seq)):
@@ -142,7 +180,8 @@ def write_page(results: dict) -> None:
             f"Full training steps (forward, backward, clipping, AdamW) of the model of `{results['run']}` on "
             "its first batches, alternately, all four in one process: *before*, the output projection on "
             "every position, then `F.cross_entropy`; *after*, projection and loss on the real positions "
-            "only (what `Seq2Seq.loss` does now).",
+            "only (what `Seq2Seq.loss` does now). Of the target positions of the run's first "
+            f"{results['target_padding_batches']} batches, {results['target_padding']:.1%} are padding.",
             "",
             "| precision | before | after | ratio |",
             "|---|---|---|---|",
