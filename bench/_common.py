@@ -147,7 +147,7 @@ def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
         shutil.copy(Path(run) / "tokenizer.json", scratch)
         trainer = Trainer(cfg, scratch, cache=cache_dir, progress=False, log=lambda m: None)
         trainer.prepare()  # encodes the splits
-    plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0)[:count]
+    plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0, cfg.batch_sort)[:count]
     return cfg, [collate([trainer.train[i] for i in idx]) for idx in plan], trainer.tokenizer.vocab_size
 
 

@@ -171,7 +171,7 @@ def main() -> None:
 
     bar = tqdm(total=args.steps, initial=st["step"], desc="train both", unit="step", dynamic_ncols=True)
     while st["step"] < args.steps:
-        batches = token_batches(lengths, cfg.batch_tokens, cfg.seed, st["epoch"])
+        batches = token_batches(lengths, cfg.batch_tokens, cfg.seed, st["epoch"], cfg.batch_sort)
         if st["position"] >= len(batches):
             st["epoch"], st["position"] = st["epoch"] + 1, 0
             continue

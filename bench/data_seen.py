@@ -2,10 +2,11 @@
 
     python bench/data_seen.py        # seconds; needs the corpora and the run directories
 
-Replays each run's batch plan (``token_batches`` with its config's seed, epoch by epoch: the
-trainer's own order) up to the step its model was saved at, and counts batches per epoch and the
-real source + target tokens. Writes ``bench/results/runs/<run>/data-seen.json``. Runs trained
-after this script record ``tokens`` in their ``log.jsonl`` directly.
+Replays each run's batch plan (``token_batches`` with the seed and sort in the run's own
+``train.json``, epoch by epoch: the trainer's order) up to the step its model was saved at, and
+counts batches per epoch and the real source + target tokens. Writes
+``bench/results/runs/<run>/data-seen.json``. Runs trained after this script record ``tokens``
+in their ``log.jsonl`` directly.
 """
 
 from __future__ import annotations
@@ -20,26 +21,26 @@ from attnkit.apps.train import encode_pairs, load_config, token_batches
 from attnkit.data import cache_root, load_pairs
 from attnkit.models import Tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-# results folder -> (config, run directory under the cache, step of the saved model)
+# results folder -> (run directory under the cache, step of the saved model)
 RUNS = {
-    "translate-en-de-55min": ("configs/translate-en-de-cpu.json", "runs/translate-en-de", 1901),
-    "translate-en-de-85min": ("configs/translate-en-de-cpu.json", "runs/translate-en-de", 3250),
-    "summarize-debian": ("configs/summarize-debian-cpu.json", "runs/summarize-debian", 1391),
+    "translate-en-de-55min": ("runs/translate-en-de", 1901),
+    "translate-en-de-85min": ("runs/translate-en-de", 3250),
+    "summarize-debian": ("runs/summarize-debian", 1391),
 }
 
 
 def main() -> None:
     cache = cache_root(sys.argv[1] if len(sys.argv) > 1 else None)
-    for name, (config, run, steps) in RUNS.items():
-        cfg = load_config(ROOT / config)
+    for name, (run, steps) in RUNS.items():
+        cfg = load_config(cache / run / "train.json")  # the config the run recorded, not today's
         tok = Tokenizer(cache / run / "tokenizer.json")
         train = encode_pairs(tok, load_pairs(cache / cfg.corpus, "train"), cfg, drop_long=True)
         lengths = [(len(s), len(t)) for s, t in train]
-        per_epoch = len(token_batches(lengths, cfg.batch_tokens, cfg.seed, 0))
+        per_epoch = len(token_batches(lengths, cfg.batch_tokens, cfg.seed, 0, cfg.batch_sort))
         done, tokens, epoch = 0, 0, 0
         while done < steps:
-            for batch in token_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)[: steps - done]:
+            plan = token_batches(lengths, cfg.batch_tokens, cfg.seed, epoch, cfg.batch_sort)
+            for batch in plan[: steps - done]:
                 tokens += sum(lengths[i][0] + lengths[i][1] for i in batch)
                 done += 1
             epoch += 1

@@ -14,6 +14,7 @@ from attnkit.apps import train as train_mod
 from attnkit.apps.tasks import evaluate, load_task_model, score
 from attnkit.apps.train import TrainConfig, Trainer, budget_done, lr_factor, token_batches, valid_loss
 from attnkit.cli import main
+from attnkit.data import DataError
 from attnkit.models import Seq2Seq
 
 from ..tiny_run import TINY, build_cache
@@ -89,6 +90,25 @@ def test_run_directory_files_and_errors(tmp_path, cache):
         Trainer(cfg, tmp_path / "empty", cache=cache, progress=False).run(resume=True)
     with pytest.raises(Exception, match="attnkit data summarize"):
         Trainer(cfg.replace(task="summarize", corpus="summarize-debian"), tmp_path / "s", cache=cache).run()
+
+
+def test_a_config_that_names_its_sources_refuses_a_corpus_built_from_others(tmp_path, cache):
+    cfg = TrainConfig.from_dict({**TINY, "max_steps": 1})
+    messages = []
+    Trainer(
+        cfg.replace(sources=["help"]), tmp_path / "a", cache=cache, progress=False, log=messages.append
+    ).run()
+    assert any("training pairs (help)," in m for m in messages)
+    with pytest.raises(
+        DataError, match=r"from sources \['help', 'ui'\], but .* from \['help'\]; .*--sources help,ui`"
+    ):
+        Trainer(cfg.replace(sources=["help", "ui"]), tmp_path / "b", cache=cache, progress=False).run()
+    assert not (tmp_path / "b").exists()  # refused before writing anything
+    for bad in (["ui"], ["help", "web"], "help"):
+        with pytest.raises(ValueError, match="expected sources a list of names from"):
+            cfg.replace(sources=bad)
+    with pytest.raises(ValueError, match="sources are for translation"):
+        cfg.replace(task="summarize", sources=["help"])
 
 
 def test_eval_translate_and_show_attention(tmp_path, cache, capsys):
@@ -224,14 +244,35 @@ def test_cli_train_then_summarize_refuses_a_translation_model(tmp_path, cache, c
     assert "expected some text" in capsys.readouterr().err
 
 
-def test_batches_respect_the_token_budget_and_depend_only_on_seed_and_epoch():
+@pytest.mark.parametrize("sort", ["source", "longer"])
+def test_batches_respect_the_token_budget_and_depend_only_on_seed_and_epoch(sort):
     g = torch.Generator().manual_seed(0)
     lengths = [(int(a), int(b)) for a, b in torch.randint(2, 60, (500, 2), generator=g)]
-    b1 = token_batches(lengths, 600, seed=1, epoch=0)
-    assert b1 == token_batches(lengths, 600, seed=1, epoch=0) and b1 != token_batches(lengths, 600, 1, 1)
+    b1 = token_batches(lengths, 600, seed=1, epoch=0, sort=sort)
+    assert b1 == token_batches(lengths, 600, 1, 0, sort) and b1 != token_batches(lengths, 600, 1, 1, sort)
     assert sorted(i for b in b1 for i in b) == list(range(500))
     for b in b1:
         assert len(b) * (max(lengths[i][0] for i in b) + max(lengths[i][1] for i in b)) <= 600 or len(b) == 1
+
+
+def padding_share(lengths, batches) -> float:
+    padded = sum(len(b) * (max(lengths[i][0] for i in b) + max(lengths[i][1] for i in b)) for b in batches)
+    return 1 - sum(lengths[i][0] + lengths[i][1] for b in batches for i in b) / padded
+
+
+def test_sorting_by_the_longer_side_leaves_less_padding_when_the_sides_differ():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(2, 60, (2000,), generator=g)
+    tgt = (src * (0.6 + 0.8 * torch.rand(2000, generator=g))).long().clamp(min=2)  # a translation's spread
+    lengths = list(zip(src.tolist(), tgt.tolist(), strict=True))
+    by_source = token_batches(lengths, 1000, 0, 0, "source")
+    by_longer = token_batches(lengths, 1000, 0, 0, "longer")
+    assert sorted(i for b in by_longer for i in b) == list(range(2000))
+    assert padding_share(lengths, by_longer) < 0.75 * padding_share(lengths, by_source)
+    with pytest.raises(ValueError, match=r"expected sort in .*'source', 'longer'.*got 'target'"):
+        token_batches(lengths, 1000, 0, 0, "target")
+    with pytest.raises(ValueError, match="batch_sort"):
+        TrainConfig(batch_sort="target")
 
 
 def test_lr_schedule_and_metrics():

@@ -41,6 +41,7 @@ TASKS = ("translate", "summarize")
 PAD, BOS, EOS = 0, 1, 2  # SPECIAL_TOKENS' ids
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("inverse_sqrt", "linear")
+BATCH_SORTS = ("source", "longer")
 #: ``precision="auto"`` takes bf16 only when a measured step is at least this much faster (bf16
 #: rounds activations to 8 bits of mantissa: a speed-up within noise is not worth it).
 BF16_MIN_SPEEDUP = 1.1
@@ -59,15 +60,23 @@ class TrainConfig(ModelConfig):
     (:func:`choose_precision`).
     ``average_last`` (0 = off, else >= 2): keep the weights of the last that many validations
     and, when the run ends, write their average to ``model-avg/`` (checkpoint averaging, as
-    Vaswani et al. 2017 did over their last checkpoints)."""
+    Vaswani et al. 2017 did over their last checkpoints).
+    ``batch_sort``: how :func:`token_batches` orders pairs before cutting them into batches;
+    ``"source"`` (source length, then target length) or ``"longer"`` (the longer side first),
+    which leaves less padding when the two sides' lengths differ.
+    ``sources`` (translation; None = any): the sources the corpus must have been built from
+    (``attnkit data translate --sources``); a corpus built from others is an error, not a
+    silently different run."""
 
     task: str = "translate"
     corpus: str = "translate-en-de"
+    sources: list | None = None
     vocab_size: int = 8000
     max_src_tokens: int = 128
     max_tgt_tokens: int = 128
     model: dict = dataclasses.field(default_factory=dict)
     batch_tokens: int = 6000
+    batch_sort: str = "source"
     lr: float = 7e-4
     warmup_steps: int = 800
     lr_schedule: str = "inverse_sqrt"
@@ -88,6 +97,17 @@ class TrainConfig(ModelConfig):
         self._require("task", self.task in TASKS, f"one of {TASKS}")
         self._require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
         self._require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
+        self._require("batch_sort", self.batch_sort in BATCH_SORTS, f"one of {BATCH_SORTS}")
+        if self.sources is not None:
+            from ..data.libreoffice import SOURCES
+
+            self._require("sources", self.task == "translate", "None (sources are for translation corpora)")
+            ok = (
+                isinstance(self.sources, list)
+                and "help" in self.sources
+                and set(self.sources) <= set(SOURCES)
+            )
+            self._require("sources", ok, f"a list of names from {SOURCES} with 'help'")
         self._positive("vocab_size", "max_src_tokens", "max_tgt_tokens", "batch_tokens", "max_steps",
                        "eval_every", "valid_pairs", "beam_size")  # fmt: skip
         self._require("max_tgt_tokens", self.max_tgt_tokens >= 3, ">= 3 (bos, a token, eos)")
@@ -167,17 +187,27 @@ def source_batch(tok: Tokenizer, texts: list[str], max_src_tokens: int) -> Tenso
 
 
 def token_batches(
-    lengths: list[tuple[int, int]], batch_tokens: int, seed: int, epoch: int
+    lengths: list[tuple[int, int]], batch_tokens: int, seed: int, epoch: int, sort: str = "source"
 ) -> list[list[int]]:
     """Indices grouped into batches of similar length whose padded size (rows x longest, both
-    sides) stays within ``batch_tokens``; the order depends only on ``(seed, epoch)``."""
+    sides) stays within ``batch_tokens``; the order depends only on ``(seed, epoch)``.
+
+    The indices are shuffled, then sorted within chunks of a few thousand, so that a batch holds
+    pairs of similar length and the batches still differ from epoch to epoch. ``sort="source"``
+    sorts by source length, then target length; ``"longer"`` by the longer of the two, then
+    source, then target: where target lengths vary among pairs of equal source length (as in
+    translation), that leaves less padding, so a batch of the same padded size holds more real
+    tokens."""
+    if sort not in BATCH_SORTS:
+        raise ValueError(f"token_batches: expected sort in {BATCH_SORTS}, got {sort!r}.")
+    key = (lambda i: lengths[i]) if sort == "source" else (lambda i: (max(lengths[i]), *lengths[i]))
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
     batches: list[list[int]] = []
     chunk = 64 * max(1, batch_tokens // 32)  # sort within chunks: similar lengths, still shuffled
     for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: (lengths[i][0], lengths[i][1]))
+        part = sorted(order[start : start + chunk], key=key)
         cur: list[int] = []
         longest_s = longest_t = 0
         for i in part:
@@ -337,7 +367,8 @@ def valid_loss(model: nn.Module, examples, cfg: TrainConfig) -> float:
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for idx in token_batches([(len(s), len(t)) for s, t in examples], cfg.batch_tokens, 0, 0):
+    lengths = [(len(s), len(t)) for s, t in examples]
+    for idx in token_batches(lengths, cfg.batch_tokens, 0, 0, cfg.batch_sort):
         b = collate([examples[i] for i in idx])
         n = int((b.tgt[:, 1:] != PAD).sum())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -396,6 +427,14 @@ class Trainer:
         if meta.get("task") != cfg.task:
             raise ValueError(f"train: config task {cfg.task!r} but corpus {str(self.corpus)!r} is for "
                              f"{meta.get('task')!r}.")  # fmt: skip
+        built = meta.get("sources", ["help"] if cfg.task == "translate" else None)
+        if cfg.sources is not None and sorted(built) != sorted(cfg.sources):
+            raise DataError(
+                f"train: the config expects a corpus built from sources {cfg.sources}, but "
+                f"{str(self.corpus)!r} was built from {built}; rebuild it with "
+                f"`attnkit data translate --sources {','.join(cfg.sources)}`."
+            )
+        self.sources = built
         train = load_pairs(self.corpus, "train")
         tok_path = self.out / "tokenizer.json"
         if self.main:
@@ -527,7 +566,10 @@ class Trainer:
         st = self.state
         n_params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.world} data-parallel ranks" if self.world > 1 else ""
-        self.log(f"{cfg.task}: {len(self.train):,} training pairs, vocabulary {self.tokenizer.vocab_size}, "
+        pairs = f"{len(self.train):,} training pairs" + (
+            f" ({', '.join(self.sources)})" if self.sources else ""
+        )
+        self.log(f"{cfg.task}: {pairs}, vocabulary {self.tokenizer.vocab_size}, "
                  f"{n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads{ranks}")  # fmt: skip
         bar = None
         if self.progress:
@@ -553,7 +595,7 @@ class Trainer:
                 if epoch_batches[0] != st["epoch"]:  # the order depends only on (seed, epoch)
                     epoch_batches = (
                         st["epoch"],
-                        token_batches(self.lengths, cfg.batch_tokens, cfg.seed, st["epoch"]),
+                        token_batches(self.lengths, cfg.batch_tokens, cfg.seed, st["epoch"], cfg.batch_sort),
                     )
                 batches = epoch_batches[1]
                 if st["position"] >= len(batches):
@@ -609,7 +651,7 @@ class Trainer:
         if "precision" in st:
             self.log(f"precision: {st['precision']} (measured when the run started)")
             return cfg.replace(precision=st["precision"])
-        first = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, 0)[0]
+        first = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, 0, cfg.batch_sort)[0]
         choice, medians = choose_precision(self.net, self._batch(first), cfg.label_smoothing)
         if self.world > 1:  # every rank measured; they take the majority's choice together
             choice = "bf16" if self._mean(1.0 if choice == "bf16" else 0.0) >= 0.5 else "fp32"
