@@ -548,9 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("task", choices=("translate", "summarize"))
     data.add_argument("--lang", default="de", choices=("de", "fr", "es"), help="target language (translate)")
     data.add_argument(
-        "--sources", default="help",
+        "--sources", default="help,ui,gettext",
         help="translate: comma-separated help (LibreOffice help pages, always), ui (LibreOffice's "
-        "interface catalogs), gettext (common programs' catalogs); default help",
+        "interface catalogs), gettext (common programs' catalogs); default help,ui,gettext",
     )  # fmt: skip
     data.add_argument("--cache-dir", default=None, help=cache_help)
     data.set_defaults(func=_data)
