@@ -136,17 +136,26 @@ def alternate(
     }
 
 
-def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
-    """``(config, batches, vocabulary size)``: the first ``count`` batches of the batch plan of the
-    training run in directory ``run``, encoded with its tokenizer from the corpus its config names.
+def run_lengths(run: str | Path, cache_dir: str | None = None):
+    """``(config, trainer)``: the training run in directory ``run``, its training split encoded
+    with its tokenizer from the corpus its config names (``trainer.lengths``, ``trainer.train``).
     The run itself is not touched (its tokenizer is copied into a scratch directory)."""
-    from attnkit.apps.train import Trainer, collate, load_config, token_batches
+    from attnkit.apps.train import Trainer, load_config
 
     cfg = load_config(Path(run) / "train.json")
     with tempfile.TemporaryDirectory(prefix="attnkit-bench-run-") as scratch:
         shutil.copy(Path(run) / "tokenizer.json", scratch)
         trainer = Trainer(cfg, scratch, cache=cache_dir, progress=False, log=lambda m: None)
         trainer.prepare()  # encodes the splits
+    return cfg, trainer
+
+
+def run_batches(run: str | Path, count: int, cache_dir: str | None = None):
+    """``(config, batches, vocabulary size)``: the first ``count`` batches of the batch plan of the
+    training run in directory ``run`` (see :func:`run_lengths`)."""
+    from attnkit.apps.train import collate, token_batches
+
+    cfg, trainer = run_lengths(run, cache_dir)
     plan = token_batches(trainer.lengths, cfg.batch_tokens, cfg.seed, 0, cfg.batch_sort)[:count]
     return cfg, [collate([trainer.train[i] for i in idx]) for idx in plan], trainer.tokenizer.vocab_size
 
