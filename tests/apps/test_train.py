@@ -111,6 +111,20 @@ def test_a_config_that_names_its_sources_refuses_a_corpus_built_from_others(tmp_
         cfg.replace(task="summarize", sources=["help"])
 
 
+def test_resume_a_checkpoint_written_before_a_config_field_existed(tmp_path, cache):
+    cfg = TrainConfig.from_dict({**TINY, "max_steps": 3})
+    out = tmp_path / "run"
+    Trainer(cfg, out, cache=cache, progress=False, log=lambda m: None).run()
+    blob = torch.load(out / "checkpoint.pt", weights_only=False)
+    for field in ("batch_sort", "sources"):  # what an older attnkit wrote: no such keys
+        del blob["config"][field]
+    torch.save(blob, out / "checkpoint.pt")
+    longer = Trainer(cfg.replace(max_steps=4), out, cache=cache, progress=False, log=lambda m: None)
+    assert longer.run(resume=True)["step"] == 4  # the missing fields mean their defaults
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(cfg.replace(batch_sort="longer"), out, cache=cache, progress=False).run(resume=True)
+
+
 def test_eval_translate_and_show_attention(tmp_path, cache, capsys):
     out = tmp_path / "run"
     Trainer(TrainConfig.from_dict(TINY), out, cache=cache, progress=False, log=lambda m: None).run()

@@ -478,7 +478,8 @@ class Trainer:
             raise FileNotFoundError(f"train --resume: no checkpoint at {str(self.checkpoint_path)!r}.")
         blob = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
         budget = ("max_steps", "max_minutes")  # a resumed run may be given more (or less) time
-        if {k: v for k, v in blob["config"].items() if k not in budget} != {
+        stored = TrainConfig.from_dict(blob["config"]).to_dict()  # fields added since: their defaults
+        if {k: v for k, v in stored.items() if k not in budget} != {
             k: v for k, v in self.cfg.to_dict().items() if k not in budget
         }:
             raise ValueError(f"train --resume: the config differs from the one {str(self.checkpoint_path)!r} "
