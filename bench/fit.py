@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, RESULTS, alternate, environment
 from attnkit import attention
 from attnkit import patterns as P
-from attnkit.apps.explain import load_model
 from attnkit.apps.fit import SINKS, fit_model, split_texts
 from attnkit.fit import default_candidates
+from attnkit.models import load
 
 LICENSES = ("GPL-2", "GPL-3", "LGPL-2.1", "Apache-2.0", "GFDL-1.3", "MPL-2.0", "Artistic")
 SETTINGS = [("keep", 0.95), ("keep", 0.9), ("keep", 0.8), ("budget", 0.5), ("budget", 0.3)]
@@ -89,12 +89,12 @@ def speed(fitted: list, uniform: P.Pattern) -> list[dict]:
 def main() -> None:
     text = chunks()
     fit_texts, held = split_texts(text)
-    loaded = load_model(None)
+    loaded = load(None)
     results = []
     for mode, value in SETTINGS:
         kwargs = {mode: value}
         report = fit_model(
-            *loaded, fit_texts, held, candidates=default_candidates((8, 16, 32, 64, 128)), progress=False,
+            loaded, fit_texts, held, candidates=default_candidates((8, 16, 32, 64, 128)), progress=False,
             **kwargs,
         )  # fmt: skip
         sinks_row = report.comparison[3]

@@ -40,9 +40,16 @@ def test_fit_minilm_writes_json_png_and_a_model_that_keeps_its_patterns(tmp_path
     report = json.loads((out / "fit.json").read_text())
     assert report["model"] == "all-MiniLM-L6-v2" and len(report["layers"]) == 6
     assert len(report["mass"]) == 6 and len(report["mass"][0]) == 12 and len(report["candidates"]) == 10
-    dense, fitted = report["comparison"][0], report["comparison"][1]
-    assert dense["cosine"] == pytest.approx(1.0) and 0 < fitted["cosine"] <= 1.0 + 1e-9
-    assert fitted["density"] <= 1.0 and (out / "fit.png").stat().st_size > 0
+    dense, fitted, window, sinks = report["comparison"]
+    assert dense["cosine"] == pytest.approx(1.0) and dense["density"] == 1.0
+    # the fitted heads are sparser than dense, the uniform baselines are matched to their density,
+    # and at that density the fit keeps the embeddings closer to dense than either baseline
+    assert fitted["density"] < 0.95
+    for base in (window, sinks):
+        assert base["density"] == pytest.approx(fitted["density"], abs=0.03), base
+        assert fitted["cosine"] > base["cosine"], (fitted, base)
+    assert f"{fitted['density']:.4f}  {fitted['cosine']:.4f}" in printed
+    assert (out / "fit.png").stat().st_size > 0
     page = (out / "fit.html").read_text()
     assert '"headPatterns"' in page and '"lost": [[' in page and '"rollout": "' in page
     from attnkit.models import BertEncoder
@@ -102,14 +109,39 @@ def test_fit_a_llama_checkpoint_reports_perplexity(tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "fit.json").read_text())
     assert report["kind"] == "decoder" and all("perplexity" in row for row in report["comparison"])
     assert all("Causal()" in p for p in report["fitted"])  # decoders stay causal
+    dense, fitted, window, _sinks = report["comparison"]
+    # densities count the square: the decoder's own causal attention is about half of it
+    lengths = [30] * 2  # the two held-out texts of 30 words
+    causal = sum(P.Causal().num_allowed(n) for n in lengths) / sum(n * n for n in lengths)
+    assert dense["density"] == pytest.approx(causal)
+    assert report["own_density"] == [[pytest.approx(causal, abs=0.02)] * 4] * 2  # the fit texts
+    assert fitted["density"] <= dense["density"] and window["density"] <= fitted["density"] + 0.05
 
 
 def test_decoder_baselines_stay_causal():
     import torch
 
-    from attnkit.apps.fit import _window
+    from attnkit.apps.fit import baseline
 
-    dense = _window(3, "decoder", P.Global(tuple(range(4)))).to_dense(12, 12)
+    (sinks,) = baseline(3, [P.Causal()], sinks=4)
+    dense = sinks.to_dense(12, 12)
     assert not torch.triu(dense, 1).any()  # the sink positions do not see the future
     assert dense[:, 0].all() and dense[11, 8:].all() and not dense[11, 4:8].any()
-    assert torch.equal(_window(3, "encoder").to_dense(12, 12), P.SlidingWindow(3, 3).to_dense(12, 12))
+    (window,) = baseline(3, [None])
+    assert torch.equal(window.to_dense(12, 12), P.SlidingWindow(3, 3).to_dense(12, 12))
+    (local,) = baseline(8, [P.SlidingWindow(2)])  # a sliding-window layer keeps its own window
+    assert torch.equal(local.to_dense(12, 12), P.SlidingWindow(2).to_dense(12, 12))
+
+
+def test_a_budget_no_candidate_fits_is_refused_before_the_coverage_pass(tmp_path, capsys, monkeypatch):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(PARAGRAPHS))
+
+    def no_coverage(*args, **kwargs):
+        raise AssertionError("the coverage pass ran")
+
+    monkeypatch.setattr("attnkit.apps.fit.coverage", no_coverage)
+    assert main(["fit", "--texts", str(texts), "--budget", "0.05", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--budget: " in err and "no candidate has density <= budget=0.05 (the sparsest is" in err, err
+    assert err.count("\n") == 1

@@ -1,5 +1,5 @@
-"""``attnkit.fit``: coverage on synthetic heads whose weights are known, and fitting that picks
-the known answer."""
+"""``attnkit.fit``: coverage on synthetic heads whose weights are known, blockwise coverage against
+the dense weights, and fitting that picks the known answer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 from attnkit import fit
 from attnkit import patterns as P
+from attnkit.fit import measure as coverage_mod
+from attnkit.models import Seq2Seq, Seq2SeqConfig
 from attnkit.nn import MultiHeadAttention
 from attnkit.viz import record
 
@@ -41,15 +43,69 @@ def test_coverage_equals_the_hand_computation():
         P.Full(),
     ]
     cov = fit.coverage(model, _inputs(), candidates)
-    assert cov.layers and cov.mass.shape == (1, 2, 4) and cov.rows == 2 * N
+    assert cov.layers and cov.mass.shape == (1, 2, 4) and cov.density.shape == (1, 2, 4)
+    assert cov.rows.tolist() == [[2 * N, 2 * N]] and cov.own == [None]
     # head 1 is uniform over all 8 keys: a candidate keeps (allowed keys in the row) / 8, averaged
     for c, pattern in enumerate(candidates):
         want = pattern.to_dense(N, N).double().sum(-1).div(N).mean()
         assert cov.mass[0, 1, c].item() == pytest.approx(want.item(), abs=1e-6)
-        assert cov.density[c].item() == pytest.approx(pattern.density(N, N), abs=1e-6)
+        assert cov.density[0, :, c].tolist() == pytest.approx([pattern.density(N, N)] * 2, abs=1e-6)
     # head 0 puts 1 - 7 e^-40 on its own position: every candidate keeps it
     assert torch.allclose(cov.mass[0, 0], torch.ones(4), atol=1e-6)
     assert cov.mass[0, 1, 3].item() == pytest.approx(1.0)
+    assert cov.own_density.tolist() == [[1.0, 1.0]]
+
+
+def _dense_masses(model, batches, candidates, forward):
+    """The oracle: every layer's float64 weights materialized by ``viz.record``, then summed
+    under each candidate's dense mask, over the rows that see a key."""
+    kept, rows = {}, {}
+    for batch in batches:
+        with torch.no_grad(), record(model) as rec:
+            forward(model, batch)
+        for name, w in zip(rec.layers, rec.weights, strict=True):
+            w = w.double()  # (B, H, N, S)
+            n, s = w.shape[-2:]
+            live = w.sum(-1) > 0
+            masses = torch.stack(
+                [(w * c.to_dense(n, s)).sum(-1).mul(live).sum((0, 2)) for c in candidates], -1
+            )
+            kept[name] = kept.get(name, 0) + masses
+            rows[name] = rows.get(name, 0) + live.sum((0, 2))
+    return {name: kept[name] / rows[name][:, None] for name in kept}
+
+
+@pytest.mark.parametrize("block_elements", [1 << 23, 300], ids=["one-block", "many-blocks"])
+def test_blockwise_coverage_equals_the_dense_weights_at_two_lengths(monkeypatch, block_elements):
+    """An encoder-decoder (self-attention N x N, causal N x N, cross-attention N x S) with GQA and
+    padding: each layer's mass is normalized by its own rows and its density by its own shape,
+    so Full() keeps exactly 1 everywhere and never 2."""
+    monkeypatch.setattr(coverage_mod, "BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(src_vocab_size=50, dim=32, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                        encoder_layers=2, decoder_layers=1, max_len=64, dropout=0.0)  # fmt: skip
+    model = Seq2Seq(cfg).double().eval()
+    src = torch.randint(4, 50, (2, 13))
+    src[1, 9:] = cfg.pad_id  # padding: masked keys
+    tgt = torch.randint(4, 50, (2, 5))
+    batches = [(src, tgt), (src[:, :11], tgt[:, :4])]
+    candidates = [P.SlidingWindow(1, 1), P.SlidingWindow(2, 2) | P.Global((0,)), P.Strided(3), P.Full()]
+
+    def forward(m, batch):
+        return m(*batch)
+
+    cov = fit.coverage(model, batches, candidates, forward=forward)
+    dense = _dense_masses(model, batches, candidates, forward)
+    assert cov.layers == list(dense) and len(cov.layers) == 4
+    for i, name in enumerate(cov.layers):
+        assert torch.allclose(cov.mass[i].double(), dense[name], atol=1e-5), name
+    assert torch.allclose(cov.mass[..., 3], torch.ones(4, 4))  # Full() keeps all, at every layer
+    decoder_self = cov.layers.index(next(n for n in cov.layers if "self" in n and "decoder" in n))
+    # the causal decoder layer: density counts the square's pairs, so dense causal is about half
+    pairs = sum(2 * t.shape[1] ** 2 for _, t in batches)
+    causal = sum(2 * P.Causal().num_allowed(t.shape[1]) for _, t in batches)
+    assert cov.own_density[decoder_self].tolist() == pytest.approx([causal / pairs] * 4)
+    assert cov.density[decoder_self, :, 3].tolist() == pytest.approx([causal / pairs] * 4)
 
 
 def test_fit_picks_the_known_answer():
@@ -69,20 +125,50 @@ def test_fit_picks_the_known_answer():
     assert torch.equal(w[1] > 0, P.SlidingWindow(1, 1).to_dense(N, N))
 
 
+def test_fitted_patterns_stay_within_the_layers_own_pattern():
+    """A sliding-window layer keeps its window and a causal one stays causal; Full() becomes the
+    layer's own pattern, not dense attention."""
+    model = _two_head_model()
+    own = P.SlidingWindow(2) & P.Causal()
+    candidates = [P.Full(), P.SlidingWindow(1, 1), P.SlidingWindow(4, 4) | P.Global((0,))]
+    cov = fit.coverage(
+        model, [(x, own) for x in _inputs()], candidates, forward=lambda m, b: m(b[0], pattern=b[1])
+    )
+    assert cov.own == [own]
+    assert cov.own_density[0, 0].item() == pytest.approx(own.density(N, N))
+    (layer,) = fit.fit_patterns(cov, keep=0.95)
+    for head in layer.heads:
+        allowed = head.to_dense(N, N)
+        assert not (allowed & ~own.to_dense(N, N)).any(), head  # never more than the layer allowed
+    assert layer.heads[1] == own  # head 1 (uniform) needs everything: the window itself
+    assert fit.choose.within_layer(P.SlidingWindow(1, 1), P.Causal()) == P.SlidingWindow(1, 1) & P.Causal()
+
+
 def test_fit_chooses_on_synthetic_coverage_and_checks_arguments():
     candidates = [P.Full(), P.SlidingWindow(4, 4), P.SlidingWindow(4, 4) | P.Global((0,))]
     mass = torch.tensor([[[1.0, 0.5, 0.97], [1.0, 0.99, 0.995], [1.0, 0.2, 0.3]]])
-    cov = fit.Coverage(["layer"], candidates, mass, torch.tensor([1.0, 0.1, 0.15]), rows=10)
+    density = torch.tensor([1.0, 0.1, 0.15]).expand(1, 3, 3)
+    cov = fit.Coverage(
+        ["layer"], candidates, mass, density, torch.full((1, 3), 10.0), [None], torch.ones(1, 3)
+    )
     (layer,) = fit.fit_patterns(cov, keep=0.95)
     assert layer.heads == (candidates[2], candidates[1], candidates[0])
+    (layer,) = fit.fit_patterns(cov, budget=0.12)  # only the window fits; every head takes it
+    assert layer.heads == (candidates[1],) * 3
     with pytest.raises(ValueError, match="not both"):
         fit.fit_patterns(cov, keep=0.9, budget=0.5)
-    with pytest.raises(ValueError, match=r"no candidate has density <= budget=0\.05"):
+    with pytest.raises(
+        ValueError, match=r"no candidate has density <= budget=0\.05 \(the sparsest is 0\.100\)"
+    ):
         fit.fit_patterns(cov, budget=0.05)
     with pytest.raises(ValueError, match=r"0 < keep <= 1"):
         fit.fit_patterns(cov, keep=1.5)
     with pytest.raises(ValueError, match="at least one candidate"):
         fit.coverage(_two_head_model(), _inputs(), [])
+    with pytest.raises(ValueError, match=r"candidates\[0\] to be one Pattern for every head"):
+        fit.coverage(_two_head_model(), _inputs(), [P.PerHead([P.Full(), P.Causal()])])
+    with pytest.raises(ValueError, match="at least one input batch"):
+        fit.coverage(_two_head_model(), [], candidates)
     assert len(fit.default_candidates()) == 16 and fit.default_candidates()[-1] == P.Full()
 
 

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import caches, functional
+from ._timing import time_in_turns
 from .backends import _rows
 from .backends.base import compute_dtype, lse_dtype
 from .backends.blocksparse import BlockSparseBackend
@@ -52,11 +53,13 @@ from .patterns import EMPTY, Full, Pattern, crop
 __all__ = [
     "LAYOUTS",
     "METHODS",
+    "SEQUENCE_DIMS",
     "BalancedLayout",
     "ContextParallel",
     "PeerError",
     "context_parallel_attention",
     "gather_sequence",
+    "sequence_dim",
     "set_context_parallel",
     "shard_ranges",
     "shard_sequence",
@@ -179,15 +182,39 @@ def _balance(pattern: Pattern, block: int, n: int, world: int) -> Ranges:
     return best
 
 
+#: The sequence axis of attnkit's layouts, by the number of dimensions: ``(N,)``, ``(B, N)``
+#: token ids, ``(B, N, C)`` activations, ``(B, H, N, D)`` attention inputs.
+SEQUENCE_DIMS = {1: 0, 2: 1, 3: 1, 4: 2}
+
+
+def sequence_dim(x: Tensor, dim: int | None) -> int:
+    """``dim`` (made non-negative), or the sequence axis of ``x``'s layout when None: the one
+    default of every function here that shards or gathers a sequence."""
+    if dim is not None:
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(
+                f"expected dim in [-{x.dim()}, {x.dim()}) for a {x.dim()}-d tensor, but got dim={dim}."
+            )
+        return dim % x.dim()
+    if x.dim() not in SEQUENCE_DIMS:
+        raise ValueError(
+            f"expected dim= for a {x.dim()}-d tensor (the sequence axis is known for 1-4 dimensions: "
+            f"(N,), (B, N), (B, N, C), (B, H, N, D)), but got shape {tuple(x.shape)}."
+        )
+    return SEQUENCE_DIMS[x.dim()]
+
+
 def shard_sequence(
     x: Tensor,
     *,
-    dim: int = 2,
+    dim: int | None = None,
     group: dist.ProcessGroup | None = None,
     layout: str | BalancedLayout = "contiguous",
 ) -> Tensor:
-    """This rank's shard of ``x`` along ``dim`` (default 2, the sequence axis of ``(B, H, N,
-    D)``); a view for the contiguous layout. Lengths not divisible by the ranks are fine."""
+    """This rank's shard of ``x`` along ``dim`` (default: the sequence axis of the layout,
+    :data:`SEQUENCE_DIMS`: 2 of ``(B, H, N, D)``, 1 of ``(B, N, C)`` and ``(B, N)``); a view for
+    the contiguous layout. Lengths not divisible by the ranks are fine."""
+    dim = sequence_dim(x, dim)
     g = _Group.of(group, None)
     ranges = shard_ranges(x.shape[dim], g.size, layout)[g.rank]
     parts = [x.narrow(dim, a, b - a) for a, b in ranges]
@@ -197,7 +224,7 @@ def shard_sequence(
 def gather_sequence(
     x_local: Tensor,
     *,
-    dim: int = 2,
+    dim: int | None = None,
     n: int,
     group: dist.ProcessGroup | None = None,
     layout: str | BalancedLayout = "contiguous",
@@ -205,10 +232,11 @@ def gather_sequence(
 ) -> Tensor:
     """The whole ``n``-token sequence on every rank, from each rank's shard (the inverse of
     :func:`shard_sequence`). Differentiable: the gradient of a rank's shard is the sum over
-    ranks of the gradients of its positions (as an all-gather's is)."""
+    ranks of the gradients of its positions (as an all-gather's is). ``dim`` defaults to the
+    sequence axis, as in :func:`shard_sequence`."""
     g = _Group.of(group, timeout)
     ranges = shard_ranges(n, g.size, layout)
-    dim = dim % x_local.dim()
+    dim = sequence_dim(x_local, dim)
     have, want = x_local.shape[dim], sum(b - a for a, b in ranges[g.rank])
     if have != want:
         raise ValueError(
@@ -246,7 +274,7 @@ class ContextParallel:
 
         cp = ContextParallel(layout="zigzag")
         set_context_parallel(model, cp)
-        logits = model(cp.shard(input_ids, dim=1))  # this rank's (B, N_local, V)
+        logits = model(cp.shard(input_ids))  # this rank's (B, N_local, V)
     """
 
     group: dist.ProcessGroup | None = None
@@ -261,11 +289,12 @@ class ContextParallel:
                 f"ContextParallel: expected method in {METHODS}, but got method={self.method!r}."
             )
 
-    def shard(self, x: Tensor, dim: int = 1) -> Tensor:
-        """This rank's tokens of ``x`` along ``dim`` (1 for ``(B, T, ...)`` model inputs)."""
+    def shard(self, x: Tensor, dim: int | None = None) -> Tensor:
+        """This rank's tokens of ``x`` along ``dim`` (default: the sequence axis, as in
+        :func:`shard_sequence`: 1 for ``(B, T)`` ids and ``(B, T, C)`` activations)."""
         return shard_sequence(x, dim=dim, group=self.group, layout=self.layout)
 
-    def gather(self, x: Tensor, n: int, dim: int = 1) -> Tensor:
+    def gather(self, x: Tensor, n: int, dim: int | None = None) -> Tensor:
         """The whole ``n`` tokens along ``dim`` from every rank's shard (differentiable)."""
         return gather_sequence(x, dim=dim, n=n, group=self.group, layout=self.layout, timeout=self.timeout)
 
@@ -576,26 +605,17 @@ _METHODS = caches.register("context_parallel", caches.MiB, size=lambda _: 256)
 
 
 def _measure(plan: _Plan, inp, mask) -> str:
-    """Time one forward of each method on this call's inputs (after a first one that builds
-    the plans); every rank takes the slowest rank's time of each, so all choose alike."""
-    import time
-
+    """Time each method's forward on this call's inputs (attnkit's timing policy: warmed up,
+    then in turns, the fastest of three); every rank takes the slowest rank's time of each, so
+    all choose alike."""
     runs = {
         "ring": lambda: _Ring.apply(inp.q, inp.k, inp.v, plan, mask, inp.scale),
         "all_to_all": lambda: _all_to_all_attention(inp.q, inp.k, inp.v, plan, mask, inp.scale, False),
     }
-    times = []
+    sync = (lambda: torch.cuda.synchronize(inp.device)) if inp.device.type == "cuda" else None
     with torch.no_grad():
-        for run in runs.values():
-            run()
-            if inp.device.type == "cuda":
-                torch.cuda.synchronize(inp.device)
-            start = time.perf_counter()
-            run()
-            if inp.device.type == "cuda":
-                torch.cuda.synchronize(inp.device)
-            times.append(time.perf_counter() - start)
-    mine = torch.tensor(times, dtype=torch.float64)
+        timed = time_in_turns(runs, repeats=3, sync=sync)
+    mine = torch.tensor([timed[name].best for name in runs], dtype=torch.float64)
     got = _exchange_all(
         plan.g, [mine] * plan.g.size, lambda r: (2,), torch.float64, "the method timing", 7 << 20
     )

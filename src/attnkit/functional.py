@@ -45,7 +45,9 @@ def attention(
             multi-head, ``Hkv == 1`` multi-query, anything between grouped-query attention.
         v: Values, ``(B, Hkv, S, Dv)``.
         pattern: A :class:`attnkit.patterns.Pattern` saying which keys each query may see;
-            sparse backends skip what it hides.
+            sparse backends skip what it hides. With ``N != S``, ``Causal()`` aligns the last
+            query with the last key (bottom-right, as a KV-cache decode needs), unlike torch's
+            ``is_causal=True`` (top-left); ``Causal(align="top_left")`` is torch's.
         mask: Either a bool tensor broadcastable to ``(B, H, N, S)`` (``True`` = may
             attend), ANDed with ``pattern``; or a float tensor broadcastable to
             ``(B, H, N, S)`` added to the scores (ALiBi, relative-position bias); gradients

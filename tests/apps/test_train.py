@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnkit.apps import train as train_mod
 from attnkit.apps.tasks import evaluate, load_task_model, score
 from attnkit.apps.train import TrainConfig, Trainer, budget_done, lr_factor, token_batches, valid_loss
+from attnkit.apps.train import steps as steps_mod
+from attnkit.apps.train import trainer as train_mod
 from attnkit.cli import main
 from attnkit.data import DataError
 from attnkit.models import Seq2Seq
@@ -349,20 +350,22 @@ def test_shipped_configs_are_valid():
 def test_precision_auto_measures_and_keeps_its_choice(tmp_path, cache, monkeypatch):
     fake = {"fp32": 1.0, "bf16": 0.5}
     seen = []
+    clock = [0.0]  # a fake clock that each step advances by its pretended duration
 
     def fake_step(net, batch, bf16, label_smoothing):
         seen.append(bf16)
         torch.rand(3)  # consumes random numbers, as dropout does
-        return fake["bf16" if bf16 else "fp32"]
+        clock[0] += fake["bf16" if bf16 else "fp32"]
 
-    monkeypatch.setattr(train_mod, "step_seconds", fake_step)
+    monkeypatch.setattr(steps_mod, "forward_backward", fake_step)
+    monkeypatch.setattr("attnkit._timing.perf_counter", lambda: clock[0])
     net = torch.nn.Linear(2, 2)
     before = torch.get_rng_state()
-    choice, medians = train_mod.choose_precision(net, None, 0.0, rounds=2)
-    assert choice == "bf16" and medians == fake and seen == [False, True] * 3
+    choice, seconds = steps_mod.choose_precision(net, None, 0.0, rounds=2)
+    assert choice == "bf16" and seconds == fake and seen == [False, True] * 3  # warm-up, then in turns
     assert torch.equal(torch.get_rng_state(), before)  # the measurement leaves no trace
     fake["bf16"] = 0.95  # faster, but not by BF16_MIN_SPEEDUP
-    assert train_mod.choose_precision(torch.nn.Linear(2, 2), None, 0.0)[0] == "fp32"
+    assert steps_mod.choose_precision(torch.nn.Linear(2, 2), None, 0.0)[0] == "fp32"
 
     fake["bf16"] = 0.5
     messages = []

@@ -195,7 +195,7 @@ def test_catalog_pairs_from_a_real_mo_file():
 
     mo = CATALOGS / "de" / "LC_MESSAGES" / "gtk30-excerpt.mo"
     entries = read_catalog(mo)
-    assert len(entries) == 10 and entries["Activates the cell"] == "Aktiviert das Feld"  # context dropped
+    assert len(entries) == 10 and ("Activates the cell", "Aktiviert das Feld") in entries  # context dropped
     pairs, dropped = catalog_pairs([mo], CATALOGS)
     assert {(p.src, p.tgt) for p in pairs} == {
         ("Activates the cell", "Aktiviert das Feld"),
@@ -209,9 +209,51 @@ def test_catalog_pairs_from_a_real_mo_file():
     assert {p.doc for p in pairs} == {"de/LC_MESSAGES/gtk30-excerpt.mo"}
 
 
+def _write_mo(path, entries: dict[str, str]) -> None:
+    """A GNU ``.mo`` file of ``entries`` (``"context\x04msgid"`` keys for a msgctxt), in the
+    layout gettext reads: magic, revision, count, the two string tables, no hash table."""
+    import struct
+
+    keys = sorted(entries)
+    ids, strs = [k.encode() for k in keys], [entries[k].encode() for k in keys]
+    start = 28 + 16 * len(keys)
+    blob, id_table, str_table = b"", [], []
+    for table, items in ((id_table, ids), (str_table, strs)):
+        for s in items:
+            table.append((len(s), start + len(blob)))
+            blob += s + b"\0"
+    head = struct.pack("<7I", 0x950412DE, 0, len(keys), 28, 28 + 8 * len(keys), 0, 0)
+    pairs = b"".join(struct.pack("<2I", *e) for e in (*id_table, *str_table))
+    path.write_bytes(head + pairs + blob)
+
+
+def test_one_english_string_in_two_contexts_gives_both_translations(tmp_path):
+    from attnkit.data.catalogs import catalog_pairs, read_catalog
+
+    mo = tmp_path / "two-contexts.mo"
+    _write_mo(mo, {
+        "": "Content-Type: text/plain; charset=UTF-8\n",
+        "file menu\x04Open the file": "Die Datei öffnen",
+        "dialog\x04Open the file": "Datei öffnen",
+        "toolbar\x04Open the file": "Die Datei öffnen",  # the same translation again: one pair
+        "Zoom to 100% of the page": "Auf 100 % der Seite zoomen",
+    })  # fmt: skip
+    assert read_catalog(mo) == [
+        ("Open the file", "Datei öffnen"), ("Open the file", "Die Datei öffnen"),
+        ("Zoom to 100% of the page", "Auf 100 % der Seite zoomen"),
+    ]  # fmt: skip
+    pairs, dropped = catalog_pairs([mo], tmp_path)
+    assert len(pairs) == 3 and dropped["placeholder"] == 0
+
+
 @pytest.mark.parametrize(
     ("en", "xx", "want"),
     [
+        ("Zoom to 100% of the page", "Auf 100 % der Seite zoomen",
+         ("Zoom to 100% of the page", "Auf 100 % der Seite zoomen")),
+        ("Use 50% or more", "Verwenden Sie 50 % oder mehr", ("Use 50% or more", "Verwenden Sie 50 % oder mehr")),
+        ("Progress: %d%% done", "Fortschritt: %d%% erledigt", "placeholder"),
+        ("Size %5.1f MB", "Größe %5.1f MB", "placeholder"),
         ("Save _As…", "Speichern _unter …", ("Save As…", "Speichern unter …")),
         ("~Open File", "Datei ~öffnen", ("Open File", "Datei öffnen")),
         ("&Print Preview", "&Druckvorschau anzeigen", ("Print Preview", "Druckvorschau anzeigen")),

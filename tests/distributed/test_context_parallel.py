@@ -13,6 +13,7 @@ import attnkit.patterns as P
 from attnkit import attention
 from attnkit.distributed import (
     BalancedLayout,
+    ContextParallel,
     PeerError,
     context_parallel_attention,
     gather_sequence,
@@ -195,6 +196,14 @@ def _gather(rank: int, world: int) -> bool:
         local = shard_sequence(x, dim=1, layout=layout).clone().requires_grad_()
         full = gather_sequence(local, dim=1, n=11, layout=layout)
         ok &= torch.equal(full, x)
+        # one default everywhere: the sequence axis of the layout, for functions and methods alike
+        cp = ContextParallel(layout=layout)
+        ok &= torch.equal(shard_sequence(x, layout=layout), local) and torch.equal(cp.shard(x), local)
+        ok &= torch.equal(cp.gather(local.detach(), n=11), x)
+        heads_first = x.T[None]  # (1, 3, 11, 2): the sequence is dim 2
+        ok &= torch.equal(
+            shard_sequence(heads_first, layout=layout), shard_sequence(heads_first, dim=2, layout=layout)
+        )
         (full * (rank + 1)).sum().backward()  # every rank's loss uses every position
         ok &= torch.equal(local.grad, torch.full_like(local, sum(range(1, world + 1))))
     return bool(ok)
@@ -288,3 +297,14 @@ def test_auto_measures_once_and_every_rank_agrees():
     results = values(run_ranks(_auto, 2))
     assert all(err <= 1e-5 for r in results for err in r["errors"])
     assert [(r["entries"], r["hits"]) for r in results] == [(1, 1), (1, 1)]
+
+
+def test_the_sequence_axis_is_the_one_default():
+    from attnkit.distributed import sequence_dim
+
+    assert [sequence_dim(torch.zeros((2,) * d), None) for d in (1, 2, 3, 4)] == [0, 1, 1, 2]
+    assert sequence_dim(torch.zeros(2, 3, 4), -1) == 2
+    with pytest.raises(ValueError, match=r"expected dim= for a 5-d tensor"):
+        sequence_dim(torch.zeros((1,) * 5), None)
+    with pytest.raises(ValueError, match=r"expected dim in \[-3, 3\)"):
+        sequence_dim(torch.zeros(2, 3, 4), 3)

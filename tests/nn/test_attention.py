@@ -14,7 +14,7 @@ TOL = 1e-6  # the issue's bound for float32 parity with torch
 
 def torch_pair(batch_first=True, kdim=None, bias=True):
     ref = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias).eval()
-    mine = MultiHeadAttention(32, 4, context_dim=kdim, batch_first=batch_first, bias=bias).eval()
+    mine = MultiHeadAttention(32, 4, context_dim=kdim, bias=bias).eval()
     mine.load_state_dict(ref.state_dict())
     return ref, mine
 
@@ -24,8 +24,10 @@ def torch_pair(batch_first=True, kdim=None, bias=True):
 def test_self_attention_equals_torch(batch_first, backend):
     ref, mine = torch_pair(batch_first)
     mine.backend = backend
-    x = torch.randn(3, 11, 32) if batch_first else torch.randn(11, 3, 32)
-    want, _ = ref(x, x, x, need_weights=False)
+    x = torch.randn(3, 11, 32)  # (B, N, C), attnkit's layout whatever torch's module reads
+    torch_x = x if batch_first else x.transpose(0, 1)
+    want, _ = ref(torch_x, torch_x, torch_x, need_weights=False)
+    want = want if batch_first else want.transpose(0, 1)
     assert (mine(x) - want).abs().max() <= TOL
 
 
@@ -44,7 +46,7 @@ def test_masks_equal_torch_with_its_inverted_convention():
     keep[1, 6:] = False
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     want, want_w = ref(x, x, x, key_padding_mask=~keep, attn_mask=~causal, average_attn_weights=False)
-    got, got_w = mine(x, mask=causal, key_mask=keep, need_weights=True)
+    got, got_w = mine(x, mask=causal, key_mask=keep, return_weights=True)
     assert (got - want).abs().max() <= TOL
     assert (got_w - want_w).abs().max() <= TOL
     # the same through a pattern instead of a tensor
@@ -150,7 +152,7 @@ def test_dropout_only_in_training_and_reproducible():
 
 def test_weights_shape_and_rows():
     mha = MultiHeadAttention(32, 4, pattern=P.Causal()).eval()
-    out, w = mha(torch.randn(2, 6, 32), need_weights=True)
+    out, w = mha(torch.randn(2, 6, 32), return_weights=True)
     assert out.shape == (2, 6, 32) and w.shape == (2, 4, 6, 6)
     assert torch.allclose(w.sum(-1), torch.ones(2, 4, 6))
     assert torch.all(w.triu(1) == 0)
@@ -199,3 +201,26 @@ def test_torchs_mask_keywords_are_refused(keyword, ours):
         mha(torch.randn(2, 5, 32), **{keyword: torch.zeros(2, 5, dtype=torch.bool)})
     with pytest.raises(TypeError, match=rf"pass {ours}= instead"):
         mha(torch.randn(2, 5, 32), **{keyword: torch.zeros(2, 5, dtype=torch.bool)})
+
+
+def test_torch_keywords_with_another_meaning_are_refused_by_name():
+    """A torch user's habits fail loudly: the sequence-first default, torch's need_weights (on by
+    default, heads averaged), is_causal (top-left) and the inverted masks."""
+    with pytest.raises(ValueError, match=r"batch_first=False.*\(B, N, C\).*x\.transpose\(0, 1\)"):
+        MultiHeadAttention(32, 4, batch_first=False)
+    assert MultiHeadAttention(32, 4, batch_first=True)(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+    mha = MultiHeadAttention(32, 4)
+    x = torch.randn(2, 5, 32)
+    for name, hint in [
+        ("need_weights", "return_weights=True"),
+        ("is_causal", r"pattern=Causal\(\)"),
+        ("average_attn_weights", "per-head weights"),
+        ("key_padding_mask", "key_mask=~key_padding_mask"),
+    ]:
+        with pytest.raises(TypeError, match=f"does not take torch's '{name}': .*{hint}"):
+            mha(x, **{name: True})
+    ref = nn.MultiheadAttention(32, 4)  # torch's default: sequence first
+    seq_first = torch.randn(5, 2, 32)
+    mine = MultiHeadAttention.from_torch(ref)
+    want, _ = ref(seq_first, seq_first, seq_first, need_weights=False)
+    assert (mine(seq_first.transpose(0, 1)).transpose(0, 1) - want).abs().max() <= TOL

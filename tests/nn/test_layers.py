@@ -41,6 +41,17 @@ def test_encoder_layer_equals_torch(norm_first):
     assert torch.allclose(got[keep], want[keep], atol=1e-5)
 
 
+def test_shared_keywords_default_to_torchs():
+    """EncoderLayer's keywords shared with nn.TransformerEncoderLayer mean the same with the same
+    defaults: post-norm, ReLU, dropout 0.1 on the sub-layers and on the attention weights."""
+    theirs, ours = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), EncoderLayer(32, 4, 64)
+    assert ours.norm_first is theirs.norm_first is False
+    assert ours.dropout.p == theirs.dropout1.p == 0.1 and ours.self_attn.dropout == theirs.self_attn.dropout
+    _copy_torch_encoder_layer(ours, theirs)
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)  # ReLU, post-norm
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_decoder_layer_equals_torch(norm_first):
     theirs = nn.TransformerDecoderLayer(
@@ -85,7 +96,7 @@ def test_cross_attention_cache_is_filled_once():
 
 
 def test_stacks_initialise_layers_independently_and_return_weights():
-    enc = Encoder(EncoderLayer(16, 2, 32), 3, norm=nn.LayerNorm(16))
+    enc = Encoder(EncoderLayer(16, 2, 32), 3, norm=nn.LayerNorm(16)).eval()
     w0, w1 = enc.layers[0].self_attn.q_proj.weight, enc.layers[1].self_attn.q_proj.weight
     assert not torch.equal(w0, w1)
     out, weights = enc(torch.randn(2, 5, 16), need_weights=True)
@@ -101,7 +112,7 @@ def test_decoder_computes_weights_only_where_asked():
         for kind in ("self_attn", "cross_attn"):
             getattr(layer, kind).register_forward_pre_hook(
                 lambda m, args, kwargs, key=(i, kind): (
-                    asked.append(key) if kwargs.get("need_weights") else None
+                    asked.append(key) if kwargs.get("return_weights") else None
                 ),
                 with_kwargs=True,
             )

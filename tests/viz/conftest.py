@@ -7,9 +7,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def minilm(minilm_path):
-    from attnkit.apps.explain import load_model
+    from attnkit.models import load
 
-    return load_model(minilm_path)
+    return load(minilm_path)
 
 
 @pytest.fixture(scope="session")

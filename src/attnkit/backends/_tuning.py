@@ -28,7 +28,6 @@ import os
 import platform
 import sys
 import threading
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,9 @@ import torch
 
 from .. import caches
 from .._files import atomic_write, user_cache_dir
+from .._timing import time_in_turns
+from ._materialized import materialized, matmul_dtype
+from .base import AttentionInputs, compute_dtype
 
 __all__ = [
     "EAGER_LENGTHS",
@@ -270,8 +272,8 @@ def calibrate(
     step (forward and backward, ``rows`` query rows with a key padding mask) of fused against
     materialized attention at each of :data:`EAGER_LENGTHS`.
 
-    All the measured calls are set up first and then timed in turns (:func:`_best_times`), so
-    a burst of load on a shared machine slows one round of every call, not every run of one."""
+    All the measured calls are set up first and then timed in turns, the fastest of five runs
+    each (:func:`attnkit._timing.time_in_turns`, attnkit's one timing policy)."""
     fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     g = torch.Generator().manual_seed(0)
@@ -315,7 +317,7 @@ def calibrate(
     calls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
     for length in EAGER_LENGTHS:
         calls.update(_training_calls(randn, rows // length or 1, X, length, D, g))
-    best = _best_times(calls)
+    best = {name: t.best for name, t in time_in_turns(calls, repeats=5).items()}
 
     rates: dict = {d: {lay: {} for lay in ("band", "gather")} for d in ("forward", "backward")}
     for (direction, layout, b), f in flops.items():
@@ -334,9 +336,7 @@ def calibrate(
 def _training_calls(randn, batch: int, heads: int, length: int, head_dim: int, g) -> dict:
     """``{("fused"|"eager", length): step}``: forward and backward of self-attention over
     ``batch`` padded sequences of ``length``, by ``scaled_dot_product_attention`` and by the
-    ``eager`` backend's :func:`~attnkit.backends.eager.materialized`."""
-    from .base import AttentionInputs, compute_dtype
-    from .eager import materialized, matmul_dtype
+    ``eager`` backend's :func:`~attnkit.backends._materialized.materialized`."""
 
     with _autograd():
         q, k, v = (randn(batch, heads, length, head_dim).requires_grad_() for _ in range(3))
@@ -375,18 +375,3 @@ def eager_crossover(times: dict[int, tuple[float, float]]) -> int:
             break
         longest = length
     return longest
-
-
-def _best_times(calls: dict, repeats: int = 5) -> dict:
-    """Per call, the fastest of ``repeats`` warm runs, the calls taken in turns. On a shared
-    machine interference only ever adds time, so the minimum is the steadiest estimate of what
-    the kernel itself takes."""
-    for fn in calls.values():
-        fn()  # warm up
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: max(t, 1e-9) for name, t in best.items()}

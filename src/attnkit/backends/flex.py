@@ -3,7 +3,8 @@
 FlexAttention (``torch.nn.attention.flex_attention``) generates a fused FlashAttention-style
 kernel for a ``mask_mod`` when compiled with ``torch.compile``. attnkit hands it a
 ``BlockMask`` built straight from the pattern's exact block map
-(:func:`attnkit.integrations.flex.block_mask`: full tiles run unmasked, partial ones read
+(:func:`attnkit.backends._flex_mask.block_mask`, public as
+:func:`attnkit.integrations.flex.block_mask`: full tiles run unmasked, partial ones read
 precomputed element tables), so no ``N x S`` evaluation is spent on the mask, and caches it
 per ``(pattern, N, S, device)`` in ``attnkit.caches`` as ``"flex_block_masks"``. The compiled
 function is created once per process and device type. On CUDA ``torch.compile`` specializes it
@@ -30,8 +31,8 @@ import shutil
 import torch
 
 from .. import caches
-from ..integrations.flex import block_mask
 from ..patterns import Causal, Full, KeyPadding
+from ._flex_mask import block_mask
 from .base import AttentionInputs, AttentionResult, Backend
 
 __all__ = ["FlexBackend"]

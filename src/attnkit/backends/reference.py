@@ -1,7 +1,7 @@
 """The ``reference`` backend: materialized attention, the oracle every other backend answers to.
 
 Algorithm: form the ``(B, H, N, S)`` scores, mask, softmax, multiply by ``V``; autograd provides
-the backward (:func:`attnkit.backends.eager.materialized`, the ``eager`` backend's body). Computes
+the backward (:func:`attnkit.backends._materialized.materialized`, the ``eager`` backend's body). Computes
 everything in float64 (float32 on devices without float64), whatever the input dtype, and casts
 the output back.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._materialized import materialized
 from .base import AttentionInputs, AttentionResult, Backend, lse_dtype
-from .eager import materialized
 
 __all__ = ["ReferenceBackend"]
 

@@ -36,8 +36,10 @@ GETTEXT_PACKAGES = (
     "man-db", "gettext", "xz-utils", "systemd", "polkitd", "packagekit", "appstream", "git",
 )  # fmt: skip
 
+# printf conversions (flags without the space flag: "100% of the page" and "50% or more" are
+# percentages, not "% o" conversions), %NAME% and %1-style, {0}, $(VAR) and ${VAR}
 _PLACEHOLDER = re.compile(
-    r"%(?:\d+\$)?[-+ #0']*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|L|q|j|z|t|I64)?[diouxXeEfFgGaAcspnm%]"
+    r"%(?:\d+\$)?[-+#0']*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|L|q|j|z|t|I64)?[diouxXeEfFgGaAcspnm%]"
     r"|%\w+%|\{\w*\}|\$\(?\{?\w+\}?\)?|%\d+"
 )
 _MARKUP = re.compile(r"<[^<>]*>")
@@ -45,17 +47,19 @@ _ACCELERATOR = re.compile(r"[_~&](?=\w)")
 _SPACE = re.compile(r"\s+")
 
 
-def read_catalog(path: Path) -> dict[str, str]:
-    """``{English: translation}`` of one ``.mo`` file: singular entries with a translation
-    (plural forms and the header are skipped; a context, ``msgctxt``, is dropped from the key)."""
+def read_catalog(path: Path) -> list[tuple[str, str]]:
+    """The distinct ``(English, translation)`` pairs of one ``.mo`` file, sorted: singular entries
+    with a translation (plural forms and the header are skipped). A context (``msgctxt``) is
+    dropped from the English, so one English string translated differently in two contexts
+    gives two pairs, and the same translation in two contexts one."""
     with open(path, "rb") as f:
         catalog = gettext.GNUTranslations(f)._catalog  # the parsed entries, keyed by msgid
-    out = {}
+    out = set()
     for key, value in catalog.items():
         if not isinstance(key, str) or not key or not value:  # plural forms, header, empty
             continue
-        out[key.split("\x04", 1)[-1]] = value
-    return out
+        out.add((key.split("\x04", 1)[-1], value))
+    return sorted(out)
 
 
 def _accelerator_free(text: str) -> str:
@@ -95,7 +99,7 @@ def catalog_pairs(files: list[Path], root: Path) -> tuple[list[Pair], dict[str, 
     dropped = {"placeholder": 0, "markup": 0, "untranslated": 0, "short": 0, "length_ratio": 0}
     for path in files:
         doc = path.relative_to(root).as_posix()
-        for en, xx in sorted(read_catalog(path).items()):
+        for en, xx in read_catalog(path):
             cleaned = clean_pair(en, xx)
             if isinstance(cleaned, str):
                 dropped[cleaned] += 1

@@ -19,7 +19,7 @@ from ._apt import DataError, download_and_unpack, downloaded_debs, fingerprint
 from .catalogs import GETTEXT_PACKAGES, catalog_pairs
 from .corpus import Pair, assign_splits, split_of, write_corpus
 
-__all__ = ["LANGUAGES", "SOURCES", "build_translation_corpus", "page_texts", "pair_pages"]
+__all__ = ["LANGUAGES", "SOURCES", "build_translation_corpus", "page_texts", "pair_pages", "parse_sources"]
 
 LANGUAGES = ("de", "fr", "es")
 #: What ``attnkit data translate --sources`` may combine (see :func:`build_translation_corpus`).
@@ -104,6 +104,18 @@ def pair_pages(en_root: Path, xx_root: Path) -> tuple[list[Pair], dict[str, int]
             else:
                 pairs.append(Pair(en, xx, rel.as_posix()))
     return pairs, dropped
+
+
+def parse_sources(text: str) -> tuple[str, ...]:
+    """Comma-separated source names (``"ui,gettext"``) as a tuple that starts with ``"help"``
+    (the help pages are always used: they define the valid and test splits)."""
+    sources = tuple(s.strip() for s in text.split(",") if s.strip())
+    if "help" not in sources:
+        sources = ("help", *sources)
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"expected names from {SOURCES}, but got {text!r} (unknown: {unknown})")
+    return sources
 
 
 def build_translation_corpus(

@@ -5,12 +5,14 @@
 * :class:`Seq2Seq`: the encoder-decoder Transformer for translation and summarization.
 
 Each loads and saves its own checkpoints (``config.json`` + ``model.safetensors``), and the
-first two read Hugging Face directories directly.
+first two read Hugging Face directories directly. :func:`load` takes any of them by path and
+returns the model with its tokenizer.
 """
 
 from .bert import BertConfig, BertEncoder
 from .generation import SamplingConfig
 from .llama import DecoderLM, DecoderLMConfig
+from .loading import LoadedModel, load
 from .seq2seq import Seq2Seq, Seq2SeqConfig
 from .tokenizer import Tokenizer
 
@@ -19,8 +21,10 @@ __all__ = [
     "BertEncoder",
     "DecoderLM",
     "DecoderLMConfig",
+    "LoadedModel",
     "SamplingConfig",
     "Seq2Seq",
     "Seq2SeqConfig",
     "Tokenizer",
+    "load",
 ]

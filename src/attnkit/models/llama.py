@@ -153,7 +153,7 @@ class DecoderLM(nn.Module):
         layer = DecoderLayer(
             c.hidden_size, c.num_heads, c.intermediate_size, cross_attention=False,
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, activation="swiglu", norm="rms",
-            norm_eps=c.rms_norm_eps, norm_first=True, bias=c.attention_bias, ffn_bias=c.mlp_bias,
+            norm_eps=c.rms_norm_eps, norm_first=True, dropout=0.0, bias=c.attention_bias, ffn_bias=c.mlp_bias,
             pattern=self._pattern(c), rotary=rotary, backend=backend,
         )  # fmt: skip
         self.decoder = Decoder(layer, c.num_layers, norm=RMSNorm(c.hidden_size, c.rms_norm_eps))

@@ -34,7 +34,10 @@ class MultiHeadAttention(nn.Module):
         head_dim: Per-head width ``D``; default ``embed_dim // num_heads``.
         bias: Whether the four projections have biases.
         dropout: Dropout on the attention weights while training.
-        batch_first: Inputs are ``(B, N, C)`` if True (default), ``(N, B, C)`` otherwise.
+        batch_first: Accepted only as True (what torch's ``batch_first=True`` means): every
+            attnkit module reads ``(B, N, C)``. ``False``, torch's default ``(L, N, E)``
+            layout, is refused with a ``ValueError``: transpose such inputs with
+            ``x.transpose(0, 1)``.
         pattern: Default :class:`~attnkit.patterns.Pattern` (e.g. ``Causal()``), replaceable
             per call.
         backend: Attention backend, ``"auto"`` by default.
@@ -49,7 +52,7 @@ class MultiHeadAttention(nn.Module):
     pattern).
 
     Shape:
-        - ``x``: ``(B, N, C)`` (or ``(N, B, C)`` with ``batch_first=False``).
+        - ``x``: ``(B, N, C)`` (batch first; torch's module defaults to ``(N, B, C)``).
         - ``context``: ``(B, S, context_dim)``; ``None`` for self-attention.
         - output: ``(B, N, C)``; weights ``(B, H, N, S)`` per head when requested.
 
@@ -76,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         head_dim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
-        batch_first: bool = True,
+        batch_first: bool | None = None,
         pattern: Pattern | None = None,
         backend: str = "auto",
         rotary: RotaryEmbedding | None = None,
@@ -105,6 +108,13 @@ class MultiHeadAttention(nn.Module):
                     f"{embed_dim / num_heads:.2f}); pass head_dim= to choose it."
                 )
             head_dim = embed_dim // num_heads
+        if batch_first is not None and batch_first is not True:
+            raise ValueError(
+                "MultiHeadAttention: expected batch_first=True or None, but got "
+                f"batch_first={batch_first!r}. attnkit modules read (B, N, C) inputs (torch's "
+                "nn.MultiheadAttention defaults to (L, N, E)); pass x.transpose(0, 1) for "
+                "sequence-first tensors."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiHeadAttention: expected 0 <= dropout < 1, but got dropout={dropout}.")
         if pattern is not None and not isinstance(pattern, Pattern):
@@ -113,7 +123,7 @@ class MultiHeadAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.context_dim = head_dim, context_dim
-        self.dropout, self.batch_first = dropout, batch_first
+        self.dropout = dropout
         self.pattern, self.backend = pattern, backend
         if rotary is not None and not isinstance(rotary, RotaryEmbedding):
             raise TypeError(
@@ -144,7 +154,7 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         pattern: Pattern | None = None,
-        need_weights: bool = False,
+        return_weights: bool = False,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
         **unknown: object,
@@ -161,7 +171,7 @@ class MultiHeadAttention(nn.Module):
                 complement of torch's ``key_padding_mask``, which attnkit refuses by name:
                 pass ``key_mask=~key_padding_mask``).
             pattern: Replaces the module's default pattern for this call.
-            need_weights: Also return the per-head weights ``(B, H, N, S)`` (runs the
+            return_weights: Also return the per-head weights ``(B, H, N, S)`` (runs the
                 ``reference`` backend).
             cache: A :class:`KVCache`. Self-attention appends this call's keys and values
                 and attends over everything cached (use a bottom-right ``Causal()`` pattern
@@ -173,16 +183,19 @@ class MultiHeadAttention(nn.Module):
                 (0 without a cache). Left-padded batches pass their own.
 
         Returns:
-            ``out (B, N, C)``, or ``(out, weights)`` if ``need_weights``.
+            ``out (B, N, C)``, or ``(out, weights)`` if ``return_weights``.
+
+        torch's keywords that mean something else here are refused by name with the
+        replacement: ``key_padding_mask``/``attn_mask`` (the opposite boolean meaning; see
+        docs/masks.md), ``need_weights`` (torch's defaults to True and averages the heads;
+        attnkit returns per-head weights with ``return_weights=True``), ``is_causal`` (pass
+        ``pattern=Causal()``), ``average_attn_weights``.
         """
         reject_unknown_keywords(type(self).__name__, unknown)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-            context = None if context is None else context.transpose(0, 1)
         self._check_input("x", x, self.embed_dim)
         cp = self.context_parallel
         if cp is not None:
-            self._check_context_parallel(cache, need_weights, key_mask)
+            self._check_context_parallel(cache, return_weights, key_mask)
         q = _split_heads(self.q_proj(x), self.num_heads)
         if cache is not None and cache.static:  # cross-attention, later steps: reuse
             k, v = cache.keys, cache.values
@@ -209,20 +222,18 @@ class MultiHeadAttention(nn.Module):
             result = attention(
                 q, k, v, pattern=pattern, mask=attn_mask,
                 dropout_p=self.dropout if self.training else 0.0,
-                return_weights=need_weights, backend=self.backend,
+                return_weights=return_weights, backend=self.backend,
             )  # fmt: skip
-            out, weights = result if need_weights else (result, None)
+            out, weights = result if return_weights else (result, None)
         if hooks_active():
             call_attention_hooks(AttentionCall(self, q, k, v, out, pattern, attn_mask, None, x, context))
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return (out, weights) if need_weights else out
+        return (out, weights) if return_weights else out
 
-    def _check_context_parallel(self, cache, need_weights: bool, key_mask) -> None:
+    def _check_context_parallel(self, cache, return_weights: bool, key_mask) -> None:
         for bad, what in (
             (cache is not None, "a KV cache (decode on one rank)"),
-            (need_weights, "need_weights=True"),
+            (return_weights, "return_weights=True"),
             (key_mask is not None, "key_mask (pass patterns.KeyPadding(lengths) as the pattern)"),
             (self.training and self.dropout > 0, f"attention dropout (dropout={self.dropout}) in training"),
         ):
@@ -230,10 +241,9 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"MultiHeadAttention: context parallelism does not support {what}.")
 
     def _check_input(self, name: str, t: Tensor, width: int, batch: int | None = None) -> None:
-        layout = "(B, N, C)" if self.batch_first else "(N, B, C)"
         if t.dim() != 3 or t.shape[-1] != width:
             raise ValueError(
-                f"MultiHeadAttention: expected {name} of shape {layout} with C={width}, but got "
+                f"MultiHeadAttention: expected {name} of shape (B, N, C) with C={width}, but got "
                 f"{name}.shape={tuple(t.shape)}."
             )
         if batch is not None and t.shape[0] != batch:
@@ -245,7 +255,9 @@ class MultiHeadAttention(nn.Module):
     def from_torch(cls, module: nn.MultiheadAttention, **kwargs) -> MultiHeadAttention:
         """Build from a ``torch.nn.MultiheadAttention`` with the same weights and outputs.
 
-        ``kwargs`` (``pattern``, ``backend``) go to the constructor.
+        ``kwargs`` (``pattern``, ``backend``) go to the constructor. The result reads
+        ``(B, N, C)`` whatever ``module.batch_first`` says: a module that was called with
+        ``(L, N, E)`` tensors is called here with ``x.transpose(0, 1)``.
         """
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"from_torch: expected nn.MultiheadAttention, but got {type(module).__name__}.")
@@ -260,7 +272,7 @@ class MultiHeadAttention(nn.Module):
         mha = cls(
             module.embed_dim, module.num_heads, context_dim=module.kdim,
             bias=module.in_proj_bias is not None, dropout=module.dropout,
-            batch_first=module.batch_first, device=ref.device, dtype=ref.dtype, **kwargs,
+            device=ref.device, dtype=ref.dtype, **kwargs,
         )  # fmt: skip
         mha.load_state_dict(module.state_dict())
         return mha
@@ -275,8 +287,6 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"pattern={self.pattern!r}")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
-        if not self.batch_first:
-            parts.append("batch_first=False")
         return ", ".join(parts)
 
 
@@ -318,13 +328,26 @@ _TORCH_MASK_KEYWORDS = {
     "memory_mask": "mask",
 }
 
+#: torch's other keywords whose meaning differs here, with what to pass instead.
+_TORCH_KEYWORDS = {
+    "need_weights": "torch's need_weights defaults to True and averages the heads; pass "
+    "return_weights=True for per-head weights (B, H, N, S) (mean over dim 1 for torch's)",
+    "average_attn_weights": "attnkit returns per-head weights (return_weights=True); average them "
+    "over dim 1 for torch's",
+    "is_causal": "torch's is_causal is a hint that a mask is causal (aligned top-left); pass "
+    "pattern=Causal() (aligned bottom-right, as a KV-cache decode needs; Causal(align='top_left') "
+    "for torch's alignment when N != S)",
+}
+
 
 def reject_unknown_keywords(owner: str, unknown: dict[str, object]) -> None:
-    """Raise ``TypeError`` for keywords a ``forward`` does not take; torch's mask keywords get a
-    message saying which attnkit keyword replaces them and that the boolean meaning flips."""
+    """Raise ``TypeError`` for keywords a ``forward`` does not take; torch's keywords get a
+    message saying what replaces them (for masks: that the boolean meaning flips)."""
     if not unknown:
         return
     name = next(iter(unknown))
+    if name in _TORCH_KEYWORDS:
+        raise TypeError(f"{owner}.forward() does not take torch's {name!r}: {_TORCH_KEYWORDS[name]}.")
     ours = _TORCH_MASK_KEYWORDS.get(name)
     if ours is None:
         raise TypeError(f"{owner}.forward() got an unexpected keyword argument {name!r}.")

@@ -189,7 +189,7 @@ class _Block(nn.Module):
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             bias=bias,
-            dropout=attention_dropout,
+            dropout=dropout if attention_dropout is None else attention_dropout,
             backend=backend,
         )
         self.self_attn = MultiHeadAttention(dim, num_heads, pattern=pattern, rotary=rotary, **attn_kwargs)
@@ -209,17 +209,23 @@ class EncoderLayer(_Block):
         ffn_dim: Feed-forward inner width.
         num_kv_heads: Key/value heads (GQA/MQA); default ``num_heads``.
         head_dim: Per-head width; default ``dim // num_heads``.
-        activation: Feed-forward activation (see :class:`FeedForward`).
+        activation: Feed-forward activation (see :class:`FeedForward`); default ``"relu"``.
         norm: ``"layer"`` or ``"rms"``.
         norm_eps: The norm's epsilon.
-        norm_first: Pre-norm if True, post-norm (BERT, the 2017 Transformer) if False.
-        dropout: Dropout on each sub-layer's output and inside the feed-forward.
-        attention_dropout: Dropout on the attention weights.
+        norm_first: Pre-norm if True, post-norm (BERT, the 2017 Transformer) if False, the
+            default.
+        dropout: Dropout on each sub-layer's output and inside the feed-forward; 0.1 by default.
+        attention_dropout: Dropout on the attention weights; None (the default): ``dropout``.
         bias: Biases on the attention projections.
         ffn_bias: Biases on the feed-forward projections; default ``bias``.
         pattern: Attention pattern of the self-attention (e.g. ``SlidingWindow(128, 128)``).
         rotary: Rotary embedding for the self-attention.
         backend: attnkit backend name.
+
+    The keywords it shares with ``torch.nn.TransformerEncoderLayer`` (``activation``,
+    ``norm_first``, ``dropout``, ``bias``) mean what torch's mean, with torch's defaults: a
+    post-norm ReLU layer with dropout 0.1 on the sub-layers and the attention weights. Models
+    choose theirs explicitly (Llama: pre-norm RMSNorm SwiGLU; BERT: post-norm GELU).
 
     Shape:
         ``x (B, N, C)`` -> ``(B, N, C)``.
@@ -233,12 +239,12 @@ class EncoderLayer(_Block):
         *,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
-        activation: str = "gelu",
+        activation: str = "relu",
         norm: str = "layer",
         norm_eps: float = 1e-5,
-        norm_first: bool = True,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
+        norm_first: bool = False,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
         bias: bool = True,
         ffn_bias: bool | None = None,
         pattern: Pattern | None = None,
@@ -274,7 +280,7 @@ class EncoderLayer(_Block):
             nonlocal weights
             out = self.self_attn(
                 h, mask=mask, key_mask=key_mask, pattern=pattern,
-                positions=positions, need_weights=need_weights,
+                positions=positions, return_weights=need_weights,
             )  # fmt: skip
             if need_weights:
                 out, weights = out
@@ -306,12 +312,12 @@ class DecoderLayer(_Block):
         memory_dim: int | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
-        activation: str = "gelu",
+        activation: str = "relu",
         norm: str = "layer",
         norm_eps: float = 1e-5,
-        norm_first: bool = True,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
+        norm_first: bool = False,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
         bias: bool = True,
         ffn_bias: bool | None = None,
         pattern: Pattern | None = None,
@@ -370,7 +376,7 @@ class DecoderLayer(_Block):
         def self_attend(h: Tensor) -> Tensor:
             out = self.self_attn(
                 h, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
-                cache=None if cache is None else cache.self_attn, need_weights=want_self,
+                cache=None if cache is None else cache.self_attn, return_weights=want_self,
             )  # fmt: skip
             if want_self:
                 out, weights[0] = out
@@ -379,7 +385,7 @@ class DecoderLayer(_Block):
         def cross_attend(h: Tensor) -> Tensor:
             out = self.cross_attn(
                 h, memory, key_mask=memory_key_mask,
-                cache=None if cache is None else cache.cross_attn, need_weights=want_cross,
+                cache=None if cache is None else cache.cross_attn, return_weights=want_cross,
             )  # fmt: skip
             if want_cross:
                 out, weights[1] = out

@@ -28,25 +28,11 @@ from .crop import Crop, crop
 from .document import Document, KeyPadding
 from .global_tokens import Global
 from .layout import BlockLayout
-from .parse import parse_pattern
+from .parse import PATTERN_TYPES, parse_pattern
 from .per_head import PerHead
 from .random_blocks import Random
 from .strided import Fixed, Strided
 from .window import Dilated, SlidingWindow
-
-PATTERN_TYPES = (
-    Full,
-    Causal,
-    SlidingWindow,
-    Dilated,
-    Strided,
-    Fixed,
-    Global,
-    Random,
-    BlockLayout,
-    Document,
-    KeyPadding,
-)
 
 __all__ = [
     "EMPTY",

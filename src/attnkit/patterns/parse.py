@@ -10,13 +10,33 @@ from __future__ import annotations
 import ast
 
 from .base import Pattern
+from .basic import Causal, Full
+from .document import Document, KeyPadding
+from .global_tokens import Global
+from .layout import BlockLayout
+from .random_blocks import Random
+from .strided import Fixed, Strided
+from .window import Dilated, SlidingWindow
 
-__all__ = ["parse_pattern"]
+__all__ = ["PATTERN_TYPES", "parse_pattern"]
+
+#: The pattern classes an expression may name.
+PATTERN_TYPES = (
+    Full,
+    Causal,
+    SlidingWindow,
+    Dilated,
+    Strided,
+    Fixed,
+    Global,
+    Random,
+    BlockLayout,
+    Document,
+    KeyPadding,
+)
 
 
 def _registry() -> dict[str, type[Pattern]]:
-    from . import PATTERN_TYPES
-
     return {cls.__name__: cls for cls in PATTERN_TYPES}
 
 

@@ -114,7 +114,8 @@ def plot_fit(report, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     density of each head's chosen pattern, labelled with the pattern."""
     plt = _pyplot()
     cov = report.coverage
-    density = torch.tensor([[float(cov.density[c]) for c in row] for row in report.choice])
+    density = torch.tensor([[float(cov.density[i, h, c]) for h, c in enumerate(row)]
+                            for i, row in enumerate(report.choice)])  # fmt: skip
     L, H = density.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * H, 0.9 + 0.55 * L))
     image = ax.imshow(density.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")

@@ -1,4 +1,4 @@
-"""Training a :class:`~attnkit.models.Seq2Seq` translator or summarizer on a built corpus.
+"""The training loop: a :class:`~attnkit.models.Seq2Seq` translator or summarizer on a built corpus.
 
 A run directory holds everything: ``train.json`` (the config), ``tokenizer.json`` (trained on
 the training split), ``checkpoint.pt`` (model, optimizer, data position and random states:
@@ -15,12 +15,9 @@ one process on the same batches. Rank 0 alone validates, writes files and shows 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import random
 import signal
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,351 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._files import atomic_write
-from ..data import SPECIAL_TOKENS, DataError, cache_root, load_pairs, read_meta, train_tokenizer
-from ..models import Seq2Seq, Seq2SeqConfig, Tokenizer
-from ..models._io import ModelConfig
+from ..._files import atomic_write
+from ...data import SPECIAL_TOKENS, DataError, cache_root, load_pairs, read_meta, train_tokenizer
+from ...models import Seq2Seq, Tokenizer
+from .batches import Batch, collate, encode_pairs, token_batches
+from .config import BF16_MIN_SPEEDUP, BOS, EOS, PAD, TrainConfig, default_run_dir, load_config
+from .steps import LossModule, budget_done, choose_precision, make_optimizer, train_step, valid_loss
 
-__all__ = ["Batch", "TrainConfig", "Trainer", "load_config", "lr_factor", "token_batches"]
-
-TASKS = ("translate", "summarize")
-PAD, BOS, EOS = 0, 1, 2  # SPECIAL_TOKENS' ids
-PRECISIONS = ("auto", "fp32", "bf16")
-LR_SCHEDULES = ("inverse_sqrt", "linear")
-BATCH_SORTS = ("source", "longer")
-#: ``precision="auto"`` takes bf16 only when a measured step is at least this much faster (bf16
-#: rounds activations to 8 bits of mantissa: a speed-up within noise is not worth it).
-BF16_MIN_SPEEDUP = 1.1
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(ModelConfig):
-    """A training run. ``model`` holds :class:`Seq2SeqConfig` fields (the vocabulary size comes
-    from the tokenizer). ``max_minutes`` (0 = none) stops early, counting across resumes.
-    The learning rate warms up linearly for ``warmup_steps``, then ``lr_schedule`` decays it:
-    ``"inverse_sqrt"`` as 1/sqrt(step) (Vaswani et al. 2017), or ``"linear"`` to zero at the end
-    of the budget, whichever of ``max_steps`` and ``max_minutes`` ends the run first (budget-aware
-    decay, Li et al. 2020, "Budgeted Training"; see :func:`lr_factor`); a resumed run given
-    another budget decays to the new end. ``precision``: ``"fp32"``, ``"bf16"`` (bfloat16
-    autocast, float32 master weights) or ``"auto"``: measured at start-up
-    (:func:`choose_precision`).
-    ``average_last`` (0 = off, else >= 2): keep the weights of the last that many validations
-    and, when the run ends, write their average to ``model-avg/`` (checkpoint averaging, as
-    Vaswani et al. 2017 did over their last checkpoints).
-    ``batch_sort``: how :func:`token_batches` orders pairs before cutting them into batches;
-    ``"source"`` (source length, then target length) or ``"longer"`` (the longer side first),
-    which leaves less padding when the two sides' lengths differ.
-    ``sources`` (translation; None = any): the sources the corpus must have been built from
-    (``attnkit data translate --sources``); a corpus built from others is an error, not a
-    silently different run."""
-
-    task: str = "translate"
-    corpus: str = "translate-en-de"
-    sources: list | None = None
-    vocab_size: int = 8000
-    max_src_tokens: int = 128
-    max_tgt_tokens: int = 128
-    model: dict = dataclasses.field(default_factory=dict)
-    batch_tokens: int = 6000
-    batch_sort: str = "source"
-    lr: float = 7e-4
-    warmup_steps: int = 800
-    lr_schedule: str = "inverse_sqrt"
-    max_steps: int = 20000
-    max_minutes: float = 0.0
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    clip_norm: float = 1.0
-    eval_every: int = 500
-    valid_pairs: int = 1000
-    precision: str = "auto"
-    seed: int = 0
-    beam_size: int = 4
-    length_penalty: float = 1.0
-    average_last: int = 0
-
-    def validate(self) -> None:
-        self._require("task", self.task in TASKS, f"one of {TASKS}")
-        self._require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
-        self._require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
-        self._require("batch_sort", self.batch_sort in BATCH_SORTS, f"one of {BATCH_SORTS}")
-        if self.sources is not None:
-            from ..data.libreoffice import SOURCES
-
-            self._require("sources", self.task == "translate", "None (sources are for translation corpora)")
-            ok = (
-                isinstance(self.sources, list)
-                and "help" in self.sources
-                and set(self.sources) <= set(SOURCES)
-            )
-            self._require("sources", ok, f"a list of names from {SOURCES} with 'help'")
-        self._positive("vocab_size", "max_src_tokens", "max_tgt_tokens", "batch_tokens", "max_steps",
-                       "eval_every", "valid_pairs", "beam_size")  # fmt: skip
-        self._require("max_tgt_tokens", self.max_tgt_tokens >= 3, ">= 3 (bos, a token, eos)")
-        self._require("lr", self.lr > 0, "> 0")
-        self._require("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        self._require("max_minutes", self.max_minutes >= 0, ">= 0")
-        self._require("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)")
-        self._require("clip_norm", self.clip_norm >= 0, ">= 0 (0 = no clipping)")
-        self._require("average_last", self.average_last == 0 or self.average_last >= 2, "0 (off) or >= 2")
-        self._require("batch_tokens", self.batch_tokens >= self.max_src_tokens + self.max_tgt_tokens,
-                      "at least max_src_tokens + max_tgt_tokens")  # fmt: skip
-        bad = set(self.model) & {"src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id"}
-        self._require("model", not bad, f"without {sorted(bad)} (they come from the tokenizer)")
-        self.model_config(100)  # validates the model fields
-
-    @classmethod
-    def from_dict(cls, data):
-        data = dict(data)
-        if "bf16" in data:  # configs written before `precision`
-            legacy = data.pop("bf16")
-            data.setdefault("precision", "bf16" if legacy else "fp32")
-        return super().from_dict(data)
-
-    def model_config(self, vocab_size: int) -> Seq2SeqConfig:
-        return Seq2SeqConfig.from_dict({
-            **self.model, "src_vocab_size": vocab_size, "pad_id": PAD, "bos_id": BOS, "eos_id": EOS,
-            "max_len": max(self.model.get("max_len", 0), self.max_src_tokens, self.max_tgt_tokens),
-        })  # fmt: skip
-
-
-def load_config(path: str | Path) -> TrainConfig:
-    """A :class:`TrainConfig` from a JSON file (unknown keys are an error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train: expected a config file, but {str(path)!r} does not exist.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"train: {str(path)!r} is not valid JSON: {e}") from None
-    data.pop("//", None)  # a comment field
-    return TrainConfig.from_dict(data)
-
-
-# -- data ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Batch:
-    src: Tensor  # (B, S) with eos, padded
-    tgt: Tensor  # (B, T) bos ... eos, padded
-    tokens: int  # real tokens, both sides
-    #: Factor of the summed token loss; None: 1 / this batch's predicted tokens (the mean).
-    #: A data-parallel rank's share of a batch gets ``ranks / the whole batch's tokens``.
-    weight: float | None = None
-
-
-def encode_pairs(
-    tok: Tokenizer, pairs, cfg: TrainConfig, *, drop_long: bool
-) -> list[tuple[list[int], list[int]]]:
-    """``(src ids + eos, bos + tgt ids + eos)`` per pair; sources are truncated to
-    ``max_src_tokens``; over-long targets are truncated, or dropped with ``drop_long``."""
-    srcs = tok.encode_many([p.src for p in pairs], add_special_tokens=False)
-    tgts = tok.encode_many([p.tgt for p in pairs], add_special_tokens=False)
-    out = []
-    for s, t in zip(srcs, tgts, strict=True):
-        if drop_long and len(t) > cfg.max_tgt_tokens - 2:
-            continue
-        out.append(([*s[: cfg.max_src_tokens - 1], EOS], [BOS, *t[: cfg.max_tgt_tokens - 2], EOS]))
-    return out
-
-
-def source_batch(tok: Tokenizer, texts: list[str], max_src_tokens: int) -> Tensor:
-    """Right-padded source ids ``(B, S)``: each text's ids, truncated, then ``eos``."""
-    ids = [[*x[: max_src_tokens - 1], EOS] for x in tok.encode_many(texts, add_special_tokens=False)]
-    out = torch.full((len(ids), max(map(len, ids))), PAD, dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, : len(x)] = torch.tensor(x)
-    return out
-
-
-def token_batches(
-    lengths: list[tuple[int, int]], batch_tokens: int, seed: int, epoch: int, sort: str = "source"
-) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size (rows x longest, both
-    sides) stays within ``batch_tokens``; the order depends only on ``(seed, epoch)``.
-
-    The indices are shuffled, then sorted within chunks of a few thousand, so that a batch holds
-    pairs of similar length and the batches still differ from epoch to epoch. ``sort="source"``
-    sorts by source length, then target length; ``"longer"`` by the longer of the two, then
-    source, then target: where target lengths vary among pairs of equal source length (as in
-    translation), that leaves less padding, so a batch of the same padded size holds more real
-    tokens."""
-    if sort not in BATCH_SORTS:
-        raise ValueError(f"token_batches: expected sort in {BATCH_SORTS}, got {sort!r}.")
-    key = (lambda i: lengths[i]) if sort == "source" else (lambda i: (max(lengths[i]), *lengths[i]))
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
-    chunk = 64 * max(1, batch_tokens // 32)  # sort within chunks: similar lengths, still shuffled
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=key)
-        cur: list[int] = []
-        longest_s = longest_t = 0
-        for i in part:
-            s, t = lengths[i]
-            ls, lt = max(longest_s, s), max(longest_t, t)
-            if cur and (len(cur) + 1) * (ls + lt) > batch_tokens:
-                batches.append(cur)
-                cur, ls, lt = [], s, t
-            cur.append(i)
-            longest_s, longest_t = ls, lt
-        if cur:
-            batches.append(cur)
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: list[tuple[list[int], list[int]]]) -> Batch:
-    S = max(len(s) for s, _ in examples)
-    T = max(len(t) for _, t in examples)
-    src = torch.full((len(examples), S), PAD, dtype=torch.long)
-    tgt = torch.full((len(examples), T), PAD, dtype=torch.long)
-    for i, (s, t) in enumerate(examples):
-        src[i, : len(s)] = torch.tensor(s)
-        tgt[i, : len(t)] = torch.tensor(t)
-    return Batch(src, tgt, sum(len(s) + len(t) for s, t in examples))
-
-
-def lr_factor(step: int, warmup: int, schedule: str = "inverse_sqrt", done: float = 0.0) -> float:
-    """Multiplier of the peak rate at ``step`` (1-based): linear warm-up over ``warmup`` steps,
-    then ``schedule``'s decay. ``"inverse_sqrt"``: ``sqrt(warmup / step)``. ``"linear"``: from 1
-    right after the warm-up to 0 when ``done``, the fraction of the budget spent before this
-    step, reaches 1. ``done`` may count time, so the fraction spent by the warm-up is estimated
-    as ``done * warmup / (step - 1)``: exact for a step budget, and for a time budget at a steady
-    step time. The factor is ``(1 - done) / (1 - done * warmup / (step - 1))``."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_factor: expected schedule in {LR_SCHEDULES}, got {schedule!r}.")
-    step = max(step, 1)
-    if step <= warmup:
-        return step / warmup
-    if schedule == "inverse_sqrt":
-        return math.sqrt(warmup / step) if warmup else 1.0
-    if done >= 1.0:
-        return 0.0
-    by_warmup = done * warmup / (step - 1) if warmup else 0.0
-    return (1.0 - done) / (1.0 - by_warmup)
-
-
-def budget_done(cfg: TrainConfig, steps: int, elapsed: float) -> float:
-    """The fraction of ``cfg``'s budget spent by ``steps`` finished steps and ``elapsed`` seconds
-    of training: the larger of the step fraction and, with ``max_minutes``, the time fraction."""
-    done = steps / cfg.max_steps
-    if cfg.max_minutes:
-        done = max(done, elapsed / (cfg.max_minutes * 60))
-    return done
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-
-
-class _Loss(nn.Module):
-    """A model's weighted, summed token loss as a ``forward`` (what DistributedDataParallel
-    wraps: its gradient hooks start in ``forward``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, src: Tensor, tgt: Tensor, label_smoothing: float, weight: float) -> Tensor:
-        return self.model.loss(src, tgt, label_smoothing=label_smoothing, reduction="sum") * weight
-
-
-def train_step(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    batch: Batch,
-    cfg: TrainConfig,
-    step: int,
-    done: float | None = None,
-) -> float:
-    """One optimizer step on ``batch`` (``step`` is the 1-based number of this step); returns
-    the loss. ``model`` is a :class:`Seq2Seq` or its (data-parallel) loss wrapper. ``done``: the
-    fraction of the budget spent before this step, for ``lr_schedule="linear"`` (default: the
-    step fraction, ``(step - 1) / max_steps``)."""
-    net = model if isinstance(model, (_Loss, nn.parallel.DistributedDataParallel)) else _Loss(model)
-    net.train()
-    if done is None:
-        done = (step - 1) / cfg.max_steps
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.lr_schedule, done)
-    device = next(net.parameters()).device
-    src, tgt = batch.src.to(device, non_blocking=True), batch.tgt.to(device, non_blocking=True)
-    weight = batch.weight
-    if weight is None:
-        weight = 1.0 / max(1, int((batch.tgt[:, 1:] != PAD).sum()))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss = net(src, tgt, cfg.label_smoothing, weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.clip_norm > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-    opt.step()
-    return loss.detach().item()
-
-
-def step_seconds(net: nn.Module, batch: Batch, bf16: bool, label_smoothing: float) -> float:
-    """Seconds of one forward + backward of ``batch`` (no optimizer step; gradients dropped)."""
-    device = next(net.parameters()).device
-    src, tgt = batch.src.to(device), batch.tgt.to(device)
-    weight = batch.weight if batch.weight is not None else 1.0 / max(1, int((batch.tgt[:, 1:] != PAD).sum()))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = net(src, tgt, label_smoothing, weight)
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    net.zero_grad(set_to_none=True)
-    return seconds
-
-
-def choose_precision(
-    net: nn.Module, batch: Batch, label_smoothing: float, *, rounds: int = 3
-) -> tuple[str, dict[str, float]]:
-    """``("bf16" or "fp32", median seconds per step of each)``: one warm-up step each, then
-    ``rounds`` alternating steps of float32 and of bfloat16 autocast on ``batch``. bf16 wins only
-    at :data:`BF16_MIN_SPEEDUP` x or more. The random state (dropout) is restored afterwards."""
-    device = next(net.parameters()).device
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp32", {}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    net.train()
-    try:
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        for r in range(rounds + 1):
-            for name in ("fp32", "bf16"):
-                t = step_seconds(net, batch, name == "bf16", label_smoothing)
-                if r:  # the first round warms up (allocations, kernels' first use)
-                    times[name].append(t)
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    return ("bf16" if medians["fp32"] >= BF16_MIN_SPEEDUP * medians["bf16"] else "fp32"), medians
-
-
-@torch.no_grad()
-def valid_loss(model: nn.Module, examples, cfg: TrainConfig) -> float:
-    """Token-level cross-entropy (no label smoothing) over ``examples``."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    lengths = [(len(s), len(t)) for s, t in examples]
-    for idx in token_batches(lengths, cfg.batch_tokens, 0, 0, cfg.batch_sort):
-        b = collate([examples[i] for i in idx])
-        n = int((b.tgt[:, 1:] != PAD).sum())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            total += float(model.loss(b.src.to(device), b.tgt.to(device))) * n
-        count += n
-    return total / max(count, 1)
+__all__ = ["Trainer", "join_process_group", "resolve_corpus", "run"]
 
 
 def resolve_corpus(corpus: str, cache: Path) -> Path:
@@ -456,7 +116,7 @@ class Trainer:
         self.lengths = [(len(s), len(t)) for s, t in self.train]
         torch.manual_seed(cfg.seed)
         self.model = Seq2Seq(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
-        self.net: nn.Module = _Loss(self.model)
+        self.net: nn.Module = LossModule(self.model)
         if self.world > 1:  # broadcasts rank 0's parameters; averages gradients in backward
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
@@ -653,12 +313,12 @@ class Trainer:
             self.log(f"precision: {st['precision']} (measured when the run started)")
             return cfg.replace(precision=st["precision"])
         first = token_batches(self.lengths, cfg.batch_tokens, cfg.seed, 0, cfg.batch_sort)[0]
-        choice, medians = choose_precision(self.net, self._batch(first), cfg.label_smoothing)
+        choice, seconds = choose_precision(self.net, self._batch(first), cfg.label_smoothing)
         if self.world > 1:  # every rank measured; they take the majority's choice together
             choice = "bf16" if self._mean(1.0 if choice == "bf16" else 0.0) >= 0.5 else "fp32"
         st["precision"] = choice
-        if medians:
-            bf16, fp32 = medians["bf16"], medians["fp32"]
+        if seconds:
+            bf16, fp32 = seconds["bf16"], seconds["fp32"]
             why = (f"a training step took {bf16:.3f} s in bf16 autocast and {fp32:.3f} s in fp32 on this "
                    f"machine; bf16 is taken at {BF16_MIN_SPEEDUP}x or faster")  # fmt: skip
         else:
@@ -714,3 +374,70 @@ class Trainer:
         self._log_line(entry)
         self.log(f"step {st['step']}: valid loss {v:.3f}{' (best, saved model/)' if improved else ''}, "
                  f"{tokens_per_s:,.0f} tok/s, {st['elapsed'] / 60:.1f} min")  # fmt: skip
+
+
+def join_process_group(device: str) -> tuple[str, bool]:
+    """Under ``torchrun`` (``WORLD_SIZE > 1``), join the process group: NCCL on CUDA (each rank
+    on GPU ``LOCAL_RANK``), gloo on CPU, with ``ATTNKIT_DIST_TIMEOUT`` seconds (default 300)
+    for every collective. Returns this rank's device and whether the group was started here."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    text = os.environ.get("ATTNKIT_DIST_TIMEOUT", "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"ATTNKIT_DIST_TIMEOUT: expected seconds, but got {text!r}.") from None
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=seconds))
+    return device, True
+
+
+def run(
+    task: str,
+    config: str | Path,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    threads: int | None = None,
+    max_steps: int | None = None,
+    max_minutes: float | None = None,
+    precision: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> int:
+    """``attnkit train``: load the config, apply the overrides, join the process group under
+    ``torchrun``, train, and print where the run stands. Returns the exit code (130 when
+    interrupted and saved)."""
+    from ..errors import UsageError, argument, positive, reading
+
+    with reading("--config"):
+        cfg = load_config(config)
+    if cfg.task != task:
+        raise UsageError(f"--config: expected a {task!r} config, but {str(config)!r} has task {cfg.task!r}.")
+    overrides = {k: v for k, v in (("max_steps", max_steps), ("max_minutes", max_minutes),
+                                   ("precision", precision)) if v is not None}  # fmt: skip
+    with argument("--max-steps/--max-minutes"):
+        cfg = cfg.replace(**overrides) if overrides else cfg
+    if threads is not None:
+        positive(threads=threads)
+        torch.set_num_threads(threads)
+    out = Path(out) if out else default_run_dir(task, cache_dir)
+    with argument("ATTNKIT_DIST_TIMEOUT"):
+        device, started = join_process_group(device)
+    try:
+        trainer = Trainer(cfg, out, cache=cache_dir, progress=progress, device=device)
+        state = trainer.run(resume=resume)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if trainer.main:
+        print(f"{out}: step {state['step']}, best valid loss {state['best_valid']:.3f}, "
+              f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
+    return 130 if state.get("interrupted") else 0
