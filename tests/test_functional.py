@@ -156,9 +156,14 @@ def test_weights_sum_to_one_and_match_the_oracle():
 
 
 def test_all_three_outputs():
-    q, k, v = qkv()
-    res = attention(q, k, v, return_weights=True, return_lse=True)
-    assert len(res) == 3 and res[1].shape == (2, 4, 19, 23) and res[2].shape == (2, 4, 19)
+    q, k, v = qkv(dtype=torch.float64)
+    out, weights, lse = attention(q, k, v, pattern=P.Causal(), return_weights=True, return_lse=True)
+    assert weights.shape == (2, 4, 19, 23) and lse.shape == (2, 4, 19)
+    scores = torch.einsum("bhnd,bhsd->bhns", q, k.repeat_interleave(2, 1)) * 16**-0.5
+    scores = scores.masked_fill(~P.Causal().to_dense(19, 23), float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(weights, scores.softmax(-1))
+    torch.testing.assert_close(out, attention(q, k, v, pattern=P.Causal()))
 
 
 # ------------------------------------------------------------------ dropout

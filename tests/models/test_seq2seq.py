@@ -126,9 +126,18 @@ def test_checkpoint_round_trip(trained, tmp_path, held_out):
 
 
 def test_separate_vocabularies_and_learned_positions():
-    model = Seq2Seq(small_config(tgt_vocab_size=40, share_embeddings=False, positional="learned"))
-    logits = model(torch.tensor([[5, 6, EOS]]), torch.tensor([[BOS, 30, 31]]))
-    assert logits.shape == (1, 3, 40)
+    model = Seq2Seq(small_config(tgt_vocab_size=40, share_embeddings=False, positional="learned")).eval()
+    src, tgt = torch.tensor([[5, 6, EOS]]), torch.tensor([[BOS, 30, 31]])
+    logits = model(src, tgt)
+    assert logits.shape == (1, 3, 40) and model.src_embed is not model.tgt_embed
+    assert model.src_embed.num_embeddings == 16 and model.tgt_embed.num_embeddings == 40
+    with torch.no_grad():  # the positions are learned parameters the outputs depend on, per side
+        model.tgt_pos.weight[2] += torch.randn(64)  # not a constant: LayerNorm would remove that
+        moved = model(src, tgt)
+        assert torch.allclose(moved[:, :2], logits[:, :2], atol=1e-5)  # causal: earlier steps unchanged
+        assert not torch.allclose(moved[:, 2], logits[:, 2], atol=1e-3)
+        model.src_pos.weight[0] += torch.randn(64)
+        assert not torch.allclose(model(src, tgt), moved)
 
 
 def test_errors(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attnkit import patterns as P
-from attnkit.nn import KVCache, MultiHeadAttention
+from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
 
 TOL = 1e-6  # the issue's bound for float32 parity with torch
 
@@ -224,3 +224,56 @@ def test_torch_keywords_with_another_meaning_are_refused_by_name():
     mine = MultiHeadAttention.from_torch(ref)
     want, _ = ref(seq_first, seq_first, seq_first, need_weights=False)
     assert (mine(seq_first.transpose(0, 1)).transpose(0, 1) - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("chunks", [[1] * 23, [9, 1, 1, 7, 5], [23]], ids=["one-by-one", "ragged", "one-call"])
+def test_a_windowed_cache_decodes_as_the_full_sliding_window_pass_in_constant_memory(chunks):
+    """A cache that keeps only the last W keys gives the full pass's outputs with
+    SlidingWindow(W), step by step or in chunks, and its buffers stop growing."""
+    torch.manual_seed(0)
+    W = 4
+    rotary = RotaryEmbedding(8)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2, pattern=P.SlidingWindow(W), rotary=rotary).eval()
+    x = torch.randn(2, sum(chunks), 32)
+    full = mha(x)
+    cache, outs, at, sizes = KVCache(window=W), [], 0, []
+    for n in chunks:
+        outs.append(mha(x[:, at : at + n], cache=cache))
+        at += n
+        sizes.append(cache.nbytes)
+        assert cache.length == at and cache.keys.shape[2] == min(at, W)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
+    if chunks == [1] * 23:
+        assert max(sizes) == sizes[6]  # after the first steps the buffers never grow again
+
+
+def test_qk_norm_and_scale():
+    """Queries and keys are normalized per head before the rotary embedding and the scores
+    use the given scale, as a plain computation does."""
+    torch.manual_seed(0)
+    from attnkit.nn import RMSNorm
+
+    mha = MultiHeadAttention(
+        32, 2, head_dim=8, bias=False, qk_norm=lambda d: RMSNorm(d, unit_offset=True), scale=0.3
+    ).eval()
+    with torch.no_grad():
+        mha.q_norm.weight.normal_()
+        mha.k_norm.weight.normal_()
+    x = torch.randn(1, 5, 32)
+
+    def heads(t):
+        return t.view(1, 5, 2, 8).transpose(1, 2)
+
+    def norm(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w)
+
+    q = norm(heads(mha.q_proj(x)), mha.q_norm.weight)
+    k = norm(heads(mha.k_proj(x)), mha.k_norm.weight)
+    w = ((q @ k.mT) * 0.3).softmax(-1)
+    want = mha.out_proj((w @ heads(mha.v_proj(x))).transpose(1, 2).reshape(1, 5, 16))
+    torch.testing.assert_close(mha(x), want, atol=1e-5, rtol=0)
+    assert set(mha.state_dict()) >= {"q_norm.weight", "k_norm.weight"}
+    with pytest.raises(ValueError, match=r"expected a finite scale > 0 or None, but got scale=-1"):
+        MultiHeadAttention(32, 2, scale=-1)
+    with pytest.raises(ValueError, match=r"expected window >= 1 or None, but got window=0"):
+        KVCache(window=0)

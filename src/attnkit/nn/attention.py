@@ -9,6 +9,7 @@ share one key/value head (GQA; MQA when ``num_kv_heads == 1``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,10 @@ class MultiHeadAttention(nn.Module):
         backend: Attention backend, ``"auto"`` by default.
         rotary: A :class:`~attnkit.nn.RotaryEmbedding` applied to queries and keys of
             self-attention (keys are cached rotated, as Llama-family models do).
+        qk_norm: A factory ``qk_norm(head_dim) -> nn.Module`` making ``q_norm`` and ``k_norm``,
+            applied to each head's queries and keys after the projections and before the
+            rotary embedding (QK-norm: Gemma 3, OLMo 2, Qwen 3); None for none.
+        scale: The scores' scale; default ``head_dim ** -0.5``.
         device, dtype: Factory arguments of the parameters.
 
     With :func:`attnkit.distributed.set_context_parallel`, ``x`` and ``context`` are this
@@ -83,6 +88,8 @@ class MultiHeadAttention(nn.Module):
         pattern: Pattern | None = None,
         backend: str = "auto",
         rotary: RotaryEmbedding | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
+        scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -134,6 +141,13 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.q_norm = None if qk_norm is None else qk_norm(head_dim)
+        self.k_norm = None if qk_norm is None else qk_norm(head_dim)
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"MultiHeadAttention: expected a finite scale > 0 or None, but got scale={scale!r}."
+            )
+        self.scale = scale
         self.reset_parameters()
         self._register_load_state_dict_pre_hook(_translate_torch_state_dict, with_module=True)
 
@@ -197,6 +211,8 @@ class MultiHeadAttention(nn.Module):
         if cp is not None:
             self._check_context_parallel(cache, return_weights, key_mask)
         q = _split_heads(self.q_proj(x), self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if cache is not None and cache.static:  # cross-attention, later steps: reuse
             k, v = cache.keys, cache.values
         else:
@@ -205,6 +221,8 @@ class MultiHeadAttention(nn.Module):
                 self._check_input("context", context, self.context_dim, batch=x.shape[0])
             k = _split_heads(self.k_proj(source), self.num_kv_heads)
             v = _split_heads(self.v_proj(source), self.num_kv_heads)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
             if self.rotary is not None and context is None:
                 offset = 0 if cache is None else cache.length
                 if positions is None and cp is not None:
@@ -217,16 +235,17 @@ class MultiHeadAttention(nn.Module):
         attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
         pattern = self.pattern if pattern is None else pattern
         if cp is not None:
-            out, weights = cp.attention(q, k, v, pattern=pattern, mask=attn_mask), None
+            out, weights = cp.attention(q, k, v, pattern=pattern, mask=attn_mask, scale=self.scale), None
         else:
             result = attention(
-                q, k, v, pattern=pattern, mask=attn_mask,
+                q, k, v, pattern=pattern, mask=attn_mask, scale=self.scale,
                 dropout_p=self.dropout if self.training else 0.0,
                 return_weights=return_weights, backend=self.backend,
             )  # fmt: skip
             out, weights = result if return_weights else (result, None)
         if hooks_active():
-            call_attention_hooks(AttentionCall(self, q, k, v, out, pattern, attn_mask, None, x, context))
+            call = AttentionCall(self, q, k, v, out, pattern, attn_mask, self.scale, x, context)
+            call_attention_hooks(call)
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
         return (out, weights) if return_weights else out
 

@@ -47,18 +47,27 @@ __all__ = [
 class RMSNorm(nn.Module):
     """Root-mean-square norm: ``x / sqrt(mean(x^2) + eps) * weight`` (Zhang & Sennrich 2019).
 
-    Computed in float32 and cast back before the weight, as Llama checkpoints expect.
+    Computed in float32 and cast back before the weight, as Llama checkpoints expect. With
+    ``unit_offset`` the scale is ``1 + weight``, multiplied in float32 before the cast (Gemma's
+    norms, whose checkpoints store the offset from 1).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False, device=None, dtype=None
+    ) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.unit_offset:
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same float32 computation as below in one fused call (equal to rounding,
             # tests/nn/test_layers.py): one dispatch instead of six, which decoding feels
@@ -68,7 +77,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
@@ -86,7 +95,12 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
 }
-_GATED = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu}
+_GATED = {
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "geglu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # Gemma's
+    "reglu": F.relu,
+}
 ACTIVATIONS = tuple(_ACTIVATIONS) + tuple(_GATED)
 
 
@@ -97,7 +111,8 @@ class FeedForward(nn.Module):
         dim: Model width ``C``.
         hidden_dim: Inner width.
         activation: ``relu``, ``gelu`` (exact erf), ``gelu_tanh``, ``silu``, or the gated
-            ``swiglu`` (Llama), ``geglu``, ``reglu`` (Shazeer 2020, https://arxiv.org/abs/2002.05202).
+            ``swiglu`` (Llama), ``geglu``, ``geglu_tanh`` (Gemma), ``reglu`` (Shazeer 2020,
+            https://arxiv.org/abs/2002.05202).
         bias: Biases on the projections.
         dropout: Dropout after the activation.
 
