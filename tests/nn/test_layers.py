@@ -222,3 +222,17 @@ def test_rms_norm_matches_the_llama_formula(dtype):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_with_a_unit_offset_is_gemmas(dtype):
+    """Gemma's norm: float32 throughout, scaled by 1 + weight, then cast (a zero weight is the
+    identity scale)."""
+    norm = RMSNorm(48, eps=1e-6, unit_offset=True).to(dtype)
+    assert torch.equal(norm.weight, torch.zeros(48, dtype=dtype))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, dtype=dtype))
+    x = (torch.randn(3, 5, 48) * 4).to(dtype)
+    x32 = x.float()
+    want = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
+    torch.testing.assert_close(norm(x), want, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)

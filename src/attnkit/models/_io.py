@@ -200,3 +200,29 @@ def load_state(module: torch.nn.Module, state: Mapping[str, Tensor], source: str
             f"missing {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
             f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}."
         )
+
+
+def from_state(
+    cls, config, weights: Mapping[str, Tensor], source: str, *, backend: str, dtype
+) -> torch.nn.Module:
+    """``cls(config)`` holding ``weights`` (attnkit names), built on the meta device so that no
+    parameter is initialized only to be replaced (a 262k-token embedding takes seconds);
+    tied output weights are tied again, and tables computed at construction recomputed."""
+    from ..nn import RotaryEmbedding
+
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    weights = dict(weights)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    model.to_empty(device="cpu")
+    load_state(model, weights, source)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

