@@ -2,6 +2,7 @@
 
 attnkit explain [TEXT]                   what a pretrained model attends to (default MiniLM)
 attnkit fit [MODEL] --texts FILE         fit a sparse pattern per head and measure what it costs
+attnkit generate MODEL PROMPT            continue a prompt with a pretrained decoder (GGUF too)
 attnkit demo [TEXT] [--causal]           self-attention step by step on a tiny fixed model
 attnkit patterns SPEC [--png FILE]       draw a pattern and its block map
 attnkit data translate|summarize         build a corpus from Debian's archive
@@ -74,12 +75,20 @@ def _eval(a: argparse.Namespace) -> int:
     )  # fmt: skip
 
 
-def _generate(a: argparse.Namespace) -> int:
+def _task(a: argparse.Namespace) -> int:
     from .apps import tasks
 
     return tasks.run_generate(a.command, a.text, model=a.model, beam=a.beam, length_penalty=a.length_penalty,
                               show_attention=a.show_attention, max_tokens=a.max_tokens,
                               cache_dir=a.cache_dir)  # fmt: skip
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from .apps import generate
+
+    return generate.run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, sample=a.sample,
+                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                        threads=a.threads, show_tokens=a.show_tokens)  # fmt: skip
 
 
 def _tune(a: argparse.Namespace) -> int:
@@ -98,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("text", nargs="?", default="The cat sat on the mat.", help="the text ('-' reads stdin)")
     ex.add_argument(
-        "--model", default=None, help="a BERT- or Llama-family checkpoint directory (default MiniLM)"
+        "--model", default=None,
+        help="a BERT-, Llama- or Gemma 3 checkpoint directory or a .gguf file (default MiniLM)",
     )
     ex.add_argument(
         "--layer", type=int, default=None, help="layer to show (default: the most focused head's)"
@@ -146,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--save", default=None, metavar="DIR", help="also save the model with its patterns")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")
     ft.set_defaults(func=_fit)
+
+    gen = sub.add_parser(
+        "generate", help="continue a prompt with a pretrained decoder (a GGUF file or a checkpoint directory)"
+    )
+    gen.add_argument("model", help="a .gguf file (llama, gemma3) or a Llama/Mistral/Gemma 3 directory")
+    gen.add_argument("prompt", help="the text to continue ('-' reads stdin)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of the greedy choice")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the top tokens up to p")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    gen.add_argument("--show-tokens", action="store_true", help="also print the new tokens and their ids")
+    gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="self-attention step by step on a tiny fixed model, with real numbers")
     demo.add_argument("text", nargs="?", default="The cat sat on the mat.")
@@ -235,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         g.add_argument("--max-tokens", type=int, default=32, help="tokens drawn in the attention matrix")
         g.add_argument("--cache-dir", default=None, help=cache_help)
-        g.set_defaults(func=_generate)
+        g.set_defaults(func=_task)
     return parser
 
 

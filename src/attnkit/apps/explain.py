@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models import BertEncoder, Tokenizer
-from ..models.loading import LoadedModel, load, self_attention_patterns
+from ..models.loading import LoadedModel, load, self_attention_modules, self_attention_patterns
 from ..patterns import Causal, Full, Pattern, parse_pattern
 from ..viz.heads import summarize_heads
 from ..viz.record import AttentionRecord, record
@@ -96,16 +96,34 @@ def dense_record(ex: Explanation) -> AttentionRecord:
         with record(model) as rec:
             model(ex.input_ids, pattern=Full())
         return rec
-    saved = [layer.self_attn.pattern for layer in model.decoder.layers]
+    modules = self_attention_modules(model)
+    saved = [m.pattern for m in modules]
     try:
-        for layer in model.decoder.layers:
-            layer.self_attn.pattern = Causal()
+        for m in modules:
+            m.pattern = Causal()
         with record(model) as rec:
             model(ex.input_ids)
     finally:
-        for layer, p in zip(model.decoder.layers, saved, strict=True):
-            layer.self_attn.pattern = p
+        for m, p in zip(modules, saved, strict=True):
+            m.pattern = p
     return rec
+
+
+def layer_kinds_line(model: nn.Module) -> str | None:
+    """"Layers: 0-4 local (window 512), 5 global, ..." for models that mix local and global
+    attention (Gemma 3); None otherwise."""
+    kinds = getattr(model, "layer_kinds", None)
+    if not kinds or len(set(kinds)) < 2:
+        return None
+    runs, start = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{span} {kinds[start]}")
+            start = i
+    window = getattr(model.config, "sliding_window", None)
+    note = f" (local: a window of the last {window} tokens; global: every earlier token)" if window else ""
+    return "Layers: " + ", ".join(runs) + note
 
 
 def default_head(rec: AttentionRecord) -> tuple[int, int]:
@@ -175,6 +193,9 @@ def run(
     colored = {"always": True, "never": False, "auto": color_enabled()}[color]
     w = rec.weights[layer][0, head]
     print(f"{rec.model}: {L} layers x {H} heads, {len(rec.tokens)} tokens")
+    kinds = layer_kinds_line(ex.model)
+    if kinds:
+        print(kinds)
     print("Tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(rec.tokens)))
     print()
     how = chosen or " (the head that looks most at other words; choose with --layer/--head)"

@@ -3,6 +3,7 @@ decoding loop of decoder-only language models, with a KV cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cache=None,
+    streamer: Callable[[Tensor], object] | None = None,
 ) -> Tensor:
     """The prompt followed by up to ``max_new_tokens`` new tokens of a decoder-only ``model``:
     ``(B, T + new)``.
@@ -87,7 +89,8 @@ def generate(
     (``eos_token_id``, default the config's) and is filled with ``pad_token_id`` after;
     generation stops when every row has ended. Runs with a KV cache: the prompt once,
     then one token per step. ``cache``: an empty ``model.new_cache()`` to decode into (to
-    inspect it afterwards); default a new one.
+    inspect it afterwards); default a new one. ``streamer(tokens (B,))`` is called with each
+    step's new tokens as soon as they are chosen (to print or time them).
     """
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -125,6 +128,8 @@ def generate(
             nxt = next_token(logits, sampling, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt[:, None])
+            if streamer is not None:
+                streamer(nxt)
             done |= torch.isin(nxt, eos_t)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break

@@ -25,7 +25,7 @@ from .gguf import load_model as load_gguf_model
 from .llama import DecoderLM
 from .tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "load", "self_attention_patterns"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load", "self_attention_modules", "self_attention_patterns"]
 
 #: What ``load(None)`` loads.
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -126,20 +126,27 @@ _DECODER_PATTERN = (
 )
 
 
+def self_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each layer of an attnkit model, in order."""
+    if isinstance(model, BertEncoder):
+        return [layer.self_attn for layer in model.encoder.layers]
+    if isinstance(model, DecoderLM):
+        return [layer.self_attn for layer in model.decoder.layers]
+    if isinstance(model, Gemma3LM):
+        return [layer.self_attn for layer in model.layers]
+    raise TypeError(
+        "self_attention_modules: expected a BertEncoder, DecoderLM or Gemma3LM, but got "
+        f"{type(model).__name__}."
+    )
+
+
 def self_attention_patterns(model: nn.Module) -> list[Pattern | None]:
     """The pattern each self-attention layer of an attnkit model runs with (None: dense)."""
-    if isinstance(model, BertEncoder):
+    if isinstance(model, BertEncoder):  # the encoder passes its patterns per call
         if model.layer_patterns is not None:
             return list(model.layer_patterns)
         return [model.pattern] * model.config.num_layers
-    if isinstance(model, DecoderLM):
-        return [layer.self_attn.pattern for layer in model.decoder.layers]
-    if isinstance(model, Gemma3LM):
-        return [layer.self_attn.pattern for layer in model.layers]
-    raise TypeError(
-        "self_attention_patterns: expected a BertEncoder, DecoderLM or Gemma3LM, but got "
-        f"{type(model).__name__}."
-    )
+    return [m.pattern for m in self_attention_modules(model)]
 
 
 def _model_name(directory: Path) -> str:

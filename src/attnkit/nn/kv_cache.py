@@ -94,7 +94,7 @@ class KVCache:
         return out
 
     def _append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n, end = k.shape[2], self._stored + k.shape[2]
+        end = self._stored + k.shape[2]
         if self._k is None:
             capacity = max(self._reserved, end, 16)
             self._k, self._v = self._alloc(k, capacity), self._alloc(v, capacity)
@@ -109,7 +109,10 @@ class KVCache:
     def _append_window(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         W, n = self.window, k.shape[2]
         if self._stored:  # what the new queries see: the window held, then the new positions
-            out = (torch.cat([self._ordered(self._k), k], dim=2), torch.cat([self._ordered(self._v), v], dim=2))
+            out = (
+                torch.cat([self._ordered(self._k), k], dim=2),
+                torch.cat([self._ordered(self._v), v], dim=2),
+            )
         else:
             out = (k, v)
         if self._k is None:
