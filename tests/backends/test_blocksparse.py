@@ -334,3 +334,46 @@ def test_partial_pieces_add_up_to_the_whole(pattern, heads):
     assert max_err(out, want) < 1e-5
     for got, ref in zip((dq, dk, dv), want_grads, strict=True):
         assert max_err(got, ref) < 1e-5
+
+
+def test_tiles_priced_near_the_best_are_timed_on_the_call_and_the_fastest_kept(monkeypatch):
+    """With tuning on, a call large enough to be worth it times the tiles the cost model prices
+    near its best, on its own inputs, forward and backward, runs the fastest, keeps the choice
+    per shape, and gives the oracle's numbers whatever the tile."""
+    from attnkit import caches
+    from attnkit.backends import _tuning
+    from attnkit.backends import blocksparse as bs
+    from attnkit._timing import Timing
+
+    monkeypatch.setattr(_tuning, "enabled", lambda: True)
+    monkeypatch.setattr(_tuning, "current", lambda dtype=None: _tuning.DEFAULT)
+    monkeypatch.setattr(bs, "MEASURE_ABOVE_S", 0.0)
+    monkeypatch.setattr(bs, "MEASURE_WITHIN", 100.0)  # every tile is a candidate
+    caches.clear("measured_tiles")
+    timed = []
+
+    def fake_timing(calls, repeats):  # tile 128 is "fastest" forward, 64 backward
+        timed.append(sorted(calls))
+        winner = 128 if len(timed) == 1 else 64
+        return {b: Timing((0.001 if b == winner else 0.002,)) for b in calls}
+
+    monkeypatch.setattr(bs, "time_in_turns", fake_timing)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pattern = P.SlidingWindow(40, 9)
+    used = []
+    real_plan = bs.sparse_plan
+    monkeypatch.setattr(bs, "sparse_plan", lambda p, n, s, b, d: used.append(b) or real_plan(p, n, s, b, d))
+    out = attention(q, k, v, pattern=pattern, backend="blocksparse")
+    assert timed == [[32, 64, 128, 256], [32, 64, 128, 256]]  # forward, then backward candidates
+    assert used[-2:] == [128, 64]  # the plans the call runs: the timed winners
+    ref = attention_ref(q, k, v, pattern=pattern)
+    assert max_err(out, ref) < 1e-12
+    (out * torch.arange(16.0, dtype=torch.float64)).sum().backward()
+    dq = q.grad.clone()
+    q.grad = None
+    (ref * torch.arange(16.0, dtype=torch.float64)).sum().backward()
+    assert max_err(dq, q.grad) < 1e-10
+    attention(q, k, v, pattern=pattern, backend="blocksparse")  # the same shape: not timed again
+    assert len(timed) == 2
+    caches.clear("measured_tiles")

@@ -80,9 +80,9 @@ def test_greedy_continuations_are_identical(pair):
     name, ours, theirs = pair
     ids = _prompt(ours, 40)
     with torch.no_grad():
-        got = ours.model.generate(ids, max_new_tokens=32, eos_token_id=[])
-        want = theirs.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert got.shape == (1, 72) and torch.equal(got, want), name
+        got = ours.model.generate(ids, max_new_tokens=32)
+        want = theirs.generate(ids, max_new_tokens=32, do_sample=False)
+    assert got.shape[1] > 40 and torch.equal(got, want), name
 
 
 def test_tokenizers_agree_with_transformers_and_llama_cpp(pair):

@@ -236,3 +236,32 @@ def test_rms_norm_with_a_unit_offset_is_gemmas(dtype):
     x32 = x.float()
     want = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
     torch.testing.assert_close(norm(x), want, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_gradients_match_the_formula(unit_offset):
+    """The float32 fast path (in-place only without a graph) differentiates as the formula."""
+    norm = RMSNorm(16, eps=1e-6, unit_offset=unit_offset).double().float()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    dout = torch.randn(2, 3, 16)
+    gx, gw = torch.autograd.grad(norm(x), (x, norm.weight), dout)
+    scale = 1 + norm.weight if unit_offset else norm.weight
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
+    wx, ww = torch.autograd.grad(want, (x, norm.weight), dout)
+    torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ww, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "geglu_tanh"])
+def test_feed_forward_in_row_blocks_equals_one_call(activation, monkeypatch):
+    """Inference on long inputs runs in blocks of rows (a ragged last block too): the same
+    numbers as one call."""
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 40, activation).eval()
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        whole = ffn(x)
+        monkeypatch.setattr(FeedForward, "block_bytes", 5 * 40 * 4)  # 5 rows a block
+        assert torch.allclose(ffn(x), whole, atol=1e-6)

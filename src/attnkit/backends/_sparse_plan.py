@@ -39,6 +39,7 @@ __all__ = [
     "SparsePlan",
     "block_and_cost",
     "choose_block",
+    "plan_cost",
     "sparse_plan",
 ]
 
@@ -122,17 +123,23 @@ def block_and_cost(
 def _price_tiles(
     pattern: Pattern, n: int, s: int, direction: str, tuning: _tuning.Tuning
 ) -> tuple[int, float]:
-    rates = tuning.kernel_rates[direction]
     costs = {}
     for b in _tuning.TILES:
-        pieces = _pieces(pattern.block_map(n, s, b), b, s, tuning.gather_cost(b))
-        band = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if strided)
-        gathered = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if not strided)
-        costs[b] = b * b * (band / rates["band"][b] + tuning.gather_copy * gathered / rates["gather"][b])
+        costs[b] = plan_cost(pattern, n, s, direction, tuning, b)
         if b >= max(n, s):  # one tile already covers everything: larger ones only add padding
             break
     best = min(costs, key=costs.get)
     return best, costs[best]
+
+
+def plan_cost(pattern: Pattern, n: int, s: int, direction: str, tuning: _tuning.Tuning, b: int) -> float:
+    """Predicted cost of ``pattern`` at tile ``b``: band and gathered tiles priced with the
+    machine's rates (seconds per ``4 * D`` FLOPs per pair, as :func:`block_and_cost`)."""
+    rates = tuning.kernel_rates[direction]
+    pieces = _pieces(pattern.block_map(n, s, b), b, s, tuning.gather_cost(b))
+    band = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if strided)
+    gathered = sum(rows.numel() * cols.shape[1] for rows, cols, strided in pieces if not strided)
+    return b * b * (band / rates["band"][b] + tuning.gather_copy * gathered / rates["gather"][b])
 
 
 def sparse_plan(pattern: Pattern, n: int, s: int, block: int, dtype=torch.float32) -> SparsePlan:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import caches
+from .._timing import time_in_turns
 from ..patterns import And, Causal, Full, KeyPadding, Pattern
 from . import _rows
 from . import _tuning as tuning
@@ -47,7 +49,7 @@ from ._dropout import keep_mask
 from ._engines import Eager, FusedCPU, fused_cpu_available
 from ._masks import reduce_to
 from ._residue import regroup, residue_split, ungroup
-from ._sparse_plan import Segment, SparsePlan, block_and_cost, choose_block, runs, sparse_plan
+from ._sparse_plan import Segment, SparsePlan, block_and_cost, plan_cost, runs, sparse_plan
 from ._tuning import TILES
 from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
 
@@ -142,6 +144,9 @@ class BlockSparseBackend(Backend):
         job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes, key_lengths=key_lengths)
         if whole_ok and (whole := _whole_kind(job)) is not None:
             return dataclasses.replace(job, whole=whole), ()  # one fused call, no tiles to plan
+        measure = None
+        if fused and not whole_ok and tuning.enabled():  # a whole call, timed on its own inputs
+            measure = _TileTimer(job, backward=backward)
         parts = cls.plan(
             pattern,
             inp.N,
@@ -149,6 +154,7 @@ class BlockSparseBackend(Backend):
             splittable=_splittable(inp) and lengths is None,
             backward=fused and backward,
             dtype=inp.dtype,
+            measure=measure,
         )
         return job, parts
 
@@ -162,17 +168,19 @@ class BlockSparseBackend(Backend):
         splittable: bool = True,
         backward: bool = False,
         dtype: torch.dtype = torch.float32,
+        measure: _TileTimer | None = None,
     ) -> tuple[_Part, ...]:
         """The parts a call computes: per pattern piece, its forward plan and (with
         ``backward``, for the fused kernel's own tile size) its backward plan. ``splittable``:
         the call has no mask, bias or dropout, so periodic patterns may be regrouped. Tiles are
-        chosen for ``dtype`` on this machine."""
+        chosen for ``dtype`` on this machine: by the cost model, and, with ``measure``, among
+        the tiles it prices close to the best, by timing them on the call's own inputs."""
         parts = []
         for piece, stride in cls._pieces_of(pattern, n, s, splittable, dtype)[0]:
-            fb = cls.block or choose_block(piece, n, s, "forward", dtype)
+            fb = cls.block or _tile(piece, n, s, "forward", dtype, stride, measure)
             fplan = bplan = sparse_plan(piece, n, s, fb, dtype)
             if backward:
-                bb = cls.backward_block or choose_block(piece, n, s, "backward", dtype)
+                bb = cls.backward_block or _tile(piece, n, s, "backward", dtype, stride, measure)
                 bplan = sparse_plan(piece, n, s, bb, dtype)
             parts.append(_Part(fplan, bplan, stride))
         return tuple(parts)
@@ -197,6 +205,71 @@ class BlockSparseBackend(Backend):
                 if cost < 0.8 * whole:
                     return pieces, cost
         return [(pattern, None)], whole
+
+
+#: Tiles priced within this factor of the cost model's best are timed on the call's inputs.
+MEASURE_WITHIN = 1.5
+#: Calls the cost model predicts to take at least this long (seconds) are worth timing: a
+#: rule about amortizing one measurement, not a speed of this machine (the prediction is).
+MEASURE_ABOVE_S = 0.05
+#: The tile measured fastest per (piece, N, S, stride, direction, dtype, B, H, Hkv, D, Dv).
+_MEASURED = caches.register("measured_tiles", caches.MiB, size=lambda _: 128)
+
+
+def _tile(piece, n: int, s: int, direction: str, dtype, stride, measure: _TileTimer | None) -> int:
+    """The cost model's tile for ``piece``, or, when ``measure`` may time the call and several
+    tiles are priced near the best, the one of those that runs fastest on these inputs."""
+    best, cost = block_and_cost(piece, n, s, direction, dtype)
+    if measure is None:
+        return best
+    return measure.choose(piece, n, s, direction, dtype, stride, best, cost)
+
+
+class _TileTimer:
+    """Times the candidate tiles of a call's pieces on the call's own ``q``, ``k``, ``v`` (the
+    backward with the forward's output and a random output gradient), with attnkit's timing
+    policy, once per shape; see :func:`_tile`."""
+
+    def __init__(self, job: _Job, backward: bool) -> None:
+        self.job, self.backward = job, backward
+
+    def choose(self, piece, n: int, s: int, direction: str, dtype, stride, best: int, cost: float) -> int:
+        inp = self.job.inp
+        rate_scale = 4 * inp.D * inp.B * inp.Hkv * max(inp.G, 1) / 1e9  # predicted cost -> seconds
+        if cost * rate_scale < MEASURE_ABOVE_S:
+            return best
+        key = (piece, n, s, stride, direction, dtype, inp.B, inp.H, inp.Hkv, inp.D, inp.Dv, inp.device.type)
+        return _MEASURED.get(key, lambda: self._fastest(piece, n, s, direction, dtype, stride, best))
+
+    def _fastest(self, piece, n: int, s: int, direction: str, dtype, stride, best: int) -> int:
+        priced = {b: _price(piece, n, s, direction, dtype, b) for b in TILES if b < 2 * max(n, s)}
+        tiles = [b for b, c in priced.items() if c <= MEASURE_WITHIN * priced[best]]
+        if len(tiles) < 2:
+            return best
+        inp, job = self.job.inp, self.job
+        args = (inp.q, inp.k, inp.v)
+        if stride is not None:
+            args = tuple(regroup(t, stride) for t in args)
+        plans = {b: sparse_plan(piece, n, s, b, dtype) for b in tiles}
+        with torch.no_grad():
+            if direction == "forward":
+                calls = {b: (lambda p=p: _forward_plan(job, p, *args, inp.bias)) for b, p in plans.items()}
+            else:
+                out, lse = _forward_plan(job, plans[tiles[0]], *args, inp.bias)
+                out = out.to(inp.dtype)
+                dout = torch.randn_like(out)
+                calls = {
+                    b: (lambda p=p: _backward_plan(job, p, *args, dout, out, lse, inp.bias, False))
+                    for b, p in plans.items()
+                }
+            timed = time_in_turns(calls, repeats=3)
+        return min(timed, key=lambda b: timed[b].best)
+
+
+def _price(piece, n: int, s: int, direction: str, dtype, block: int) -> float:
+    """The cost model's predicted cost of ``piece`` at tile ``block`` (same units as
+    :func:`block_and_cost`)."""
+    return plan_cost(piece, n, s, direction, tuning.current(dtype), block)
 
 
 def split_key_lengths(pattern: Pattern) -> tuple[Pattern, tuple[int, ...] | None]:

@@ -64,19 +64,19 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.unit_offset:
-            scale = 1.0 + self.weight.float()
-            if x.dtype == torch.float32:  # one fused call, as below
-                return F.rms_norm(x, self.weight.shape, scale, self.eps)
-            x32 = x.float()
-            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (x32 * scale).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the same float32 computation as below in one fused call (equal to rounding,
-            # tests/nn/test_layers.py): one dispatch instead of six, which decoding feels
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # three passes over x: torch's rms_norm on CPU is pow, mean and two multiplies (five,
+            # and a temporary); equal to rounding (tests/nn/test_layers.py)
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            inv = torch.rsqrt(norm.square() / x.shape[-1] + self.eps)
+            scale = 1.0 + self.weight if self.unit_offset else self.weight
+            if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+                return x * inv * scale
+            return (x * inv).mul_(scale)  # in place: no graph keeps the product
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -136,7 +136,25 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.dropout = Dropout(dropout)
 
+    #: Without autograd, long inputs run in blocks of rows whose widest activation (the hidden
+    #: layer, ``rows * hidden_dim`` elements) takes at most this many bytes: a rule that keeps
+    #: each block's activations near the caches instead of streaming ``N * hidden_dim`` values
+    #: through memory three times (at 32k tokens one block of rows is ~12% faster on 2 cores).
+    block_bytes = 16 * 2**20
+
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        per_row = self.up_proj.out_features * x.element_size()
+        if torch.is_grad_enabled() or rows * per_row <= self.block_bytes or x.dim() < 2:
+            return self._compute(x)
+        flat = x.reshape(rows, x.shape[-1])
+        step = max(1, self.block_bytes // per_row)
+        out = flat.new_empty(rows, self.down_proj.out_features)
+        for start in range(0, rows, step):
+            out[start : start + step] = self._compute(flat[start : start + step])
+        return out.view(*x.shape[:-1], -1)
+
+    def _compute(self, x: Tensor) -> Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(self.dropout(h) if self.training else h)
 

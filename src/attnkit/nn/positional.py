@@ -177,9 +177,9 @@ class RotaryEmbedding(nn.Module):
             )
         cos, sin = self._tables(positions, x.dtype)
         if x.shape[-1] == self.head_dim:
-            return x * cos + self._partner(x) * sin
+            return torch.addcmul(x * cos, self._partner(x), sin)  # one pass fewer than mul + add
         rot, rest = x[..., : self.head_dim], x[..., self.head_dim :]
-        return torch.cat((rot * cos + self._partner(rot) * sin, rest), dim=-1)
+        return torch.cat((torch.addcmul(rot * cos, self._partner(rot), sin), rest), dim=-1)
 
     def _partner(self, x: Tensor) -> Tensor:
         """Each dimension's rotation partner: ``i + D/2`` (half) or ``i ^ 1`` (interleaved)."""
