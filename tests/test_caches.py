@@ -49,7 +49,7 @@ def test_public_info_limit_and_clear():
     importlib.import_module("attnkit.distributed")  # its caches exist once it is imported
     info = caches.info()
     assert set(info) == {
-        "block_maps", "dispatch", "plans", "tile_choices",
+        "block_maps", "dispatch", "plans", "tile_choices", "measured_tiles",
         "context_parallel", "context_parallel_layouts", "context_parallel_links",
         "flex_block_masks", "triton_tables",
     }  # fmt: skip
@@ -61,8 +61,8 @@ def test_public_info_limit_and_clear():
     with pytest.raises(
         ValueError,
         match=r"expected a cache name in \['block_maps', 'context_parallel', 'context_parallel_layouts', "
-        r"'context_parallel_links', 'dispatch', 'flex_block_masks', 'plans', 'tile_choices', "
-        r"'triton_tables'\]",
+        r"'context_parallel_links', 'dispatch', 'flex_block_masks', 'measured_tiles', 'plans', "
+        r"'tile_choices', 'triton_tables'\]",
     ):
         caches.set_limit("plan", 10)
     with pytest.raises(ValueError, match=r"expected limit to be an int >= 0 \(bytes\), but got -1"):

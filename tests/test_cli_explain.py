@@ -70,7 +70,7 @@ def test_explain_rejects_a_directory_that_is_not_a_supported_model(tmp_path, cap
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     assert main(["explain", "hi", "--model", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "--model: " in err and "expected a BERT-family or Llama-family checkpoint" in err
+    assert "--model: " in err and "expected a BERT-family, Llama-family or Gemma 3 checkpoint" in err
     assert err.count("\n") == 1
     assert main(["explain", "hi", "--model", "/nonexistent/model"]) == 1
     assert "is not a directory" in capsys.readouterr().err

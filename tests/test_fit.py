@@ -183,3 +183,62 @@ def test_record_keeps_each_heads_own_pattern():
         record(model, capture_inputs=True),
     ):
         model(_inputs()[0], pattern=pattern)
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two attention layers whose heads spread their weight evenly (q = 0), so the attention
+    mass each candidate keeps is the same in both; the first layer's output is scaled by 10 and
+    the second's by 0.01, so only the first one's pattern matters to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = torch.nn.ModuleList(MultiHeadAttention(16, 2, bias=False).double() for _ in range(2))
+        with torch.no_grad():
+            for m in self.attn:
+                m.q_proj.weight.zero_()
+
+    def set_patterns(self, patterns) -> None:
+        for m, p in zip(self.attn, patterns, strict=True):
+            m.pattern = p
+
+    def forward(self, x):
+        h = x + 10.0 * self.attn[0](x)
+        return h + 0.01 * self.attn[1](h)
+
+
+def test_the_effect_based_fit_spends_the_budget_where_the_loss_needs_it():
+    model = _TwoLayers()
+    own = [P.Causal(), P.Causal()]
+    model.set_patterns(own)
+    texts = [torch.randn(1, 48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        targets = [model(x) for x in texts]  # the dense model's outputs
+
+    def loss(m, i):
+        with torch.no_grad():
+            return float((m(texts[i]) - targets[i]).pow(2).sum())
+
+    candidates = [P.SlidingWindow(2, 2), P.SlidingWindow(8, 8), P.Full()]
+    cov = fit.coverage(model, texts, candidates)
+    assert torch.allclose(cov.mass[0], cov.mass[1])  # the mass cannot tell the layers apart
+    sens = fit.sensitivity(model, range(2), P.SlidingWindow(2, 2), loss=loss, own=own)
+    assert sens[0] > 100 * sens[1] > 0
+    assert [m.pattern for m in model.attn] == own  # restored
+    # enough for one layer dense and the other at the smallest window: the known best answer
+    budget = float(cov.density[0, :, 2].mean() + cov.density[1, :, 0].mean()) / 2 + 1e-9
+    layers = fit.allocate(cov, sens, budget)
+    assert layers[0].heads == (P.Causal(),) * 2  # Full() within a causal layer: dense for layer 0
+    assert layers[1].heads == (P.SlidingWindow(2, 2) & P.Causal(),) * 2  # the cheapest for layer 1
+    # at that density, the allocation's loss is far below one window for every head with as
+    # much density or more
+    w = next(w for w in range(48) if (P.SlidingWindow(w, w) & P.Causal()).density(48, 48) >= budget)
+    model.set_patterns(layers)
+    fitted = sum(loss(model, i) for i in range(2))
+    model.set_patterns([P.SlidingWindow(w, w) & P.Causal()] * 2)
+    uniform = sum(loss(model, i) for i in range(2))
+    assert fitted < uniform / 10
+    with pytest.raises(ValueError, match="no choice meets budget"):
+        fit.allocate(cov, sens, 0.001)
+    with pytest.raises(ValueError, match=r"expected sens of shape \(L,\)=\(2,\)"):
+        fit.allocate(cov, sens[:1], budget)

@@ -341,9 +341,9 @@ def test_tiles_priced_near_the_best_are_timed_on_the_call_and_the_fastest_kept(m
     near its best, on its own inputs, forward and backward, runs the fastest, keeps the choice
     per shape, and gives the oracle's numbers whatever the tile."""
     from attnkit import caches
+    from attnkit._timing import Timing
     from attnkit.backends import _tuning
     from attnkit.backends import blocksparse as bs
-    from attnkit._timing import Timing
 
     monkeypatch.setattr(_tuning, "enabled", lambda: True)
     monkeypatch.setattr(_tuning, "current", lambda dtype=None: _tuning.DEFAULT)
@@ -366,7 +366,8 @@ def test_tiles_priced_near_the_best_are_timed_on_the_call_and_the_fastest_kept(m
     monkeypatch.setattr(bs, "sparse_plan", lambda p, n, s, b, d: used.append(b) or real_plan(p, n, s, b, d))
     out = attention(q, k, v, pattern=pattern, backend="blocksparse")
     assert timed == [[32, 64, 128, 256], [32, 64, 128, 256]]  # forward, then backward candidates
-    assert used[-2:] == [128, 64]  # the plans the call runs: the timed winners
+    # each direction plans every candidate to time it, then runs the winner: 128, then 64
+    assert used == [32, 64, 128, 256, 128, 32, 64, 128, 256, 64]
     ref = attention_ref(q, k, v, pattern=pattern)
     assert max_err(out, ref) < 1e-12
     (out * torch.arange(16.0, dtype=torch.float64)).sum().backward()

@@ -40,13 +40,13 @@ def argument(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def reading(name: str) -> Iterator[None]:
-    """Report a ``ValueError`` raised while reading the file or model given as ``name`` as an
-    input error."""
+    """Report a ``ValueError`` or ``OSError`` (a missing file) raised while reading the file or
+    model given as ``name`` as an input error that names it."""
     try:
         yield
     except (UsageError, InputError):
         raise
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise InputError(f"{name}: {e}") from e
 
 

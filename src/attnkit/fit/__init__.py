@@ -18,9 +18,12 @@ layer already allowed (a causal or sliding-window model stays so), and returns a
 A head that keeps 95% of its mass under ``SlidingWindow(64)`` on your texts will, by this
 measure, lose at most 5% of what it attended to; whether the model's outputs survive is a
 separate measurement (perplexity, embedding agreement) that the caller makes.
+:func:`sensitivity` and :func:`allocate` put that measurement in the loop: the loss each layer
+adds under a sparse probe decides where a density budget is spent.
 """
 
 from .choose import fit_patterns
+from .effect import allocate, sensitivity
 from .measure import Coverage, coverage, default_candidates
 
-__all__ = ["Coverage", "coverage", "default_candidates", "fit_patterns"]
+__all__ = ["Coverage", "allocate", "coverage", "default_candidates", "fit_patterns", "sensitivity"]
