@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -30,15 +28,9 @@ from ..nn import DecoderCache, FeedForward, KVCache, MultiHeadAttention, RMSNorm
 from ..patterns import Causal, Pattern, SlidingWindow
 from ._io import (
     ModelConfig,
-    checkpoint_dir,
-    from_state,
-    load_weights,
-    own_config,
-    read_json,
     rename,
-    save_checkpoint,
 )
-from .generation import generate
+from ._lm import CausalLM
 
 __all__ = ["Gemma3Config", "Gemma3LM"]
 
@@ -180,7 +172,7 @@ class Gemma3Layer(nn.Module):
         return x + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(x)))
 
 
-class Gemma3LM(nn.Module):
+class Gemma3LM(CausalLM):
     """Gemma 3's text decoder (see the module docstring).
 
     Args:
@@ -199,6 +191,11 @@ class Gemma3LM(nn.Module):
     """
 
     model_name = "Gemma3LM"
+    config_class = Gemma3Config
+
+    @staticmethod
+    def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        return rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$|^vision_tower|^multi_modal")
 
     def __init__(self, config: Gemma3Config, *, backend: str = "auto") -> None:
         super().__init__()
@@ -298,45 +295,6 @@ class Gemma3LM(nn.Module):
         logits = self.lm_head(self.norm(x))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **options) -> Tensor:
-        """The prompt and up to ``max_new_tokens`` new tokens (see
-        :func:`attnkit.models.generation.generate`)."""
-        return generate(self, input_ids, max_new_tokens, **options)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, backend: str = "auto", dtype: torch.dtype | None = None
-    ) -> Gemma3LM:
-        """Load an attnkit checkpoint or a Hugging Face ``gemma3_text`` directory."""
-        directory = checkpoint_dir(path)
-        own = own_config(directory, cls.model_name)
-        config = (
-            Gemma3Config.from_dict(own) if own is not None
-            else Gemma3Config.from_hf(read_json(directory / "config.json"))
-        )  # fmt: skip
-        weights = load_weights(directory)
-        if own is None:
-            weights = rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$|^vision_tower|^multi_modal")
-        return cls.from_state(config, weights, str(directory), backend=backend, dtype=dtype)
-
-    @classmethod
-    def from_state(cls, config: Gemma3Config, weights: dict[str, Tensor], source: str, *,
-                   backend: str = "auto", dtype: torch.dtype | None = None) -> Gemma3LM:  # fmt: skip
-        """A model of ``config`` with attnkit-named ``weights`` (from any checkpoint format)."""
-        return from_state(cls, config, weights, source, backend=backend, dtype=dtype)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write an attnkit checkpoint (``config.json`` + ``model.safetensors``), atomically."""
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        return save_checkpoint(path, self.model_name, self.config, state)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def extra_repr(self) -> str:
         kinds = self.layer_kinds

@@ -10,9 +10,7 @@ sliding window (Jiang et al. 2023, https://arxiv.org/abs/2310.06825) is an attnk
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -22,17 +20,11 @@ from ..patterns import Causal, Pattern, SlidingWindow, parse_pattern
 from ._io import (
     ModelConfig,
     check_layer_patterns,
-    checkpoint_dir,
-    from_state,
     layer_patterns,
-    load_weights,
-    own_config,
-    read_json,
     rename,
-    save_checkpoint,
     with_patterns,
 )
-from .generation import generate
+from ._lm import CausalLM
 
 __all__ = ["DecoderLM", "DecoderLMConfig"]
 
@@ -123,7 +115,7 @@ class DecoderLMConfig(ModelConfig):
         )  # fmt: skip
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(CausalLM):
     """A Llama-family causal language model.
 
     Args:
@@ -141,6 +133,11 @@ class DecoderLM(nn.Module):
     """
 
     model_name = "DecoderLM"
+    config_class = DecoderLMConfig
+
+    @staticmethod
+    def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        return rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$")
     #: Set by :func:`attnkit.distributed.set_context_parallel`: inputs are then this rank's
     #: shard of the tokens, and positions count over the whole sequence.
     context_parallel = None
@@ -249,46 +246,6 @@ class DecoderLM(nn.Module):
         logits = self.lm_head(hidden)
         return (logits, [w[0] for w in weights]) if need_weights else logits
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **options) -> Tensor:
-        """The prompt followed by up to ``max_new_tokens`` new tokens: ``(B, T + new)``; see
-        :func:`attnkit.models.generation.generate` for the options (sampling, padding, eos)."""
-        return generate(self, input_ids, max_new_tokens, **options)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, backend: str = "auto", dtype: torch.dtype | None = None
-    ) -> DecoderLM:
-        """Load an attnkit checkpoint or a Hugging Face ``llama``/``mistral`` directory."""
-        directory = checkpoint_dir(path)
-        own = own_config(directory, cls.model_name)
-        config = (
-            DecoderLMConfig.from_dict(own) if own is not None
-            else DecoderLMConfig.from_hf(read_json(directory / "config.json"))
-        )  # fmt: skip
-        weights = load_weights(directory)
-        if own is None:
-            weights = _from_hf_names(weights)
-        return cls.from_state(config, weights, str(directory), backend=backend, dtype=dtype)
-
-    @classmethod
-    def from_state(cls, config: DecoderLMConfig, weights: dict[str, Tensor], source: str, *,
-                   backend: str = "auto", dtype: torch.dtype | None = None) -> DecoderLM:  # fmt: skip
-        """A model of ``config`` with attnkit-named ``weights`` (from any checkpoint format),
-        built without initializing parameters that the weights replace."""
-        return from_state(cls, config, weights, source, backend=backend, dtype=dtype)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write an attnkit checkpoint (``config.json`` + ``model.safetensors``), atomically."""
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        return save_checkpoint(path, self.model_name, self.config, state)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
     def extra_repr(self) -> str:
         return f"parameters={self.num_parameters() / 1e6:.1f}M, layers={self.config.num_layers}"
 
@@ -302,7 +259,3 @@ _HF_RULES = [
     (r"model\.layers\.(\d+)\.input_layernorm\.", r"decoder.layers.\1.norm1."),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"decoder.layers.\1.norm2."),
 ]
-
-
-def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    return rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$")
