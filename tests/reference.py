@@ -24,10 +24,11 @@ def allowed_mask(pattern: Pattern | None, mask: Tensor | None, n: int, s: int) -
     return allowed
 
 
-def attention_ref(q, k, v, *, pattern=None, mask=None, scale=None, dtype=torch.float64):
+def attention_ref(q, k, v, *, pattern=None, mask=None, scale=None, dtype=torch.float64, return_lse=False):
     """Attention computed in ``dtype`` (float64 by default) with explicit masking.
 
-    Rows with no allowed key give 0. Differentiable (use float64 leaves for golden grads).
+    Rows with no allowed key give 0 (and, with ``return_lse``, a log-sum-exp of -inf).
+    Differentiable (use float64 leaves for golden grads).
     """
     H, Hkv = q.shape[1], k.shape[1]
     n, s = q.shape[2], k.shape[2]
@@ -47,7 +48,11 @@ def attention_ref(q, k, v, *, pattern=None, mask=None, scale=None, dtype=torch.f
     scores = scores.masked_fill(~allowed & has_any, float("-inf"))
     scores = torch.where(has_any, scores, torch.zeros_like(scores))
     probs = scores.softmax(-1) * has_any
-    return torch.einsum("bhns,bhsd->bhnd", probs, v)
+    out = torch.einsum("bhns,bhsd->bhnd", probs, v)
+    if not return_lse:
+        return out
+    lse = torch.where(has_any[..., 0], torch.logsumexp(scores, -1), -torch.inf)
+    return out, lse
 
 
 def naive_eager(q, k, v, *, pattern=None, mask=None, scale=None):

@@ -705,21 +705,37 @@ class _Ring(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.mask, ctx.scale = plan, mask, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         g, me, D = plan.g, plan.g.rank, k.shape[-1]
         ct = compute_dtype(q.dtype)
-        dout = dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
         dk = torch.zeros(k.shape, dtype=ct, device=q.device)
         dv = torch.zeros(v.shape, dtype=ct, device=q.device)
         ex = _Exchanges(g, "ring backward")
         grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=1 << 20)
+
+        def fold(posted: tuple[list[int], int] | None) -> None:
+            """Wait for one step's gradient transfers; add what rank ``peer`` sent back."""
+            if posted is None:
+                return
+            handles, peer = posted
+            received = grads.collect(handles)
+            if received is not None:
+                for local, ms in plan.link(peer, me).slices(plan.k_ranges[me]):
+                    dk[:, :, local] += received[:, :, ms, :D]
+                    dv[:, :, local] += received[:, :, ms, D:]
+
+        # One step's gradient transfers in flight at a time: step t's are posted after step
+        # t - 1's were received and added, so a rank holds one message and one receive buffer,
+        # not P - 1 of them.
+        previous = None
         for step, src, msg in ex.rotate(k, v, plan):
             send = None
             if plan.link(me, src) is not None:
@@ -728,8 +744,9 @@ class _Ring(torch.autograd.Function):
                 targets = _runs(plan, src, dk, dv, dmsg)
                 runs = _runs(plan, src, k, v, msg)
                 for qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
+                    dlse_p = None if dlse is None else dlse[:, :, qs]
                     dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
-                        inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs]
+                        inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], dlse_p
                     )
                     dq[:, :, qs] += dq_p
                     targets[r][0].add_(dk_p)
@@ -742,12 +759,10 @@ class _Ring(torch.autograd.Function):
             if dst != me and (link := plan.link(dst, me)) is not None:
                 shape = (*k.shape[:2], link.tokens, k.shape[-1] + v.shape[-1])
                 recv = (dst, torch.empty(shape, dtype=ct, device=q.device))
-            grads.post(send=send, recv=recv, step=step)
+            fold(previous)
+            previous = (grads.post(send=send, recv=recv, step=step), dst)
         ex.finish()
-        for peer, received in grads.finish():
-            for local, ms in plan.link(peer, me).slices(plan.k_ranges[me]):
-                dk[:, :, local] += received[:, :, ms, :D]
-                dv[:, :, local] += received[:, :, ms, D:]
+        fold(previous)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

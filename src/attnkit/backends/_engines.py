@@ -103,7 +103,11 @@ class Eager:
         return p @ v.to(ct), _rows.lse_from(m, l)
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, bias, scale, keep: Tensor | None = None, dropout_p: float = 0.0):
+    def backward(
+        dout, q, k, v, out, lse, bias, scale, keep: Tensor | None = None, dropout_p: float = 0.0, dlse=None
+    ):
+        """Gradients ``(dq, dk, dv, ds)``; ``dlse`` (or None) is the gradient of the returned
+        log-sum-exp (see :func:`attnkit.backends._rows.correction`)."""
         ct = compute_dtype(q.dtype)
         qc, kc, vc, doc = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
         lse = _rows.for_recompute(lse.to(ct))
@@ -116,8 +120,7 @@ class Eager:
             dp = dp * kept
         else:
             dv = p.transpose(-1, -2) @ doc
-        delta = (doc * out.to(ct)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
+        ds = p * (dp - _rows.correction(doc, out, dlse, ct)[..., None])
         dq = (ds @ kc) * scale
         dk = (ds.transpose(-1, -2) @ qc) * scale
         return dq, dk, dv, ds

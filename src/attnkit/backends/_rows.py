@@ -12,7 +12,9 @@ on what a kernel happens to return for such rows:
 * :func:`zero_unseen` -- force the convention onto a kernel's output;
 * :func:`for_recompute` -- the log-sum-exp a backward subtracts to recompute ``p = exp(s - lse)``
   (``+inf`` for empty rows, so ``p`` is exactly 0 whatever ``s`` is);
-* :func:`combine` -- the exact union of two attentions over disjoint key sets.
+* :func:`combine` -- the exact union of two attentions over disjoint key sets;
+* :func:`correction` -- the per-row term a softmax backward subtracts, with the log-sum-exp's
+  own gradient folded in (so ``lse`` is differentiable on every backend).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "for_recompute", "lse_from", "normalize", "shift", "zero_unseen"]
+__all__ = ["combine", "correction", "for_recompute", "lse_from", "normalize", "shift", "zero_unseen"]
 
 
 def shift(row_max: Tensor) -> Tensor:
@@ -60,3 +62,14 @@ def combine(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple
     a = torch.where((lse_a == -torch.inf)[..., None], 0.0, out_a * torch.exp(lse_a - base)[..., None])
     b = torch.where((lse_b == -torch.inf)[..., None], 0.0, out_b * torch.exp(lse_b - base)[..., None])
     return a + b, lse
+
+
+def correction(dout: Tensor, out: Tensor, dlse: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``rowsum(dO * O) - dlse`` in ``dtype``, shape ``out.shape[:-1]``.
+
+    The backward of ``out = softmax(s) V`` gives ``dS = P * (dO V^T - rowsum(dO * O))``; the
+    log-sum-exp's gradient is ``d lse / d s = P``, so a gradient ``dlse`` flowing into the
+    returned ``lse`` adds ``P * dlse``. Both fit in the one per-row term subtracted here.
+    """
+    delta = (dout.to(dtype) * out.to(dtype)).sum(-1)
+    return delta if dlse is None else delta - dlse.to(dtype)

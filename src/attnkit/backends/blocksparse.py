@@ -110,30 +110,33 @@ class BlockSparseBackend(Backend):
 
     @classmethod
     def partial_backward(
-        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor
+        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients ``(dq, dk, dv)`` (compute dtype) of this piece's queries, keys and values
         when ``out`` ``(B, H, N, Dv)`` and ``lse`` ``(B, H, N)`` are the *merged* output and
-        log-sum-exp of the whole softmax the piece belongs to and ``dout`` is the gradient of
-        that output: the probabilities are recomputed against the whole row's normalizer, so
-        the pieces' gradients add up to the whole's (as in ring attention)."""
-        job, parts = cls._job(inp, backward=True, whole_ok=True)
+        log-sum-exp of the whole softmax the piece belongs to and ``dout`` (and ``dlse``, or
+        None) are the gradients of that output (and log-sum-exp): the probabilities are
+        recomputed against the whole row's normalizer, so the pieces' gradients add up to the
+        whole's (as in ring attention)."""
+        job, parts = cls._job(inp, backward=True, whole_ok=True, lse_grad=dlse is not None)
         with torch.no_grad():
             if job.whole is not None:
                 return _whole_backward(job, out.to(inp.dtype), lse, dout)
             grads = _run_backward(
-                job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, inp.bias, False
+                job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, dlse, inp.bias, False
             )
         return grads[0], grads[1], grads[2]
 
     @classmethod
     def _job(
-        cls, inp: AttentionInputs, backward: bool, whole_ok: bool = False
+        cls, inp: AttentionInputs, backward: bool, whole_ok: bool = False, lse_grad: bool = False
     ) -> tuple[_Job, tuple[_Part, ...]]:
         """The call's job and plans; with ``whole_ok``, a piece that :func:`_whole_kind` runs
-        as one fused call gets ``job.whole`` set and no plans."""
+        as one fused call gets ``job.whole`` set and no plans. ``lse_grad``: a gradient flows
+        into the log-sum-exp, which torch's fused backward cannot take (the eager engine runs)."""
         fused = (
-            inp.device.type == "cpu"
+            not lse_grad
+            and inp.device.type == "cpu"
             and inp.Dv == inp.D  # torch's CPU kernel needs one head size for q, k and v
             and inp.dropout_p == 0
             and not (inp.bias is not None and inp.bias.requires_grad and torch.is_grad_enabled())
@@ -627,14 +630,16 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
 
 
-def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bias, want_dbias: bool):
-    """Gradients of one plan's keys, given the final ``out`` and ``lse``, in the compute dtype."""
+def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, dlse, user_bias, want_dbias: bool):
+    """Gradients of one plan's keys, given the final ``out`` and ``lse`` and the gradients of
+    both (``dlse`` may be None; then the fused engine may run), in the compute dtype."""
     inp = job.inp
     ct = compute_dtype(q.dtype)
     b = plan.block
     q_rows, do_rows = job.to_rows(q, plan), job.to_rows(dout, plan)
     out_rows = job.to_rows(out, plan)
     lse_rows = job.to_rows(lse[..., None], plan)[..., 0]
+    dlse_rows = None if dlse is None else job.to_rows(dlse[..., None], plan)[..., 0]
     k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
     X, T, M, _ = q_rows.shape
     dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
@@ -659,7 +664,8 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, user_bi
             if job.fused:
                 dq_c, dk_c, dv_c, ds = FusedCPU.backward(*args)
             else:
-                dq_c, dk_c, dv_c, ds = Eager.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p)
+                dlse_c = None if dlse_rows is None else job.rows_of(dlse_rows[xs], seg, lo, hi)
+                dq_c, dk_c, dv_c, ds = Eager.backward(*args, job.keep(seg, lo, hi, b), inp.dropout_p, dlse_c)
             dq_rows[xs][:, _row_selector(seg, lo, hi, q.device)] += dq_c.to(ct)
             _fold(dk_acc[xs], seg, lo, hi, dk_c.to(ct), b)
             _fold(dv_acc[xs], seg, lo, hi, dv_c.to(ct), b)
@@ -682,14 +688,15 @@ def _run_forward(job: _Job, parts: tuple[_Part, ...], q, k, v, user_bias) -> tup
     return out, lse
 
 
-def _run_backward(job: _Job, parts: tuple[_Part, ...], q, k, v, dout, out, lse, user_bias, want_dbias):
-    """Every part's backward from the final ``out``/``lse``, summed: ``(dq, dk, dv, dbias)``."""
+def _run_backward(job: _Job, parts: tuple[_Part, ...], q, k, v, dout, out, lse, dlse, user_bias, want_dbias):
+    """Every part's backward from the final ``out``/``lse`` and their gradients (``dlse`` may
+    be None), summed: ``(dq, dk, dv, dbias)``."""
     grads = None
     for part in parts:
         s = part.stride
-        tensors = (q, k, v, dout, out, lse)
+        tensors = (q, k, v, dout, out, lse, dlse)
         if s is not None:
-            tensors = tuple(regroup(t, s) for t in tensors)
+            tensors = tuple(None if t is None else regroup(t, s) for t in tensors)
         g = _backward_plan(job, part.backward_plan, *tensors, user_bias, want_dbias)
         if s is not None:
             g = (ungroup(g[0], s), ungroup(g[1], s), ungroup(g[2], s), g[3])
@@ -707,17 +714,17 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.job, ctx.parts = job, parts
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return out, lse.to(lse_dtype(q.dtype))
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, bias, out, lse = ctx.saved_tensors
         user_bias = bias if bias.numel() else None
         want_dbias = user_bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _run_backward(
-            ctx.job, ctx.parts, q, k, v, dout.contiguous(), out, lse, user_bias, want_dbias
-        )
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        job = ctx.job if dlse is None else dataclasses.replace(ctx.job, fused=False)
+        dq, dk, dv, dbias = _run_backward(job, ctx.parts, q, k, v, dout, out, lse, dlse, user_bias, want_dbias)
         db = dbias.to(bias.dtype) if dbias is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db, None, None
 

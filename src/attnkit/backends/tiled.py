@@ -162,12 +162,11 @@ class _TiledAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias, out, row_max, log_l)
         ctx.plan = plan
         lse = (row_max + log_l).view(B, inp.H, N)
-        lse = lse.to(lse_dtype(q.dtype))
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return out, lse.to(lse_dtype(q.dtype))
 
     @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor | None):
+    def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         q, k, v, bias, out, row_max, log_l = ctx.saved_tensors
         log_l = _rows.for_recompute(log_l)  # rows that saw nothing: p = exp(s - inf) = 0
         plan: _Plan = ctx.plan
@@ -175,9 +174,12 @@ class _TiledAttention(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         B, Hkv, G, N, S, D, Dv = inp.B, inp.Hkv, inp.G, inp.N, inp.S, inp.D, inp.Dv
         q5 = q.view(B, Hkv, G, N, D)
+        if dout is None:  # only the lse is differentiated
+            dout = torch.zeros_like(out)
         do5 = dout.reshape(B, Hkv, G, N, Dv)
-        # rowsum(dO * O): the softmax Jacobian's correction term, (B, Hkv, G, N)
-        delta = (do5.to(ct) * out.view(B, Hkv, G, N, Dv).to(ct)).sum(-1)
+        # rowsum(dO * O) - dlse: the softmax Jacobian's per-row term, (B, Hkv, G, N)
+        dlse5 = None if dlse is None else dlse.reshape(B, Hkv, G, N)
+        delta = _rows.correction(do5, out.view(B, Hkv, G, N, Dv), dlse5, ct)
         has_bias = bias.numel() > 0
         bias5 = heads_as_groups(bias, Hkv) if has_bias else None
         want_dbias = has_bias and ctx.needs_input_grad[3]

@@ -14,6 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .. import _rows
 from . import _kernels
 
 __all__ = ["block_sparse_attention"]
@@ -105,7 +106,7 @@ def block_sparse_attention_backward(
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     B, H, N, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
+    delta = _rows.correction(dout, out, dlse, torch.float32).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
