@@ -3,11 +3,13 @@ import os
 # Plans and auto's choices use the built-in kernel rates, so tests see the same plans on every
 # machine (and never spend seconds measuring); tests/backends/test_tuning.py measures for real.
 os.environ["ATTNKIT_TUNE"] = "off"
-# Triton kernels (the `triton` backend) run in Triton's CPU interpreter. Triton decides this
-# when it is imported (its own library functions are jitted then), so it is set before torch
-# or anything else can import triton. The backend itself declines CPU tensors unless the
-# variable is set: tests of that case unset it.
-os.environ["TRITON_INTERPRET"] = "1"
+# Triton kernels (the `triton` backend) run in Triton's CPU interpreter on a machine without
+# a GPU. Triton decides this when it is imported (its own library functions are jitted then),
+# so it is set before torch or anything else can import triton. The backend itself declines
+# CPU tensors unless the variable is set: tests of that case unset it. On a machine with an
+# NVIDIA GPU the kernels are compiled instead, and tests/test_cuda.py runs them there.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ from attnkit.backends import _tuning
 from attnkit.functional import build_inputs
 
 from ..reference import attention_ref, max_err, report
-from .cases import MASKS, SHAPES, make_inputs, shape_id
+from .cases import SHAPES, make_inputs, shape_id
 
 CASES = ["none", "causal", "window", "bigbird", "padding", "bool-mask", "bias"]
 

@@ -39,6 +39,8 @@ ATOL = {torch.float32: 2e-6, torch.float16: 1e-3}
 def interpret(monkeypatch):
     """Run Triton kernels in the CPU interpreter (which conftest.py turned on before triton was
     imported), on 16 x 16 tiles: many ragged tiles even on small inputs."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: Triton compiles the kernels, and tests/test_cuda.py runs them")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(TritonBackend, "block", (16, 16))
 
@@ -123,7 +125,7 @@ def test_custom_op_passes_opcheck(interpret):
     k = torch.randn(1, 1, 33, 16, requires_grad=True)
     v = torch.randn(1, 1, 33, 24, requires_grad=True)
     tables = kernel_tables(P.SlidingWindow(4) | P.Global((0,)), 20, 33, 16, 16, q.device)
-    result = torch.library.opcheck(block_sparse_attention, (q, k, v, *tables.tensors, 0.25, 16, 16))
+    result = torch.library.opcheck(block_sparse_attention, (q, k, v, *tables.tensors, 0.25, 16, 16, 1))
     assert set(result.values()) == {"SUCCESS"}, result
 
 
@@ -204,3 +206,44 @@ def test_auto_never_picks_the_interpreter(monkeypatch):
     with pytest.raises(NotImplementedError, match="triton"):
         monkeypatch.delenv("TRITON_INTERPRET")
         backends.select(_inputs(pattern=P.Strided(4)), "triton")
+
+
+# ------------------------------------------------------------------------- launch limits
+def test_tiles_and_stages_fit_the_shared_memory(monkeypatch):
+    """The largest tiles whose shared memory fits: 64 x 64 with two stages for small heads,
+    smaller tiles for head dim 256 in float32 (which at 64 x 64 exceeds even an H100's 227 KiB),
+    and a reason, not a crash, where nothing fits."""
+    import attnkit.backends.triton as tb
+
+    def inputs(d, dtype):
+        q = torch.zeros(1, 1, 1, d, dtype=dtype).expand(1, 2, 300, d)
+        from attnkit.functional import build_inputs
+
+        return build_inputs(q, q, q, pattern=P.SlidingWindow(8))
+
+    small, wide = inputs(64, torch.float16), inputs(256, torch.float32)
+    assert tb.launch_config(small) == (64, 64, 2)
+    bq, bk, stages = tb.launch_config(wide)
+    assert (bq, bk, stages) != (64, 64, 2)
+    assert tb.shared_memory(bq, bk, stages, 256, 256, 4) <= tb.INTERPRETER_SHARED_MEMORY
+    assert tb.shared_memory(64, 64, 2, 256, 256, 4) > 227 * 1024  # an H100's opt-in limit
+    monkeypatch.setattr(tb, "INTERPRETER_SHARED_MEMORY", 16 * 1024)
+    reason = tb.launch_config(wide)
+    assert isinstance(reason, str) and "16 KiB" in reason and "head dims 256/256" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if HAS_TRITON:
+        assert reason in TritonBackend.unsupported_reasons(wide)
+        with pytest.raises(NotImplementedError, match="shared memory"):
+            backends.select(wide, "triton")
+
+
+@needs_triton
+def test_a_grid_past_cuda_limits_is_declined(monkeypatch):
+    """Past 2^31 - 1 programs on the grid's one axis the backend declines with its reason
+    (B * H beyond 65,535 runs: ``tests/test_cuda.py`` checks that on a GPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from attnkit.functional import build_inputs
+
+    q = torch.zeros(1, 1, 1, 16).expand(2**20, 2**12, 1, 16)  # no memory: stride 0
+    reasons = TritonBackend.unsupported_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(1)))
+    assert any("exceed a grid's 2147483647" in r for r in reasons), reasons

@@ -110,7 +110,7 @@ def dense_record(ex: Explanation) -> AttentionRecord:
 
 
 def layer_kinds_line(model: nn.Module) -> str | None:
-    """"Layers: 0-4 local (window 512), 5 global, ..." for models that mix local and global
+    """A line like "Layers: 0-4 local (window 512), 5 global, ..." for models that mix local and global
     attention (Gemma 3); None otherwise."""
     kinds = getattr(model, "layer_kinds", None)
     if not kinds or len(set(kinds)) < 2:

@@ -123,7 +123,17 @@ class BlockSparseBackend(Backend):
             if job.whole is not None:
                 return _whole_backward(job, out.to(inp.dtype), lse, dout)
             grads = _run_backward(
-                job, parts, inp.q, inp.k, inp.v, dout.contiguous(), out.to(inp.dtype), lse, dlse, inp.bias, False
+                job,
+                parts,
+                inp.q,
+                inp.k,
+                inp.v,
+                dout.contiguous(),
+                out.to(inp.dtype),
+                lse,
+                dlse,
+                inp.bias,
+                False,
             )
         return grads[0], grads[1], grads[2]
 
@@ -724,7 +734,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         want_dbias = user_bias is not None and ctx.needs_input_grad[3]
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         job = ctx.job if dlse is None else dataclasses.replace(ctx.job, fused=False)
-        dq, dk, dv, dbias = _run_backward(job, ctx.parts, q, k, v, dout, out, lse, dlse, user_bias, want_dbias)
+        dq, dk, dv, dbias = _run_backward(
+            job, ctx.parts, q, k, v, dout, out, lse, dlse, user_bias, want_dbias
+        )
         db = dbias.to(bias.dtype) if dbias is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db, None, None
 

@@ -155,10 +155,15 @@ class VarlenBackend(Backend):
         )
         out, lse = result if inp.return_lse else (result, None)
         out = out.view(B, N, H, inp.Dv).transpose(1, 2)
-        if lse is not None:  # documented as (T_q, H); FlashAttention's own layout is (H, T_q)
-            lse = (
-                lse.view(B, N, H).transpose(1, 2)
-                if lse.shape[0] == B * N
-                else lse.view(H, B, N).transpose(0, 1)
-            )
+        if lse is not None:
+            # (H, T_q): the layout of FlashAttention's varlen kernels and of torch's own fake
+            # implementation of the op (what torch.compile traces); the docstring's (T_q, H)
+            # disagrees with both. Read by that layout, never guessed from the shape (which is
+            # ambiguous when H == B * N).
+            if tuple(lse.shape) != (H, B * N):
+                raise RuntimeError(
+                    f"varlen: expected varlen_attn's lse of shape (H, B*N)=({H}, {B * N}), but got "
+                    f"{tuple(lse.shape)}; this torch changed its layout"
+                )
+            lse = lse.view(H, B, N).transpose(0, 1)
         return AttentionResult(out, None, lse)

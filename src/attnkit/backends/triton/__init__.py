@@ -31,10 +31,53 @@ from ...patterns import Causal, Full, KeyPadding
 from ..base import AttentionInputs, AttentionResult, Backend
 from ._tables import KernelTables, kernel_tables
 
-__all__ = ["KernelTables", "TritonBackend", "interpreting", "kernel_tables"]
+__all__ = ["KernelTables", "TritonBackend", "interpreting", "kernel_tables", "launch_config"]
 
 #: Largest head dim the kernels take (a ``BLOCK_Q x 256`` tile still fits in registers).
 MAX_HEAD_DIM = 256
+#: Tile sizes ``(block_q, block_k)`` and pipeline stages tried in order, largest first.
+CONFIGS = ((64, 64, 2), (64, 64, 1), (64, 32, 1), (32, 32, 1), (16, 16, 1))
+#: CUDA's limit on a grid's first axis (the kernels use that axis only).
+MAX_PROGRAMS = 2**31 - 1
+#: Shared memory the rule assumes under the interpreter: 99 KiB, the smallest opt-in budget
+#: per block of the GPUs Triton targets (compute capability 8.6/8.9), so the tests on CPU meet
+#: the tightest case of the rule.
+INTERPRETER_SHARED_MEMORY = 99 * 1024
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (its opt-in limit on CUDA)."""
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def shared_memory(block_q: int, block_k: int, stages: int, d: int, dv: int, element_size: int) -> int:
+    """An upper estimate of the shared memory of the busier kernel (forward or dK/dV): the
+    resident tile of one side (``max(block) x (D + Dv)``, head dims padded to powers of two),
+    ``stages`` buffered tiles of the other, and the ``block_q x block_k`` probabilities staged
+    for the second product."""
+    width = max(16, 1 << (d - 1).bit_length()) + max(16, 1 << (dv - 1).bit_length())
+    side = max(block_q, block_k) * width
+    return element_size * ((1 + stages) * side + block_q * block_k)
+
+
+def launch_config(inp: AttentionInputs) -> tuple[int, int, int] | str:
+    """``(block_q, block_k, stages)``: the largest of :data:`CONFIGS` whose shared memory fits
+    the device (``TritonBackend.block``, if set, fixes the tiles), or the reason none does."""
+    budget = shared_memory_budget(inp.device)
+    fixed = TritonBackend.block
+    tried = []
+    for bq, bk, stages in CONFIGS if fixed is None else ((*fixed, 2), (*fixed, 1)):
+        need = shared_memory(bq, bk, stages, inp.D, inp.Dv, inp.q.element_size())
+        if need <= budget:
+            return bq, bk, stages
+        tried.append(f"{bq}x{bk}/{stages} stages: {need // 1024} KiB")
+    return (
+        f"head dims {inp.D}/{inp.Dv} in {inp.dtype} need more shared memory than this device's "
+        f"{budget // 1024} KiB per block at every tile size ({'; '.join(tried)})"
+    )
 
 
 @functools.cache
@@ -53,9 +96,9 @@ class TritonBackend(Backend):
     supports_lse = True
 
     #: Tile size ``(queries, keys)`` of the kernels and of the block map they walk; powers of
-    #: two, at least 16 (``tl.dot``). 64 x 64 keeps a ``D = 128`` forward within one SM's
-    #: registers on Ampere and Hopper at 4-8 warps.
-    block: tuple[int, int] = (64, 64)
+    #: two, at least 16 (``tl.dot``). None: the largest of :data:`CONFIGS` whose shared memory
+    #: fits the device for the call's head dims and dtype (:func:`launch_config`).
+    block: tuple[int, int] | None = None
 
     @classmethod
     def unsupported_reasons(cls, inp: AttentionInputs) -> list[str]:
@@ -68,10 +111,22 @@ class TritonBackend(Backend):
             reasons.append("a mask or bias tensor is not supported (patterns are)")
         if max(inp.D, inp.Dv) > MAX_HEAD_DIM:
             reasons.append(f"head dim {max(inp.D, inp.Dv)} > {MAX_HEAD_DIM}")
-        bq, bk = cls.block
-        for name, b in (("block_q", bq), ("block_k", bk)):
-            if b < 16 or b & (b - 1):
-                reasons.append(f"{name}={b} is not a power of two >= 16")
+        if cls.block is not None:
+            for name, b in zip(("block_q", "block_k"), cls.block, strict=True):
+                if b < 16 or b & (b - 1):
+                    reasons.append(f"{name}={b} is not a power of two >= 16")
+        if reasons:
+            return reasons
+        config = launch_config(inp)
+        if isinstance(config, str):
+            return [config]
+        bq, bk, _ = config
+        programs = max(-(-inp.N // bq) * inp.H, -(-inp.S // bk) * inp.Hkv) * inp.B
+        if programs > MAX_PROGRAMS:
+            reasons.append(
+                f"{programs} programs (B={inp.B}, H={inp.H}, N={inp.N}, S={inp.S}) "
+                f"exceed a grid's {MAX_PROGRAMS}"
+            )
         return reasons
 
     @classmethod
@@ -87,7 +142,7 @@ class TritonBackend(Backend):
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
         from ._op import block_sparse_attention  # imports triton
 
-        bq, bk = cls.block
+        bq, bk, stages = launch_config(inp)
         tables = kernel_tables(inp.pattern or Full(), inp.N, inp.S, bq, bk, inp.device)
-        out, lse = block_sparse_attention(inp.q, inp.k, inp.v, *tables.tensors, inp.scale, bq, bk)
+        out, lse = block_sparse_attention(inp.q, inp.k, inp.v, *tables.tensors, inp.scale, bq, bk, stages)
         return AttentionResult(out, None, lse if inp.return_lse else None)

@@ -19,7 +19,11 @@ backward gives them ``p == 0`` by recomputing against ``+inf``.
 
 Written for real GPUs: every ``tl.dot`` operand is at least 16 x 16 and a power of two
 (head dims are padded to ``BLOCK_D``), the mask table is int8, and nothing relies on the
-interpreter. Float32 inputs use IEEE products (no TF32), so float32 results are float32-exact.
+interpreter. Offsets into the tensors are int64 (a ``(B, H, N, D)`` tensor passes 2^31
+elements at B=1, H=32, D=128 and N of about 512k), and the grid is one axis of
+``blocks x (batch x heads)`` programs (CUDA caps the second and third axes at 65,535; the
+host declines grids past the first axis's 2^31 - 1). Float32 inputs use IEEE products (no
+TF32), so float32 results are float32-exact.
 """
 
 import triton
@@ -31,7 +35,7 @@ def _load_tile(base, rows, stride, n_rows, width, BLOCK_W: tl.constexpr):
     """Rows ``rows`` (``< n_rows``) of a row-major ``(*, width)`` matrix, zero-padded to ``BLOCK_W``."""
     cols = tl.arange(0, BLOCK_W)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < width)
-    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=inside, other=0.0)
+    return tl.load(base + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=inside, other=0.0)
 
 
 @triton.jit
@@ -39,15 +43,23 @@ def _store_tile(base, rows, stride, n_rows, width, value, BLOCK_W: tl.constexpr)
     """Write ``value`` into rows ``rows`` of a ``(*, width)`` matrix (padding dropped)."""
     cols = tl.arange(0, BLOCK_W)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < width)
-    tl.store(base + rows[:, None] * stride + cols[None, :], value.to(base.dtype.element_ty), mask=inside)
+    offsets = rows[:, None].to(tl.int64) * stride + cols[None, :]
+    tl.store(base + offsets, value.to(base.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _query_program(H, G, BLOCK_Q: tl.constexpr):
-    """This program's (batch x head, batch, head, key/value head, query block, query rows): the
-    grid is (query blocks, B * H)."""
-    r = tl.program_id(0)
-    bh = tl.program_id(1)
+def _program(blocks):
+    """This program's (block, batch x head) on the one-axis grid ``blocks * (B * heads)``
+    (consecutive programs share a head, so its keys stay in cache); the second is int64, so
+    every offset computed from it is."""
+    pid = tl.program_id(0)
+    return pid % blocks, (pid // blocks).to(tl.int64)
+
+
+@triton.jit
+def _query_program(H, G, N, BLOCK_Q: tl.constexpr):
+    """This program's (batch x head, batch, head, key/value head, query block, query rows)."""
+    r, bh = _program(tl.cdiv(N, BLOCK_Q))
     h = bh % H
     return bh, bh // H, h, h // G, r, r * BLOCK_Q + tl.arange(0, BLOCK_Q)
 
@@ -103,7 +115,7 @@ def _forward(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh, b, h, hk, r, rows_q = _query_program(H, G, BLOCK_Q)
+    bh, b, h, hk, r, rows_q = _query_program(H, G, N, BLOCK_Q)
     q = _load_tile(Q + b * sqb + h * sqh, rows_q, sqn, N, D, BLOCK_D)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
@@ -138,8 +150,7 @@ def _backward_kv(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    bhk = tl.program_id(1)
+    c, bhk = _program(tl.cdiv(S, BLOCK_K))
     b = bhk // HKV
     hk = bhk % HKV
     cols_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -176,7 +187,7 @@ def _backward_q(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh, b, h, hk, r, rows_q = _query_program(H, G, BLOCK_Q)
+    bh, b, h, hk, r, rows_q = _query_program(H, G, N, BLOCK_Q)
     q = _load_tile(Q + b * sqb + h * sqh, rows_q, sqn, N, D, BLOCK_D)
     do = _load_tile(DO + b * sdb + h * sdh, rows_q, sdn, N, DV, BLOCK_DV)
     lse, delta = _row_stats(LSE, DELTA, bh * N, rows_q, N)

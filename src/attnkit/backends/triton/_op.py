@@ -27,9 +27,10 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch_options(d_max: int) -> dict:
-    """Warps and pipeline stages by rule (the interpreter ignores both)."""
-    return {"num_warps": 4 if d_max <= 64 else 8, "num_stages": 2}
+def _launch_options(d_max: int, stages: int) -> dict:
+    """Warps by rule, pipeline stages as chosen for the shared memory (the interpreter ignores
+    both)."""
+    return {"num_warps": 4 if d_max <= 64 else 8, "num_stages": stages}
 
 
 def _precision(q: Tensor) -> str:
@@ -52,6 +53,7 @@ def block_sparse_attention(
     scale: float,
     block_q: int,
     block_k: int,
+    stages: int,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention ``(out (B, H, N, Dv), lse (B, H, N) float32)`` over the tiles listed
     by the tables (see ``_tables.KernelTables``). ``q (B, H, N, D)``, ``k (B, Hkv, S, D)``,
@@ -61,7 +63,7 @@ def block_sparse_attention(
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(N, block_q), B * H)
+    grid = (triton.cdiv(N, block_q) * B * H,)
     _kernels._forward[grid](
         q, k, v, out, lse,
         row_ptr, cols, row_masks, masks,
@@ -69,13 +71,13 @@ def block_sparse_attention(
         row_masks.stride(0) if row_masks.shape[0] > 1 else 0,
         H, H // Hkv, N, S, D, Dv, scale * _LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=_head_block(D), BLOCK_DV=_head_block(Dv),
-        PRECISION=_precision(q), **_launch_options(max(D, Dv)),
+        PRECISION=_precision(q), **_launch_options(max(D, Dv), stages),
     )  # fmt: skip
     return out, lse
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, row_ptr, cols, row_masks, col_ptr, rows, col_masks, masks, scale, block_q, block_k):
+def _(q, k, v, row_ptr, cols, row_masks, col_ptr, rows, col_masks, masks, scale, block_q, block_k, stages):
     B, H, N, _ = q.shape
     return q.new_empty(B, H, N, v.shape[3]), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -99,6 +101,7 @@ def block_sparse_attention_backward(
     scale: float,
     block_q: int,
     block_k: int,
+    stages: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`block_sparse_attention` given the gradients of its output
     and log-sum-exp. Recomputes the probabilities from ``lse``; ``rowsum(dO * O) - dlse`` is
@@ -116,15 +119,15 @@ def block_sparse_attention_backward(
         BLOCK_D=_head_block(D),
         BLOCK_DV=_head_block(Dv),
         PRECISION=_precision(q),
-        **_launch_options(max(D, Dv)),
+        **_launch_options(max(D, Dv), stages),
     )
-    _kernels._backward_kv[(triton.cdiv(S, block_k), B * Hkv)](
+    _kernels._backward_kv[(triton.cdiv(S, block_k) * B * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv,
         col_ptr, rows, col_masks, masks, *strides,
         col_masks.stride(0) if col_masks.shape[0] > 1 else 0,
         H, Hkv, H // Hkv, N, S, D, Dv, scale, scale * _LOG2E, **consts,
     )  # fmt: skip
-    _kernels._backward_q[(triton.cdiv(N, block_q), B * H)](
+    _kernels._backward_q[(triton.cdiv(N, block_q) * B * H,)](
         q, k, v, dout, lse, delta, dq,
         row_ptr, cols, row_masks, masks, *strides,
         row_masks.stride(0) if row_masks.shape[0] > 1 else 0,
@@ -140,7 +143,7 @@ def _(dout, dlse, q, k, v, out, lse, *tables_and_args):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables = inputs[:10]
-    ctx.scale, ctx.block_q, ctx.block_k = inputs[10:]
+    ctx.scale, ctx.block_q, ctx.block_k, ctx.stages = inputs[10:]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tables)
 
@@ -152,9 +155,9 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
     if dlse is None:
         dlse = torch.zeros_like(lse)
     dq, dk, dv = block_sparse_attention_backward(
-        dout, dlse, q, k, v, out, lse, *tables, ctx.scale, ctx.block_q, ctx.block_k
+        dout, dlse, q, k, v, out, lse, *tables, ctx.scale, ctx.block_q, ctx.block_k, ctx.stages
     )
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 11
 
 
 block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
