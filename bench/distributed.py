@@ -9,7 +9,7 @@
    independent formula predicts: to every other rank, a rank sends the keys/values of its shard
    that the rank's queries see (the span from the first to the last, per run, worked out here
    from the pattern's definition on position intervals, not from attnkit's block maps), again
-   in the backward, and the gradient of what it received back to each owner; plus the 104-byte
+   in the backward, and the gradient of what it received back to each owner; plus the 112-byte
    call description to every other rank.
 2. **Memory and time.** One training step of the attention (forward + backward), B=1, H=4,
    D=64, float32, one thread per rank, at P = 1 (plain ``attention()``, with 1 and with 2
@@ -46,7 +46,8 @@ from attnkit import patterns as P
 from attnkit.distributed import context_parallel_attention, shard_ranges, shard_sequence
 
 WINDOW = 256
-DESCRIPTION_BYTES = 13 * 8  # the int64 call description every rank sends to every other
+#: the int64 call description (and auto's cached choice) every rank sends to every other
+DESCRIPTION_BYTES = 14 * 8
 
 
 def docs_for(n: int) -> tuple[int, ...]:
@@ -271,7 +272,7 @@ def write_page(payload: dict) -> None:
         "Measured by counting every send; *formula*: to every other rank, the keys/values of",
         "the shard that its queries see (the span from the first to the last such key per run,",
         "from the pattern's definition), again in the backward, the gradient of what was received",
-        "back to its owner, and the 104-byte call description to every other rank.",
+        "back to its owner, and the 112-byte call description to every other rank.",
         "",
         "| pattern | layout | P | N | forward KiB (busiest rank) | backward KiB | formula | equal |",
         "|---|---|---|---|---|---|---|---|",

@@ -100,6 +100,28 @@ class ByteLRU(Generic[V]):
                 self._evict()
         return value
 
+    def peek(self, key: Hashable) -> V | None:
+        """The value kept for ``key``, or None (a hit or a miss, as :meth:`get` counts them)."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                self._misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return hit[0]
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep ``value`` for ``key`` (if it fits the limit)."""
+        size = self._size(value)
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= self._entries.pop(key)[1]
+            if size <= self._limit:
+                self._entries[key] = (value, size)
+                self._bytes += size
+                self._evict()
+
     def _evict(self) -> None:
         while self._bytes > self._limit and self._entries:
             _, (_, size) = self._entries.popitem(last=False)

@@ -57,6 +57,7 @@ __all__ = [
     "BalancedLayout",
     "ContextParallel",
     "PeerError",
+    "communication_device",
     "context_parallel_attention",
     "gather_sequence",
     "sequence_dim",
@@ -215,7 +216,7 @@ def shard_sequence(
     :data:`SEQUENCE_DIMS`: 2 of ``(B, H, N, D)``, 1 of ``(B, N, C)`` and ``(B, N)``); a view for
     the contiguous layout. Lengths not divisible by the ranks are fine."""
     dim = sequence_dim(x, dim)
-    g = _Group.of(group, None)
+    g = _Group.of(group, None, None)  # ranks only: nothing is sent
     ranges = shard_ranges(x.shape[dim], g.size, layout)[g.rank]
     parts = [x.narrow(dim, a, b - a) for a, b in ranges]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
@@ -234,7 +235,7 @@ def gather_sequence(
     :func:`shard_sequence`). Differentiable: the gradient of a rank's shard is the sum over
     ranks of the gradients of its positions (as an all-gather's is). ``dim`` defaults to the
     sequence axis, as in :func:`shard_sequence`."""
-    g = _Group.of(group, timeout)
+    g = _Group.of(group, timeout, x_local.device)
     ranges = shard_ranges(n, g.size, layout)
     dim = sequence_dim(x_local, dim)
     have, want = x_local.shape[dim], sum(b - a for a, b in ranges[g.rank])
@@ -299,10 +300,11 @@ class ContextParallel:
         return gather_sequence(x, dim=dim, n=n, group=self.group, layout=self.layout, timeout=self.timeout)
 
     def positions(self, n_local: int, device: torch.device | str | None = None) -> Tensor:
-        """The whole-sequence positions ``(n_local,)`` of this rank's tokens. Learns the whole
-        length from the other ranks (one small exchange)."""
-        g = _Group.of(self.group, self.timeout)
-        mine = torch.tensor([n_local], dtype=torch.int64)
+        """The whole-sequence positions ``(n_local,)`` of this rank's tokens, on ``device``
+        (default: the transport's, :func:`communication_device`). Learns the whole length from
+        the other ranks (one small exchange, on the transport's device)."""
+        g = _Group.of(self.group, self.timeout, device)
+        mine = g.tensor([n_local], torch.int64)
         lengths = _exchange_all(
             g, [mine] * g.size, lambda r: (1,), torch.int64, "the length exchange", 6 << 20
         )
@@ -313,7 +315,8 @@ class ContextParallel:
                 f"ContextParallel: rank {g.rank} holds {n_local} tokens, but the {self.layout} layout "
                 f"of the whole {n} gives it {sum(b - a for a, b in ranges)}: shard with cp.shard()."
             )
-        return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+        out = device if device is not None else g.device
+        return torch.cat([torch.arange(a, b, device=out) for a, b in ranges])
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
         """:func:`context_parallel_attention` with this object's group, layout and method."""
@@ -424,9 +427,12 @@ def context_parallel_attention(
                 "(its gradient would be sharded by rows and columns); detach it, or express it "
                 "as a pattern."
             )
-    g = _Group.of(group, timeout)
+    g = _Group.of(group, timeout, q.device)
     pattern = Full() if pattern is None else pattern
-    metas = _agree(g, local, pattern, mask, layout, method)
+    mine = _describe(local, pattern, mask, layout, method)
+    key = (*mine, g.size, q.device.type, None if mask is None else tuple(mask.shape))
+    cached = _METHODS.peek(key) if method == "auto" else None
+    metas = _agree(g, [*mine, -1 if cached is None else METHODS.index(cached)], pattern, layout)
     N = sum(m[3] for m in metas)
     S = sum(m[4] for m in metas)
     if isinstance(layout, BalancedLayout) and N != S:
@@ -453,7 +459,7 @@ def context_parallel_attention(
     if mask is not None:
         _check_mask(mask, local.B, local.H, N, S)
     plan = _Plan(g, pattern, N, S, q_ranges, k_ranges, layout)
-    chosen = _choose(method, plan, local, mask, metas[g.rank])
+    chosen = _choose(method, plan, local, mask, metas, key)
     if chosen == "all_to_all":
         return _all_to_all_attention(q, k, v, plan, mask, local.scale, return_lse)
     out, lse = _Ring.apply(q, k, v, plan, mask, local.scale)
@@ -578,7 +584,10 @@ def _spans(pattern: Pattern, n: int, s: int, qr: tuple[int, int], kr: tuple[int,
     return (qr[0] + r0, qr[0] + r1), (kr[0] + c0, kr[0] + c1)
 
 
-def _choose(method: str, plan: _Plan, inp, mask, description: list[int]) -> str:
+def _choose(method: str, plan: _Plan, inp, mask, metas: list[list[int]], key: tuple) -> str:
+    """The method this call runs. ``auto`` reuses a measured choice only when every rank holds
+    the same one (``metas[r][-1]``, exchanged with the call description); otherwise all ranks
+    measure together, so a rank that cleared its caches cannot leave the others waiting."""
     P = plan.g.size
     if method == "all_to_all" and inp.H % P:
         raise ValueError(
@@ -589,11 +598,12 @@ def _choose(method: str, plan: _Plan, inp, mask, description: list[int]) -> str:
         return method
     if P == 1 or inp.H % P:
         return "ring"
-    # this rank's call description (shapes, dtype, scale, pattern and layout hashes, ...)
-    # with the whole lengths, the ranks, the device and the mask's shape
-    mask_shape = None if mask is None else tuple(mask.shape)
-    key = (*description, plan.N, plan.S, P, inp.device.type, mask_shape)
-    return _METHODS.get(key, lambda: _measure(plan, inp, mask))
+    held = {m[-1] for m in metas}
+    if len(held) == 1 and (index := held.pop()) >= 0:
+        return METHODS[index]
+    chosen = _measure(plan, inp, mask)
+    _METHODS.put(key, chosen)
+    return chosen
 
 
 #: Who sends what to whom, per (pattern, N, S, layout ranges); the layouts BalancedLayout chose.
@@ -615,7 +625,7 @@ def _measure(plan: _Plan, inp, mask) -> str:
     sync = (lambda: torch.cuda.synchronize(inp.device)) if inp.device.type == "cuda" else None
     with torch.no_grad():
         timed = time_in_turns(runs, repeats=3, sync=sync)
-    mine = torch.tensor([timed[name].best for name in runs], dtype=torch.float64)
+    mine = plan.g.tensor([timed[name].best for name in runs], torch.float64)
     got = _exchange_all(
         plan.g, [mine] * plan.g.size, lambda r: (2,), torch.float64, "the method timing", 7 << 20
     )
@@ -689,7 +699,7 @@ class _Ring(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
-        written = torch.zeros(n, dtype=torch.bool)  # rows get their first result assigned
+        written = torch.zeros(n, dtype=torch.bool, device="cpu")  # host bookkeeping: rows written
         ex = _Exchanges(plan.g, "ring forward")
         for _, src, msg in ex.rotate(k, v, plan):
             if plan.link(me, src) is None:
@@ -833,15 +843,36 @@ def _reorder(x: Tensor, ranges, to_global: bool, dim: int = 2) -> Tensor:
 
 
 # --------------------------------------------------------------------------- transport
+def communication_device(device: torch.device | str | None, group=None) -> torch.device:
+    """The device of the small tensors a process group's collectives move (call descriptions,
+    lengths, timings, flags): ``device`` (default: the current CUDA device) under NCCL, which
+    moves only CUDA tensors; the CPU under every other backend (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        if device is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(
+                f"attnkit.distributed: the process group uses NCCL, which moves only CUDA tensors, "
+                f"but the tensors are on device={device}; use the gloo backend for CPU tensors."
+            )
+        return device
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class _Group:
+    """The transport: a process group, this rank, the timeout every wait honours, and the
+    device of every tensor the transport itself creates (:func:`communication_device`)."""
+
     handle: dist.ProcessGroup | None
     rank: int
     size: int
     timeout: datetime.timedelta
+    device: torch.device
 
     @staticmethod
-    def of(group, timeout: float | None) -> _Group:
+    def of(group, timeout: float | None, device: torch.device | str | None) -> _Group:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "attnkit.distributed: torch.distributed is not initialized; call "
@@ -854,12 +885,20 @@ class _Group:
                 f"attnkit.distributed: expected timeout > 0 seconds, but got timeout={timeout!r}."
             )
         return _Group(
-            group, dist.get_rank(group), dist.get_world_size(group), datetime.timedelta(seconds=timeout)
+            group,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            datetime.timedelta(seconds=timeout),
+            communication_device(device, group),
         )
 
     def peer(self, r: int) -> int:
         """The global rank of group rank ``r`` (what point-to-point operations take)."""
         return r if self.handle is None else dist.get_global_rank(self.handle, r)
+
+    def tensor(self, values: list, dtype: torch.dtype) -> Tensor:
+        """A small message of ``values`` on the transport's device."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
 
 def _wait(g: _Group, work, peer: int, what: str) -> None:
@@ -984,24 +1023,31 @@ def _all_reduce_sum(x: Tensor, g: _Group, what: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- agreement
-def _agree(g: _Group, inp, pattern: Pattern, mask, layout, method: str) -> list[list[int]]:
-    """Exchange every rank's call description; raise when ranks disagree. Returns each rank's
-    description (``[B, H, Hkv, N_local, S_local, D, Dv, dtype, layout, method, scale, pattern,
-    mask]``)."""
-    mine = [
+def _describe(inp, pattern: Pattern, mask, layout, method: str) -> list[int]:
+    """This rank's call description: ``[B, H, Hkv, N_local, S_local, D, Dv, dtype, layout,
+    method, scale, pattern, mask]`` as integers (hashes for the pattern and layout)."""
+    return [
         inp.B, inp.H, inp.Hkv, inp.N, inp.S, inp.D, inp.Dv, _DTYPES.index(inp.dtype),
         _fingerprint(layout), METHODS.index(method), struct.unpack("<q", struct.pack("<d", inp.scale))[0],
         _fingerprint(pattern), -1 if mask is None else len(mask.shape) * 1000 + int(mask.dtype == torch.bool),
     ]  # fmt: skip
+
+
+_DESCRIBED = ["B", "H", "Hkv", None, None, "D", "Dv", "dtype", "layout", "method", "scale", "pattern", "mask"]
+
+
+def _agree(g: _Group, mine: list[int], pattern: Pattern, layout) -> list[list[int]]:
+    """Exchange every rank's description (:func:`_describe`, then fields that may differ, such
+    as auto's cached choice); raise when ranks disagree on a described field. Returns each
+    rank's list."""
     own = {"pattern": pattern, "layout": layout}
-    t = torch.tensor(mine, dtype=torch.int64)
+    t = g.tensor(mine, torch.int64)
     metas = [
         m.tolist()
         for m in _exchange_all(g, [t] * g.size, lambda r: t.shape, torch.int64, "the shape check", 3 << 20)
     ]
-    names = ["B", "H", "Hkv", None, None, "D", "Dv", "dtype", "layout", "method", "scale", "pattern", "mask"]
     for r, m in enumerate(metas):
-        for i, name in enumerate(names):
+        for i, name in enumerate(_DESCRIBED):
             if name is not None and m[i] != mine[i]:
                 raise ValueError(
                     f"context_parallel_attention(): ranks disagree on {name}: rank {g.rank} has "

@@ -185,7 +185,7 @@ def _sends(rank: int, world: int) -> dict:
 def test_ring_sends_only_what_the_pattern_connects():
     sends = values(run_ranks(_sends, 4))
     shape_check = 3  # each rank tells the 3 others its call description
-    description = shape_check * 13 * 8
+    description = shape_check * 14 * 8  # 13 described fields and auto's cached choice
     per_token = 2 * 2 * 8 * 4  # k and v, 2 heads, D = 8, float32
     # Full: 3 key/value shards out in the forward, 3 again and 3 gradients in the backward
     assert [s["full"] - shape_check for s in sends] == [9, 9, 9, 9]
@@ -319,3 +319,79 @@ def test_the_sequence_axis_is_the_one_default():
         sequence_dim(torch.zeros((1,) * 5), None)
     with pytest.raises(ValueError, match=r"expected dim in \[-3, 3\)"):
         sequence_dim(torch.zeros(2, 3, 4), 3)
+
+
+def _caches_cleared_on_one_rank(rank: int, world: int) -> list[float]:
+    from attnkit import caches
+
+    q, k, v, _, _ = _inputs(N, None)
+    want = attention(q, k, v, pattern=P.Causal())
+    mine = torch.cat([want[:, :, a:b] for a, b in shard_ranges(N, world, "zigzag")[rank]], 2)
+    local = [shard_sequence(t, layout="zigzag").clone() for t in (q, k, v)]
+    errors = []
+    for step in range(3):
+        if step == 1 and rank == 0:  # rank 0 alone forgets auto's choice
+            caches.clear()
+        out = context_parallel_attention(*local, pattern=P.Causal(), layout="zigzag", method="auto", timeout=20)
+        errors.append((out - mine).abs().max().item())
+    return errors
+
+
+def test_auto_agrees_when_one_rank_cleared_its_caches():
+    """A rank without the cached choice makes every rank measure again (together), instead of
+    measuring alone while the others wait in the ring (a PeerError, or a hang without timeouts)."""
+    results = values(run_ranks(_caches_cleared_on_one_rank, 2))
+    assert all(err <= 1e-5 for errors in results for err in errors)
+
+
+class _DeviceChecked:
+    """Stands in for ``torch`` inside ``attnkit.distributed``: every tensor the module creates
+    must name its device (NCCL moves only CUDA tensors, so a buffer made on the default device,
+    the CPU, fails there). Everything else is torch's."""
+
+    CREATORS = ("tensor", "empty", "zeros", "ones", "full", "arange")
+
+    def __init__(self, real):
+        self._real, self.missing = real, []
+
+    def __getattr__(self, name):
+        value = getattr(self._real, name)
+        if name not in self.CREATORS:
+            return value
+
+        def create(*args, **kwargs):
+            if kwargs.get("device") is None:
+                import traceback
+
+                self.missing.append(f"torch.{name} without device= at {traceback.format_stack()[-2].strip()}")
+            return value(*args, **kwargs)
+
+        return create
+
+
+def _device_named(rank: int, world: int) -> list[str]:
+    import attnkit.distributed as D
+
+    checked = _DeviceChecked(torch)
+    D.torch = checked
+    try:
+        q, k, v, dout, _ = _inputs(N, None)
+        cp = ContextParallel(layout="zigzag")
+        cp.positions(len(range(*shard_ranges(N, world)[rank][0])))
+        for method in ("ring", "all_to_all", "auto"):
+            local = [shard_sequence(t, layout="zigzag").clone().requires_grad_() for t in (q, k, v)]
+            out, lse = context_parallel_attention(
+                *local, pattern=P.Causal(), layout="zigzag", method=method, return_lse=True, timeout=20
+            )
+            (out.sum() + lse.sum()).backward()
+            gather_sequence(out.detach(), n=N, layout="zigzag", timeout=20)
+    finally:
+        D.torch = torch
+    return checked.missing
+
+
+def test_every_tensor_the_transport_creates_names_its_device():
+    """On this CPU machine the inputs' device and the default device coincide, so a buffer made
+    without ``device=`` works here and fails under NCCL; this catches it here."""
+    for missing in values(run_ranks(_device_named, 2)):
+        assert not missing, "\n".join(missing)

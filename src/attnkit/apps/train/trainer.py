@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..._files import atomic_write
 from ...data import SPECIAL_TOKENS, DataError, cache_root, load_pairs, read_meta, train_tokenizer
+from ...distributed import communication_device
 from ...models import Seq2Seq, Tokenizer
 from .batches import Batch, collate, encode_pairs, token_batches
 from .config import BF16_MIN_SPEEDUP, BOS, EOS, PAD, TrainConfig, default_run_dir, load_config
@@ -354,7 +355,7 @@ class Trainer:
 
     @property
     def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        return communication_device(self.device)
 
     def _validate(self, loss: float | None, tokens_per_s: float) -> None:
         if not self.main:  # rank 0 validates and writes; the others go on to the next step
