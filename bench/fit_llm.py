@@ -13,9 +13,12 @@ repository): chunks of ``--tokens`` tokens of some plays to fit on, of other pla
 2. Sensitivity: the rise of the fitting chunks' loss when one layer alone runs a 64-key window
    plus 4 sinks (the effect the fit spends its budget by).
 3. Per budget (mean density over layers and heads, of the ``N x N`` square: dense causal is about
-   0.5): the effect-based fit (:func:`attnkit.fit.allocate`), the mass-based fit
+   0.5): the effect-based fit (:func:`attnkit.fit.allocate`, its sensitivity strength chosen by
+   :func:`attnkit.fit.choose_strength` on the fitting chunks), the mass-based fit
    (:func:`attnkit.fit.fit_patterns` with ``budget``), and one window + 4 sinks for every head at
-   the fitted density; held-out perplexity of each and of dense attention.
+   the fitted density; held-out perplexity of each and of dense attention. The held-out
+   perplexity of every strength tried is reported too (to show whether the choice on the
+   fitting text carries over).
 4. Speed: one forward pass of ``--speed-tokens`` tokens (logits of the last position only) of
    dense, each fitted model and each uniform pattern, in turns.
 
@@ -136,13 +139,24 @@ def main() -> None:
     rows = [{"name": "dense", "density": mean_density(own, n), "perplexity": perplexity(model, held)}]
     print(rows[-1], flush=True)
     settings = {"dense": None}
+    strengths = {}
     for budget in args.budgets:
-        effect = fit.allocate(cov, sens, budget)
+        effect, strength, fit_losses = fit.choose_strength(
+            model, fit_ids[:2], cov, sens, budget, loss=lambda m, ids: nll(m, ids)
+        )
+        tried = {}
+        for a in fit_losses:
+            model.set_patterns(fit.allocate(cov, sens, budget, strength=a))
+            tried[a] = {"fit_nll": fit_losses[a], "held_out_perplexity": perplexity(model, held)}
+        strengths[budget] = {"chosen": strength, "tried": tried}
+        print(f"budget {budget}: strengths {tried}, chosen {strength}", flush=True)
         mass = fit.fit_patterns(cov, budget=budget)
         for name, layers in ((f"effect {budget}", effect), (f"mass {budget}", mass)):
             model.set_patterns(layers)
             row = {"name": name, "budget": budget, "density": mean_density(layers, n)}
             row |= {"perplexity": perplexity(model, held), "patterns": [repr(p) for p in layers]}
+            if name.startswith("effect"):
+                row["strength"] = strength
             rows.append(row)
             print({k: v for k, v in rows[-1].items() if k != "patterns"}, flush=True)
         w = matching_window(own, rows[-2]["density"], n)
@@ -166,7 +180,7 @@ def main() -> None:
 
             return run
 
-        timing = alternate({k: forward(v) for k, v in settings.items()}, rounds=2, budget_s=0, max_rounds=2)
+        timing = alternate({k: forward(v) for k, v in settings.items()}, rounds=3, budget_s=0, max_rounds=3)
         speed = {"tokens": ids.shape[1], "timing": timing}
         print(speed, flush=True)
         model.set_patterns(None)
@@ -174,6 +188,7 @@ def main() -> None:
     out = {"environment": env, "model": loaded.name, "tokens": n, "fit_chunks": len(fit_ids),
            "held_chunks": len(held), "fit_plays": FIT_PLAYS, "held_plays": HELD_PLAYS,
            "candidates": [repr(c) for c in candidates], "sensitivity": sens.tolist(), "rows": rows,
+           "strengths": strengths,
            "speed": speed}  # fmt: skip
     save("fit-llm", out)
     (DOCS / "fit-llm.md").write_text(page(out))
@@ -196,19 +211,42 @@ def page(out: dict) -> str:
         "|---|---|---|",
     ]
     for r in out["rows"]:
-        lines.append(f"| {r['name']} | {r['density']:.3f} | {r['perplexity']:.2f} |")
+        name = r["name"] + (f" (strength {r['strength']:g})" if "strength" in r else "")
+        lines.append(f"| {name} | {r['density']:.3f} | {r['perplexity']:.2f} |")
+    if out.get("strengths"):
+        lines += [
+            "",
+            "The effect-based fit at every sensitivity strength tried (`fit.choose_strength` picks the "
+            "lowest loss on 2 of the fitting chunks; the held-out column shows whether that carries over):",
+            "",
+            "| budget | strength | fitting-chunk NLL | held-out perplexity | chosen |",
+            "|---|---|---|---|---|",
+        ]
+        for budget, info in out["strengths"].items():
+            for a, t in info["tried"].items():
+                chosen = "yes" if float(a) == float(info["chosen"]) else ""
+                held = t["held_out_perplexity"]
+                lines.append(f"| {budget} | {float(a):g} | {t['fit_nll']:.0f} | {held:.2f} | {chosen} |")
     if out.get("speed"):
         s = out["speed"]
         lines += [
             "",
-            f"One forward pass of {s['tokens']:,} tokens (last position's logits), medians of 2 rounds "
+            f"One forward pass of {s['tokens']:,} tokens (last position's logits), medians of 3 rounds "
             "in turns after a warm-up call:",
             "",
             "| setting | time |",
             "|---|---|",
         ]
+        dense = s["timing"]["dense"]["median_s"]
+        lines[-2:] = [
+            "| setting | time | dense / setting | setting / uniform at its budget |",
+            "|---|---|---|---|",
+        ]
         for name, t in s["timing"].items():
-            lines.append(f"| {name} | {t['median_s']:.2f} s |")
+            budget = name.split(" ", 1)[1] if " " in name else None
+            uniform = s["timing"].get(f"uniform {budget}") if name.startswith("effect") else None
+            ratio = f"{t['median_s'] / uniform['median_s']:.2f}" if uniform else ""
+            lines.append(f"| {name} | {t['median_s']:.2f} s | {dense / t['median_s']:.2f}x | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

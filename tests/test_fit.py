@@ -211,7 +211,10 @@ def test_the_effect_based_fit_spends_the_budget_where_the_loss_needs_it():
     model = _TwoLayers()
     own = [P.Causal(), P.Causal()]
     model.set_patterns(own)
-    texts = [torch.randn(1, 48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    texts = [
+        torch.randn(1, 48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
     with torch.no_grad():
         targets = [model(x) for x in texts]  # the dense model's outputs
 
@@ -242,3 +245,14 @@ def test_the_effect_based_fit_spends_the_budget_where_the_loss_needs_it():
         fit.allocate(cov, sens, 0.001)
     with pytest.raises(ValueError, match=r"expected sens of shape \(L,\)=\(2,\)"):
         fit.allocate(cov, sens[:1], budget)
+    # strength 0 weighs both layers alike: the masses being equal, both get the same choice,
+    # which the model's loss rates far worse; choose_strength tries both and keeps strength 1
+    even = fit.allocate(cov, sens, budget, strength=0.0)
+    assert even[0].heads == even[1].heads
+    model.set_patterns(own)
+    best, strength, losses = fit.choose_strength(
+        model, range(2), cov, sens, budget, loss=loss, strengths=(0.0, 1.0), own=own
+    )
+    assert strength == 1.0 and [p.heads for p in best] == [p.heads for p in layers]
+    assert losses[1.0] == pytest.approx(fitted) and losses[0.0] > 10 * losses[1.0]
+    assert [m.pattern for m in model.attn] == own  # restored

@@ -72,3 +72,34 @@ def test_per_head_patterns_give_each_head_its_mask():
     assert (out - attention(q, k, v, pattern=pattern)).abs().max() < 1e-5
     with pytest.raises(ValueError, match="expected num_heads=None or 3"):
         block_mask(pattern, 300, 300, num_heads=2)
+
+
+def test_the_mask_cache_counts_the_tables_a_mask_holds():
+    """``sys.getsizeof`` of a BlockMask is a few dozen bytes whatever its tables hold, so a cache
+    counting that never evicts; the flex backend's cache counts the tensors."""
+    import sys
+
+    from attnkit.backends._flex_mask import block_mask_bytes
+
+    n, block = 4096, 128
+    m = block_mask(P.SlidingWindow(100) | P.Global((0,)), n, n, block=block)
+    tables = sum(t.numel() * t.element_size() for t in (m.kv_num_blocks, m.kv_indices))
+    # at least the block tables and the partial tiles' element masks the mask_mod reads
+    assert block_mask_bytes(m) > tables + 32 * block * block
+    assert sys.getsizeof(m) < 1000 < block_mask_bytes(m)
+    from attnkit.backends.flex import _BLOCK_MASKS
+
+    assert _BLOCK_MASKS._size(m) == block_mask_bytes(m)
+
+
+def test_mask_mod_keeps_the_lengths_as_tensors():
+    """torch.compile guards on Python ints a mask_mod captures (a new length compiles again);
+    the lengths live in tensors, and the rule is right at both ends of the matrix."""
+    rule = mask_mod(P.SlidingWindow(3), 10, 7, block=4)
+    captured = [c.cell_contents for c in rule.__closure__]
+    assert not any(isinstance(v, int) and v in (10, 7, 9, 6) for v in captured)
+    q, k = torch.arange(12)[:, None], torch.arange(9)[None, :]
+    got = rule(torch.tensor(0), torch.tensor(0), q, k)
+    want = torch.zeros(12, 9, dtype=torch.bool)
+    want[:10, :7] = P.SlidingWindow(3).to_dense(10, 7)
+    assert torch.equal(got, want)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..patterns import FULL, PARTIAL, Pattern
 
-__all__ = ["block_mask", "mask_mod"]
+__all__ = ["block_mask", "block_mask_bytes", "mask_mod"]
 
 
 def mask_mod(pattern: Pattern, n: int, s: int, *, block: int = 128, device=None) -> Callable:
@@ -50,10 +50,14 @@ def mask_mod(pattern: Pattern, n: int, s: int, *, block: int = 128, device=None)
         masks = masks[None]  # a batch dimension of one, read by every b
     states, tile_id, masks = (t.to(device) for t in (states, tile_id, masks))
     per_batch = pattern.batch_size is not None
+    # the lengths as tensors, not Python ints: torch.compile guards on captured ints, so every
+    # new length would compile the kernel again; tensors are inputs of the one graph
+    last_q = torch.tensor(n - 1, device=device)
+    last_k = torch.tensor(s - 1, device=device)
 
     def rule(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        inside = (q_idx < n) & (kv_idx < s)
-        qi, ki = q_idx.clamp(max=n - 1), kv_idx.clamp(max=s - 1)
+        inside = (q_idx <= last_q) & (kv_idx <= last_k)
+        qi, ki = torch.minimum(q_idx, last_q), torch.minimum(kv_idx, last_k)
         state = states[qi // block, ki // block]
         tid = tile_id[qi // block, ki // block].clamp(min=0)
         elem = masks[b if per_batch else 0, tid, qi % block, ki % block]
@@ -144,3 +148,33 @@ def block_mask(
         mask_mod=mask_mod(pattern, n, s, block=block, device=device),
         seq_lengths=(n, s),
     )
+
+
+def block_mask_bytes(mask) -> int:
+    """Bytes a ``BlockMask`` holds: its block tables and the tables its ``mask_mod`` reads (what
+    a cache of masks must count; ``sys.getsizeof`` sees only the Python object)."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, Tensor) and id(t) not in seen:
+            seen[id(t)] = t.numel() * t.element_size()
+
+    for value in vars(mask).values():
+        add(value)
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+    stack, visited = [getattr(mask, "mask_mod", None)], set()
+    while stack:
+        fn = stack.pop()
+        if id(fn) in visited:
+            continue
+        visited.add(id(fn))
+        for cell in getattr(fn, "__closure__", None) or ():
+            value = cell.cell_contents
+            add(value)
+            if callable(value):
+                stack.append(value)
+            elif isinstance(value, (list, tuple)):
+                stack.extend(v for v in value if callable(v))
+    return sum(seen.values())

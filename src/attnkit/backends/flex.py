@@ -32,12 +32,12 @@ import torch
 
 from .. import caches
 from ..patterns import Causal, Full, KeyPadding
-from ._flex_mask import block_mask
+from ._flex_mask import block_mask, block_mask_bytes
 from .base import AttentionInputs, AttentionResult, Backend
 
 __all__ = ["FlexBackend"]
 
-_BLOCK_MASKS = caches.register("flex_block_masks", 256 * caches.MiB)
+_BLOCK_MASKS = caches.register("flex_block_masks", 256 * caches.MiB, size=block_mask_bytes)
 
 
 def _flex_available() -> bool:

@@ -19,11 +19,20 @@ A head that keeps 95% of its mass under ``SlidingWindow(64)`` on your texts will
 measure, lose at most 5% of what it attended to; whether the model's outputs survive is a
 separate measurement (perplexity, embedding agreement) that the caller makes.
 :func:`sensitivity` and :func:`allocate` put that measurement in the loop: the loss each layer
-adds under a sparse probe decides where a density budget is spent.
+adds under a sparse probe decides where a density budget is spent, and
+:func:`choose_strength` checks on the caller's texts how far to trust it.
 """
 
 from .choose import fit_patterns
-from .effect import allocate, sensitivity
+from .effect import allocate, choose_strength, sensitivity
 from .measure import Coverage, coverage, default_candidates
 
-__all__ = ["Coverage", "allocate", "coverage", "default_candidates", "fit_patterns", "sensitivity"]
+__all__ = [
+    "Coverage",
+    "allocate",
+    "choose_strength",
+    "coverage",
+    "default_candidates",
+    "fit_patterns",
+    "sensitivity",
+]

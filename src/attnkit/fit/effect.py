@@ -25,7 +25,7 @@ from ..patterns import Pattern, PerHead
 from .choose import within_layer
 from .measure import Coverage
 
-__all__ = ["allocate", "sensitivity"]
+__all__ = ["allocate", "choose_strength", "sensitivity"]
 
 
 def sensitivity(
@@ -73,12 +73,19 @@ def _total(model: nn.Module, batches: list, patterns: list, loss) -> float:
         return float(sum(loss(model, b) for b in batches))
 
 
-def allocate(cov: Coverage, sens: Tensor, budget: float, *, floor: float = 1e-6) -> list[PerHead]:
+def allocate(
+    cov: Coverage, sens: Tensor, budget: float, *, strength: float = 1.0, floor: float = 1e-6
+) -> list[PerHead]:
     """One candidate per head, per layer, spending at most ``budget`` of density in all.
 
     Each head ``(l, h)`` takes the candidate ``c`` minimizing
-    ``sens[l] * (1 - mass[l, h, c]) + price * density[l, h, c]``; ``price`` is the smallest whose
-    choices meet ``budget`` (their mean density over layers and heads), found by bisection.
+    ``sens[l] ** strength * (1 - mass[l, h, c]) + price * density[l, h, c]``; ``price`` is the
+    smallest whose choices meet ``budget`` (their mean density over layers and heads), found by
+    bisection. ``strength`` says how far to trust the per-layer sensitivities: 1 spends by them
+    as measured, 0 weighs every layer alike (heads still differ by the mass they keep). One
+    layer's loss rise is measured with the others dense; when many layers are cut at once their
+    effects compound, so a smaller strength can do better at small budgets
+    (:func:`choose_strength` picks it on the caller's texts).
 
     Args:
         cov: Coverage of the candidates (densities in the square, as :func:`coverage` gives).
@@ -98,7 +105,9 @@ def allocate(cov: Coverage, sens: Tensor, budget: float, *, floor: float = 1e-6)
     if tuple(sens.shape) != (L,):
         raise ValueError(f"allocate(): expected sens of shape (L,)=({L},), but got {tuple(sens.shape)}.")
     lost = (1.0 - cov.mass.double()).clamp(min=0.0)  # (L, H, C)
-    cost = sens.double().clamp(min=floor)[:, None, None] * lost
+    weight = sens.double().clamp(min=floor)
+    weight = (weight / weight.max()) ** strength
+    cost = weight[:, None, None] * lost
     density = cov.density.double()
     sparsest = float(density.min(-1).values.mean())
     if budget < sparsest:
@@ -123,3 +132,34 @@ def allocate(cov: Coverage, sens: Tensor, budget: float, *, floor: float = 1e-6)
         PerHead(within_layer(cov.candidates[c], own, h) for h, c in enumerate(row))
         for row, own in zip(choice.tolist(), cov.own, strict=True)
     ]
+
+
+def choose_strength(
+    model: nn.Module,
+    batches: Iterable,
+    cov: Coverage,
+    sens: Tensor,
+    budget: float,
+    *,
+    loss: Callable[[nn.Module, object], float],
+    strengths: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+    own: Sequence[Pattern | None] | None = None,
+) -> tuple[list[PerHead], float, dict[float, float]]:
+    """:func:`allocate` at each of ``strengths``, each allocation's ``loss`` summed over
+    ``batches`` (the model runs it), and the best: ``(patterns, strength, {strength: loss})``.
+    The model is left with its own patterns (``own``, default: those it runs now)."""
+    from ..models.loading import self_attention_patterns
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("choose_strength(): expected at least one batch, but got none.")
+    own = list(self_attention_patterns(model) if own is None else own)
+    tried: dict[float, tuple[float, list[PerHead]]] = {}
+    try:
+        for a in strengths:
+            layers = allocate(cov, sens, budget, strength=a)
+            tried[a] = (_total(model, batches, layers, loss), layers)
+    finally:
+        model.set_patterns(own)
+    best = min(tried, key=lambda a: tried[a][0])
+    return tried[best][1], best, {a: t[0] for a, t in tried.items()}
