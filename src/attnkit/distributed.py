@@ -43,11 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import caches, functional
+from . import backends, caches, functional
 from ._timing import time_in_turns
 from .backends import _rows
 from .backends.base import compute_dtype, lse_dtype
-from .backends.blocksparse import BlockSparseBackend
 from .patterns import EMPTY, Full, Pattern, crop
 
 __all__ = [
@@ -705,7 +704,7 @@ class _Ring(torch.autograd.Function):
             if plan.link(me, src) is None:
                 continue
             for qs, _, inp in _pair_inputs(plan, mask, scale, q, src, _runs(plan, src, k, v, msg)):
-                o, s = BlockSparseBackend.partial_forward(inp)
+                o, s = backends.select_partial(inp).partial_forward(inp)
                 if bool(written[qs].any()):
                     out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
                 else:
@@ -755,7 +754,7 @@ class _Ring(torch.autograd.Function):
                 runs = _runs(plan, src, k, v, msg)
                 for qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
                     dlse_p = None if dlse is None else dlse[:, :, qs]
-                    dq_p, dk_p, dv_p = BlockSparseBackend.partial_backward(
+                    dq_p, dk_p, dv_p = backends.select_partial(inp).partial_backward(
                         inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], dlse_p
                     )
                     dq[:, :, qs] += dq_p

@@ -247,3 +247,37 @@ def test_a_grid_past_cuda_limits_is_declined(monkeypatch):
     q = torch.zeros(1, 1, 1, 16).expand(2**20, 2**12, 1, 16)  # no memory: stride 0
     reasons = TritonBackend.unsupported_reasons(build_inputs(q, q, q, pattern=P.SlidingWindow(1)))
     assert any("exceed a grid's 2147483647" in r for r in reasons), reasons
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "blocksparse"])
+def test_pieces_of_a_larger_softmax(interpret, backend):
+    """The capability the context-parallel ring computes its pairs with (on CUDA through the
+    Triton kernels): two key ranges' pieces merged through their lse give the whole attention,
+    and each piece's backward against the merged output and lse adds up to the whole gradient,
+    the lse's own gradient included."""
+    from attnkit.backends import _rows
+    from attnkit.functional import build_inputs
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (
+        torch.randn(1, 4, 20, 16, generator=g),
+        torch.randn(1, 2, 33, 16, generator=g),
+        torch.randn(1, 2, 33, 16, generator=g),
+    )
+    dout, dlse = torch.randn(1, 4, 20, 16, generator=g), torch.randn(1, 4, 20, generator=g)
+    cls = backends.get(backend)
+    cut = 15
+    pieces = [build_inputs(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, cut), (cut, 33))]
+    (out_a, lse_a), (out_b, lse_b) = (cls.partial_forward(p) for p in pieces)
+    out, lse = _rows.combine(out_a, lse_a, out_b, lse_b)
+    grads = [cls.partial_backward(p, out, lse, dout, dlse) for p in pieces]
+    dq = grads[0][0] + grads[1][0]
+    dk, dv = torch.cat([grads[0][1], grads[1][1]], 2), torch.cat([grads[0][2], grads[1][2]], 2)
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = attention_ref(*leaves, return_lse=True)
+    ((want * dout.double()).sum() + (want_lse * dlse.double()).sum()).backward()
+    for name, got, ref in [("out", out, want), ("lse", lse, want_lse), ("dq", dq, leaves[0].grad),
+                           ("dk", dk, leaves[1].grad), ("dv", dv, leaves[2].grad)]:  # fmt: skip
+        assert max_err(got, ref) < 2e-5, report(name, got, ref, 2e-5)

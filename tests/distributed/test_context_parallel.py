@@ -375,9 +375,9 @@ def _device_named(rank: int, world: int) -> list[str]:
     checked = _DeviceChecked(torch)
     D.torch = checked
     try:
-        q, k, v, dout, _ = _inputs(N, None)
+        q, k, v, _, _ = _inputs(N, None)
         cp = ContextParallel(layout="zigzag")
-        cp.positions(len(range(*shard_ranges(N, world)[rank][0])))
+        cp.positions(sum(b - a for a, b in shard_ranges(N, world, "zigzag")[rank]))
         for method in ("ring", "all_to_all", "auto"):
             local = [shard_sequence(t, layout="zigzag").clone().requires_grad_() for t in (q, k, v)]
             out, lse = context_parallel_attention(

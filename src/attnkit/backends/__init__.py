@@ -41,6 +41,7 @@ __all__ = [
     "get",
     "register_backend",
     "select",
+    "select_partial",
 ]
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -119,6 +120,17 @@ def select(inp: AttentionInputs, backend: str = "auto") -> type[Backend]:
     )
     what = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
     raise NotImplementedError(f"attention(): {what} run these inputs:\n{inp.describe()}\nBackends:\n{report}")
+
+
+def select_partial(inp: AttentionInputs) -> type[Backend]:
+    """The backend that computes ``inp`` as a piece of a larger softmax (the context-parallel
+    ring's pairs): the first in the automatic order with no :meth:`~Backend.partial_reasons`.
+    ``blocksparse`` runs every piece, so there always is one."""
+    for name in _PRIORITY:
+        cls = _REGISTRY[name]
+        if not cls.partial_reasons(inp):
+            return cls
+    return _REGISTRY["blocksparse"]
 
 
 def _choose(inp: AttentionInputs) -> type[Backend] | None:

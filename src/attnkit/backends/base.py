@@ -139,6 +139,9 @@ class Backend:
     supports_dropout: ClassVar[bool] = False
     supports_weights: ClassVar[bool] = False
     supports_lse: ClassVar[bool] = False
+    #: Computes a piece of a larger softmax (:meth:`partial_forward`/:meth:`partial_backward`),
+    #: as the context-parallel ring needs.
+    supports_partial: ClassVar[bool] = False
 
     @classmethod
     def unsupported_reasons(cls, inp: AttentionInputs) -> list[str]:
@@ -165,6 +168,31 @@ class Backend:
 
     @classmethod
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
+        raise NotImplementedError
+
+    @classmethod
+    def partial_reasons(cls, inp: AttentionInputs) -> list[str]:
+        """Why this backend should not compute ``inp`` as a piece of a larger softmax (empty
+        when it should)."""
+        if not cls.supports_partial:
+            return ["computes no pieces of a larger softmax"]
+        return cls.unsupported_reasons(inp)
+
+    @classmethod
+    def partial_forward(cls, inp: AttentionInputs) -> tuple[Tensor, Tensor]:
+        """``(out (B, H, N, Dv), lse (B, H, N))`` of ``inp`` in the compute dtype, without an
+        autograd graph: one piece of a larger softmax, merged with the others through the
+        log-sum-exps (``_rows.combine``). No dropout; a float bias gets no gradient."""
+        raise NotImplementedError
+
+    @classmethod
+    def partial_backward(
+        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dq, dk, dv)`` (compute dtype) of this piece when ``out``/``lse`` are the *merged*
+        output and log-sum-exp of the whole softmax it belongs to and ``dout``/``dlse`` (or None)
+        their gradients: probabilities are recomputed against the whole row's normalizer, so the
+        pieces' gradients add up to the whole's (as in ring attention)."""
         raise NotImplementedError
 
 

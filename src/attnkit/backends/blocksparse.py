@@ -60,6 +60,7 @@ class BlockSparseBackend(Backend):
     name = "blocksparse"
     supports_dropout = True
     supports_lse = True
+    supports_partial = True
 
     #: Tile size of the forward and of the backward; ``None`` lets the cost model pick it per
     #: pattern and dtype from this machine's kernel rates (``_sparse_plan.choose_block``,
@@ -98,10 +99,8 @@ class BlockSparseBackend(Backend):
 
     @classmethod
     def partial_forward(cls, inp: AttentionInputs) -> tuple[Tensor, Tensor]:
-        """``(out, lse)`` of ``inp`` in the compute dtype (float32, or float64), no autograd
-        graph: one piece of a larger softmax, to be merged through the log-sum-exps
-        (:func:`attnkit.backends._rows.combine`) and differentiated by
-        :meth:`partial_backward`. No dropout; a float bias gets no gradient."""
+        """See :meth:`Backend.partial_forward`; whole dense or causal pieces run as one fused
+        call."""
         job, parts = cls._job(inp, backward=True, whole_ok=True)
         with torch.no_grad():
             if job.whole is not None:
@@ -112,12 +111,7 @@ class BlockSparseBackend(Backend):
     def partial_backward(
         cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients ``(dq, dk, dv)`` (compute dtype) of this piece's queries, keys and values
-        when ``out`` ``(B, H, N, Dv)`` and ``lse`` ``(B, H, N)`` are the *merged* output and
-        log-sum-exp of the whole softmax the piece belongs to and ``dout`` (and ``dlse``, or
-        None) are the gradients of that output (and log-sum-exp): the probabilities are
-        recomputed against the whole row's normalizer, so the pieces' gradients add up to the
-        whole's (as in ring attention)."""
+        """See :meth:`Backend.partial_backward`."""
         job, parts = cls._job(inp, backward=True, whole_ok=True, lse_grad=dlse is not None)
         with torch.no_grad():
             if job.whole is not None:

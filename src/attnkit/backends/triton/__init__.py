@@ -94,6 +94,7 @@ class TritonBackend(Backend):
     name = "triton"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     supports_lse = True
+    supports_partial = True
 
     #: Tile size ``(queries, keys)`` of the kernels and of the block map they walk; powers of
     #: two, at least 16 (``tl.dot``). None: the largest of :data:`CONFIGS` whose shared memory
@@ -142,7 +143,39 @@ class TritonBackend(Backend):
     def forward(cls, inp: AttentionInputs) -> AttentionResult:
         from ._op import block_sparse_attention  # imports triton
 
-        bq, bk, stages = launch_config(inp)
-        tables = kernel_tables(inp.pattern or Full(), inp.N, inp.S, bq, bk, inp.device)
-        out, lse = block_sparse_attention(inp.q, inp.k, inp.v, *tables.tensors, inp.scale, bq, bk, stages)
+        config, tables = cls._tables(inp)
+        out, lse = block_sparse_attention(inp.q, inp.k, inp.v, *tables.tensors, inp.scale, *config)
         return AttentionResult(out, None, lse if inp.return_lse else None)
+
+    @classmethod
+    def partial_reasons(cls, inp: AttentionInputs) -> list[str]:
+        if inp.device.type != "cuda":
+            return ["Triton's interpreter is for testing, not speed"]
+        return super().partial_reasons(inp)
+
+    @classmethod
+    def partial_forward(cls, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        from ._op import block_sparse_attention
+
+        config, tables = cls._tables(inp)
+        with torch.no_grad():
+            out, lse = block_sparse_attention(inp.q, inp.k, inp.v, *tables.tensors, inp.scale, *config)
+        return out.float(), lse
+
+    @classmethod
+    def partial_backward(cls, inp, out, lse, dout, dlse=None):
+        from ._op import block_sparse_attention_backward
+
+        config, tables = cls._tables(inp)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        with torch.no_grad():
+            grads = block_sparse_attention_backward(
+                dout.to(inp.dtype), dlse.float(), inp.q, inp.k, inp.v, out.to(inp.dtype), lse.float(),
+                *tables.tensors, inp.scale, *config,
+            )  # fmt: skip
+        return tuple(g.float() for g in grads)
+
+    @staticmethod
+    def _tables(inp: AttentionInputs) -> tuple[tuple[int, int, int], KernelTables]:
+        bq, bk, stages = launch_config(inp)
+        return (bq, bk, stages), kernel_tables(inp.pattern or Full(), inp.N, inp.S, bq, bk, inp.device)
