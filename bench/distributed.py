@@ -1,6 +1,7 @@
 """Context parallelism on this machine: bytes sent, memory per rank, time per step.
 
     python bench/distributed.py            # about 15 minutes on 2 cores
+    python bench/distributed.py --memory   # memory per rank only (causal 32k, window 131k)
 
 1. **Traffic.** Every send of one ring ``context_parallel_attention`` call (forward, then
    backward) is counted per rank, for dense, causal (contiguous and zig-zag), a 256-token
@@ -311,5 +312,37 @@ def write_page(payload: dict) -> None:
     (DOCS / "distributed.md").write_text("\n".join(lines) + "\n")
 
 
+def memory_main() -> None:
+    """``--memory``: peak memory per rank of one forward + backward at P = 1, 2, 4 (one step
+    each, each rank making its own shard) for causal attention at N = 32,768 (zig-zag) and a
+    256-token window at N = 131,072, with its time; ``bench/results/distributed-memory.json``."""
+    env = environment()
+    env["threads"] = 1  # per rank
+    rows = []
+    for name, n, layout in (("causal", 32768, "zigzag"), ("window", 131072, "contiguous")):
+        for world in (1, 2, 4):
+            res = run(_step, world, name, n, layout, 1)
+            rows.append({"pattern": name, "N": n, "layout": layout, "P": world,
+                         "memory_mib_per_rank": max(r["memory_mib"] for r in res),
+                         "step_s": max(r["times"][0] for r in res)})  # fmt: skip
+            print(rows[-1], flush=True)
+    save("distributed-memory", {"environment": env, "rows": rows})
+    lines = [
+        "# Context-parallel memory per rank",
+        "",
+        f"`python bench/distributed.py --memory` on {env_line(env)} (one thread per rank, gloo): "
+        "peak resident memory one forward + backward adds per rank (B=1, H=4, D=64, float32), "
+        "the slowest rank's step time (P = 4 oversubscribes the 2 cores).",
+        "",
+        "| pattern | N | P | memory per rank | of P = 1 | step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = next(b for b in rows if b["pattern"] == r["pattern"] and b["P"] == 1)["memory_mib_per_rank"]
+        lines.append(f"| {r['pattern']} | {r['N']:,} | {r['P']} | {r['memory_mib_per_rank']:.0f} MiB | "
+                     f"{r['memory_mib_per_rank'] / base:.2f} | {r['step_s']:.2f} s |")  # fmt: skip
+    (DOCS / "distributed-memory.md").write_text("\n".join(lines) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    memory_main() if "--memory" in sys.argv[1:] else main()
