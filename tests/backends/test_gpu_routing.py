@@ -134,3 +134,30 @@ def test_flex_forward_on_cpu():
         assert max_err(got, want) < 1e-5, (pattern, max_err(got, want))
     reasons = FlexBackend.unsupported_reasons(_inputs(P.SlidingWindow(4), return_lse=True))
     assert any("return_lse=True on CPU" in r for r in reasons)
+
+
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_rows_that_see_nothing_are_made_finite_then_zeroed(kind):
+    """The fix-up sdpa applies on CUDA (whose kernels may return NaN there), checked here on the
+    helper: masked rows get every key, the others keep their mask, and zeroing gives the oracle."""
+    import torch.nn.functional as F
+
+    from attnkit.backends import _rows
+
+    from ..reference import attention_ref
+
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    allowed = torch.rand(1, 1, 6, 6) > 0.4
+    allowed[..., 2, :] = False
+    mask = (
+        allowed
+        if kind == "bool"
+        else torch.zeros(1, 1, 6, 6, dtype=torch.float64).masked_fill(~allowed, -torch.inf)
+    )
+    fixed, seen = _rows.give_unseen_rows_every_key(mask)
+    assert seen[..., 2, 0].item() is False and bool(seen.sum() == allowed.any(-1).sum())
+    row = fixed[..., 2, :]
+    assert bool(torch.isfinite(row).all()) if kind == "bias" else bool(row.all())
+    assert torch.equal(fixed[..., 3:, :], mask[..., 3:, :])  # rows that see keys are untouched
+    out = torch.where(seen, F.scaled_dot_product_attention(q, k, v, attn_mask=fixed), 0.0)
+    assert max_err(out, attention_ref(q, k, v, mask=allowed)) < 1e-12

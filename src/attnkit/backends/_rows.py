@@ -10,6 +10,8 @@ on what a kernel happens to return for such rows:
 * :func:`normalize` and :func:`lse_from` -- finishing an online softmax from its running
   maximum ``m`` and normalizer ``l``;
 * :func:`zero_unseen` -- force the convention onto a kernel's output;
+* :func:`give_unseen_rows_every_key` -- the same, for kernels that may return NaN there (the
+  row is made finite before the call, its output replaced by 0 after);
 * :func:`for_recompute` -- the log-sum-exp a backward subtracts to recompute ``p = exp(s - lse)``
   (``+inf`` for empty rows, so ``p`` is exactly 0 whatever ``s`` is);
 * :func:`combine` -- the exact union of two attentions over disjoint key sets;
@@ -22,7 +24,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "correction", "for_recompute", "lse_from", "normalize", "shift", "zero_unseen"]
+__all__ = [
+    "combine",
+    "correction",
+    "for_recompute",
+    "give_unseen_rows_every_key",
+    "lse_from",
+    "normalize",
+    "shift",
+    "zero_unseen",
+]
 
 
 def shift(row_max: Tensor) -> Tensor:
@@ -43,6 +54,19 @@ def lse_from(m: Tensor, l: Tensor) -> Tensor:
 def zero_unseen(out: Tensor, lse: Tensor) -> Tensor:
     """``out (..., E)`` with the rows whose ``lse (...)`` is ``-inf`` set to exactly 0."""
     return torch.where((lse == -torch.inf)[..., None], torch.zeros((), dtype=out.dtype), out)
+
+
+def give_unseen_rows_every_key(attn_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For kernels that do not promise the convention (torch's CUDA SDPA kernels): rows of a
+    bool mask or float bias that see no key are given every key, so the kernel computes
+    something finite there; the caller replaces their output by 0 with ``torch.where(seen,
+    out, 0)`` (no gradient reaches the keys through them). Returns the mask and ``seen
+    (..., N, 1)``. Elementwise, no host synchronization."""
+    if attn_mask.dtype == torch.bool:
+        seen = attn_mask.any(-1, keepdim=True)
+        return attn_mask | ~seen, seen
+    seen = torch.isfinite(attn_mask).any(-1, keepdim=True)
+    return torch.where(seen, attn_mask, torch.zeros((), dtype=attn_mask.dtype, device=attn_mask.device)), seen
 
 
 def for_recompute(lse: Tensor) -> Tensor:

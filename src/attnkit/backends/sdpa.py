@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Causal, Full, KeyPadding
+from . import _rows
 from ._masks import dense_allowed
 from .base import AttentionInputs, AttentionResult, Backend
 
@@ -64,7 +65,7 @@ class SdpaBackend(Backend):
             attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         seen = None
         if attn_mask is not None and inp.device.type != "cpu":
-            attn_mask, seen = _rows_that_see(attn_mask)
+            attn_mask, seen = _rows.give_unseen_rows_every_key(attn_mask)
         out = F.scaled_dot_product_attention(
             inp.q,
             inp.k,
@@ -78,19 +79,6 @@ class SdpaBackend(Backend):
         if seen is not None:
             out = torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return AttentionResult(out)
-
-
-def _rows_that_see(attn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """attnkit's rule for rows that see no key (output 0, gradient 0) on kernels that do not
-    promise it (torch's CUDA kernels): such rows are given every key, so the kernel computes
-    something finite there, and their output is then replaced by 0 (``torch.where``, so no
-    gradient reaches the keys through them). Returns the mask and ``seen (..., N, 1)``. Elementwise
-    on the mask the call materializes anyway; no host synchronization."""
-    if attn_mask.dtype == torch.bool:
-        seen = attn_mask.any(-1, keepdim=True)
-        return attn_mask | ~seen, seen
-    seen = torch.isfinite(attn_mask).any(-1, keepdim=True)
-    return torch.where(seen, attn_mask, torch.zeros((), dtype=attn_mask.dtype, device=attn_mask.device)), seen
 
 
 def _is_cheap(p) -> bool:
