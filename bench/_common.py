@@ -274,6 +274,40 @@ class MaxRss:
         return False
 
 
+class AllocatorPeak:
+    """``with AllocatorPeak() as m: ...`` then ``m.extra_mib``: the peak of live tensor bytes
+    that torch's CPU allocator held during the block, above its start (what
+    ``torch.cuda.max_memory_allocated`` reports on a GPU), from the profiler's allocation
+    events. Unlike resident memory it leaves out the C allocator's fragmentation and code
+    paged in, and it slows the block down (do not time it)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        events = []
+
+        def walk(node) -> None:
+            if node.tag == torch._C._profiler._EventType.Allocation:
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            for child in node.children:
+                walk(child)
+
+        for root in self._prof.profiler.kineto_results.experimental_event_tree():
+            walk(root)
+        live = peak = 0
+        for _, size in sorted(events):
+            live += size
+            peak = max(peak, live)
+        self.extra_mib = peak / 2**20
+        return False
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -497,6 +497,21 @@ class _Plan:
         """The keys of rank ``b`` that rank ``a``'s queries see, or None if none."""
         return _links(self.pattern, self.N, self.S, self.q_ranges, self.k_ranges)[a][b]
 
+    @property
+    def tile(self) -> int:
+        """Tokens per transfer and query rows per tile of the ring: a twentieth of the largest
+        shard rounded up to a multiple of 64 (at least :data:`_MIN_TILE`), so what a rank holds
+        besides its own shard's tensors shrinks with the shard."""
+        largest = max(sum(b - a for a, b in runs) for runs in (*self.q_ranges, *self.k_ranges))
+        tile = -(-largest // _TILES_PER_SHARD)
+        return max(_MIN_TILE, tile if tile <= 64 else -(-tile // 64) * 64)
+
+
+#: The ring cuts every shard into about this many tiles (see :attr:`_Plan.tile`) ...
+_TILES_PER_SHARD = 20
+#: ... of at least this many tokens, so that short sequences run as one tile per shard.
+_MIN_TILE = 128
+
 
 @dataclass(frozen=True)
 class _Link:
@@ -652,64 +667,215 @@ def _mask_piece(mask: Tensor | None, rows: tuple[int, int], cols: tuple[int, int
     return m
 
 
-def _message(k: Tensor, v: Tensor, plan: _Plan, dst: int) -> Tensor | None:
-    """The keys and values of this rank that rank ``dst`` needs, as one contiguous
-    ``(B, Hkv, T, D + Dv)`` message, or None."""
-    link = plan.link(dst, plan.g.rank)
+@dataclass(frozen=True)
+class _Piece:
+    """One transfer of the ring: the keys ``[lo, hi)`` (whole-sequence indices) of run ``r`` of
+    a link, at ``local`` in their owner's shard; at most ``plan.tile`` tokens."""
+
+    r: int
+    lo: int
+    hi: int
+    local: slice
+
+
+def _pieces(plan: _Plan, a: int, b: int) -> list[_Piece]:
+    """What rank ``a`` receives from rank ``b`` (the keys its queries see), cut into pieces of
+    at most ``plan.tile`` tokens, in the order both ranks walk them. A rank's own keys travel
+    nowhere: they stay one piece per run (:func:`_tiles` cuts them where the work needs it)."""
+    link = plan.link(a, b)
     if link is None:
-        return None
-    runs = link.slices(plan.k_ranges[plan.g.rank])
-    return torch.cat([torch.cat([k[:, :, local], v[:, :, local]], -1) for local, _ in runs], 2)
+        return []
+    out, c = [], plan.tile if a != b else plan.S
+    slices = link.slices(plan.k_ranges[b])
+    for r, ((_, lo, hi, _), (local, _)) in enumerate(zip(link.runs, slices, strict=True)):
+        for x in range(lo, hi, c):
+            y = min(x + c, hi)
+            out.append(_Piece(r, x, y, slice(local.start + x - lo, local.start + y - lo)))
+    return out
 
 
-def _runs(plan: _Plan, src: int, k: Tensor, v: Tensor, msg: Tensor | None) -> list[tuple[Tensor, Tensor]]:
-    """Per run of what this rank's queries see of rank ``src``: its keys and values, views of
-    this rank's own ``k``/``v`` (``src`` is this rank) or of the message received from ``src``."""
-    me, D = plan.g.rank, k.shape[-1]
-    slices = plan.link(me, src).slices(plan.k_ranges[src])
-    if src == me:
-        return [(k[:, :, local], v[:, :, local]) for local, _ in slices]
-    return [(msg[:, :, ms, :D], msg[:, :, ms, D:]) for _, ms in slices]
+@dataclass(frozen=True)
+class _Position:
+    """One position of the ring's walk: this rank computes against ``recv`` (a piece of rank
+    ``src``'s keys, or None) while it sends rank ``dst`` the piece ``send`` of its own (or
+    None). Step 0 is this rank's own keys (``src == dst ==`` this rank, nothing sent)."""
+
+    step: int
+    index: int
+    src: int
+    recv: _Piece | None
+    dst: int
+    send: _Piece | None
+
+    @property
+    def tag(self) -> int:  # the same on both ends of every transfer: (step, index)
+        return self.step * _TAGS_PER_STEP + self.index
 
 
-def _pair_inputs(plan: _Plan, mask, scale: float, q: Tensor, src: int, runs):
-    """``(query slice, key run index, AttentionInputs)`` of every (query run, key run) pair
-    with work between this rank's queries and the keys/values ``runs`` of ``src``: the rows of
-    the query run that see those keys, against the keys they see."""
-    me = plan.g.rank
-    link = plan.link(me, src)
-    q_off = _offsets(plan.q_ranges[me])
-    for i, r, row_lo, row_hi in link.pairs:
+#: Positions whose transfers are in flight while one is computed. Three, tried on 2 and 4
+#: CPU ranks (causal, N = 32,768), were no faster and held more memory than one.
+_AHEAD = 1
+
+#: Tags of one step's transfers; a step holds fewer pieces than this (asserted).
+_TAGS_PER_STEP = 1 << 12
+
+
+def _schedule(plan: _Plan) -> list[_Position]:
+    """Every position this rank walks: its own pieces, then per step ``t`` the pieces it
+    receives from rank ``me - t`` and those it sends rank ``me + t``, each spread over the
+    step's ``M`` positions (``M``: the most pieces any rank sends or receives in that step)
+    in proportion to the work its receiver does on them (:func:`_spread`).
+
+    A transfer sits at the same ``(step, index)`` on both of its ranks, so every rank posting
+    one position ahead of the one it waits on cannot deadlock; and since every rank's pieces
+    are spread by work, neighbours reach a position at about the same time, even where one
+    rank's queries see few pieces of many rows and the other's many pieces of few rows."""
+    me, P = plan.g.rank, plan.g.size
+    walk = [_Position(0, x, me, p, me, None) for x, p in enumerate(_pieces(plan, me, me))]
+    for step in range(1, P):
+        slots = max(
+            max(len(_pieces(plan, r, (r - step) % P)), len(_pieces(plan, (r + step) % P, r)))
+            for r in range(P)
+        )
+        if slots >= _TAGS_PER_STEP:
+            raise RuntimeError(
+                f"context parallel ring: {slots} pieces in one step, more than the "
+                f"{_TAGS_PER_STEP - 1} its tags allow"
+            )
+        src, dst = (me - step) % P, (me + step) % P
+        got = dict(zip(_spread(_work(plan, me, src), slots), _pieces(plan, me, src), strict=True))
+        given = dict(zip(_spread(_work(plan, dst, me), slots), _pieces(plan, dst, me), strict=True))
+        walk += [
+            _Position(step, x, src, got.get(x), dst, given.get(x)) for x in sorted(got.keys() | given.keys())
+        ]
+    return walk
+
+
+def _work(plan: _Plan, a: int, b: int) -> list[int]:
+    """Per piece that rank ``a`` receives from rank ``b``: the tiles ``a`` computes on it."""
+    link, c = plan.link(a, b), plan.tile
+    if link is None:
+        return []
+    columns: dict[int, Tensor] = {}  # run -> live tiles per key tile
+    for _, r, row_lo, row_hi in link.pairs:
         _, lo, hi, _ = link.runs[r]
-        start = q_off[i] + row_lo - plan.q_ranges[me][i][0]
-        qs = slice(start, start + row_hi - row_lo)
+        live = _live_tiles(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi), c).sum(0)
+        columns[r] = live if r not in columns else columns[r] + live
+    return [int(columns[p.r][(p.lo - link.runs[p.r][1]) // c]) for p in _pieces(plan, a, b)]
+
+
+def _spread(work: list[int], slots: int) -> list[int]:
+    """Increasing, distinct positions in ``[0, slots)`` for pieces of the given work: piece
+    ``j`` at the share of the slots that the work before it takes of the whole."""
+    total, done, prev, out = max(1, sum(work)), 0, -1, []
+    for j, w in enumerate(work):
+        prev = min(max(prev + 1, done * slots // total), slots - (len(work) - j))
+        out.append(prev)
+        done += w
+    return out
+
+
+def _walk(plan: _Plan, k: Tensor, v: Tensor, ex: _Exchanges):
+    """Yield ``(position, (keys, values) or None)`` along :func:`_schedule`. The next
+    :data:`_AHEAD` positions' transfers are in flight while the caller computes this one's, so
+    a rank holds a few pieces received and sent, whatever the sequence length."""
+    walk = _schedule(plan)
+    D = k.shape[-1]
+
+    def post(pos: _Position) -> list[int]:
+        if pos.step == 0:
+            return []
+        recv = send = None
+        if pos.recv is not None:
+            shape = (*k.shape[:2], pos.recv.hi - pos.recv.lo, D + v.shape[-1])
+            recv = (pos.src, torch.empty(shape, dtype=k.dtype, device=k.device))
+        if pos.send is not None:
+            at = pos.send.local
+            send = (pos.dst, torch.cat([k[:, :, at], v[:, :, at]], -1))
+        return ex.post(send, recv, pos.tag)
+
+    posted = [post(pos) for pos in walk[:_AHEAD]]
+    for i, pos in enumerate(walk):
+        if i + _AHEAD < len(walk):
+            posted.append(post(walk[i + _AHEAD]))
+        got = ex.collect(posted.pop(0))
+        if pos.recv is None:
+            yield pos, None
+        elif pos.step == 0:
+            yield pos, (k[:, :, pos.recv.local], v[:, :, pos.recv.local])
+        else:
+            yield pos, (got[..., :D], got[..., D:])
+
+
+def _live_tiles(
+    pattern: Pattern, n: int, s: int, rows: tuple[int, int], keys: tuple[int, int], c: int
+) -> Tensor:
+    """``(row tiles, key tiles)`` bool: which ``c x c`` tiles of ``rows x keys`` (counted from
+    their starts) hold a pair the pattern allows; from the cropped block map, exact."""
+    h, w = rows[1] - rows[0], keys[1] - keys[0]
+    return crop(pattern, n, s, rows, keys).block_map(h, w, (min(h, c), min(w, c))).states != EMPTY
+
+
+def _tiles(plan: _Plan, mask, scale: float, q: Tensor, pos: _Position, kv: tuple[Tensor, Tensor]):
+    """``(query slice, key slice of the piece, AttentionInputs)`` of the work against
+    the piece ``pos.recv``, whose keys/values are ``kv``. Per (query run, piece) pair: one call
+    where its backend adds gradients in place (``Backend.partial_in_place``: its memory is the
+    tiles it computes, not the piece); otherwise tiles of at most ``plan.tile`` rows and keys
+    that hold work, so a dense or causal piece's temporaries stay a tile's."""
+    me, c, piece = plan.g.rank, plan.tile, pos.recv
+    link = plan.link(me, pos.src)
+    _, lo, hi, _ = link.runs[piece.r]
+    q_off = _offsets(plan.q_ranges[me])
+
+    def inputs(i: int, rows: tuple[int, int], keys: tuple[int, int]):
+        start = q_off[i] + rows[0] - plan.q_ranges[me][i][0]
+        qs, ks = slice(start, start + rows[1] - rows[0]), slice(keys[0] - piece.lo, keys[1] - piece.lo)
         inp = functional.build_inputs(
-            q[:, :, qs], *runs[r], pattern=crop(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi)),
-            mask=_mask_piece(mask, (row_lo, row_hi), (lo, hi)), scale=scale,
+            q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale=scale,
+            pattern=crop(plan.pattern, plan.N, plan.S, rows, keys), mask=_mask_piece(mask, rows, keys),
         )  # fmt: skip
-        yield qs, r, inp
+        return qs, ks, inp
+
+    for i, r, row_lo, row_hi in link.pairs:
+        if r != piece.r:
+            continue
+        whole = inputs(i, (row_lo, row_hi), (piece.lo, piece.hi))
+        if backends.select_partial(whole[2]).partial_in_place(whole[2]):
+            yield whole
+            continue
+        live = _live_tiles(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi), c)
+        first, last = (piece.lo - lo) // c, (piece.hi - 1 - lo) // c
+        for column in range(first, last + 1):
+            keys = (max(piece.lo, lo + column * c), min(piece.hi, lo + (column + 1) * c))
+            for x in live[:, column].nonzero().flatten().tolist():
+                yield inputs(i, (row_lo + x * c, min(row_lo + (x + 1) * c, row_hi)), keys)
 
 
 class _Ring(torch.autograd.Function):
+    """Ring attention in tiles: each rank walks its own keys and then every other rank's, piece
+    by piece (:func:`_walk`), merging partial softmaxes through their log-sum-exps; the
+    backward walks again and sends each piece's key/value gradient straight back to its owner.
+    Besides its own shard's tensors, a rank holds a few tiles' worth of memory."""
+
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, mask, scale: float):
-        me = plan.g.rank
         B, H, n, _ = q.shape
         ct = compute_dtype(q.dtype)
         out = torch.zeros(B, H, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=ct, device=q.device)
         written = torch.zeros(n, dtype=torch.bool, device="cpu")  # host bookkeeping: rows written
         ex = _Exchanges(plan.g, "ring forward")
-        for _, src, msg in ex.rotate(k, v, plan):
-            if plan.link(me, src) is None:
+        for pos, kv in _walk(plan, k, v, ex):
+            if kv is None:
                 continue
-            for qs, _, inp in _pair_inputs(plan, mask, scale, q, src, _runs(plan, src, k, v, msg)):
+            for qs, _, inp in _tiles(plan, mask, scale, q, pos, kv):
                 o, s = backends.select_partial(inp).partial_forward(inp)
                 if bool(written[qs].any()):
                     out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
                 else:
                     out[:, :, qs], lse[:, :, qs] = o, s
                 written[qs] = True
+                del o, s  # before the next tile's call allocates its own
         ex.finish()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -723,56 +889,57 @@ class _Ring(torch.autograd.Function):
         plan: _Plan = ctx.plan
         g, me, D = plan.g, plan.g.rank, k.shape[-1]
         ct = compute_dtype(q.dtype)
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout  # sliced per tile: no copy
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
         dk = torch.zeros(k.shape, dtype=ct, device=q.device)
         dv = torch.zeros(v.shape, dtype=ct, device=q.device)
         ex = _Exchanges(g, "ring backward")
-        grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=1 << 20)
+        grads = _Exchanges(g, "ring backward (dK/dV)", tag_base=_GRADIENT_TAGS)
 
-        def fold(posted: tuple[list[int], int] | None) -> None:
-            """Wait for one step's gradient transfers; add what rank ``peer`` sent back."""
-            if posted is None:
-                return
-            handles, peer = posted
+        def fold(posted: tuple[list[int], _Piece | None]) -> None:
+            """Wait for one position's gradient transfers; add what came back for ``piece``."""
+            handles, piece = posted
             received = grads.collect(handles)
             if received is not None:
-                for local, ms in plan.link(peer, me).slices(plan.k_ranges[me]):
-                    dk[:, :, local] += received[:, :, ms, :D]
-                    dv[:, :, local] += received[:, :, ms, D:]
+                dk[:, :, piece.local] += received[..., :D]
+                dv[:, :, piece.local] += received[..., D:]
 
-        # One step's gradient transfers in flight at a time: step t's are posted after step
-        # t - 1's were received and added, so a rank holds one message and one receive buffer,
-        # not P - 1 of them.
-        previous = None
-        for step, src, msg in ex.rotate(k, v, plan):
-            send = None
-            if plan.link(me, src) is not None:
-                # gradients go straight onto this rank's own keys, or into a message for src
-                dmsg = None if src == me else torch.zeros(msg.shape, dtype=ct, device=q.device)
-                targets = _runs(plan, src, dk, dv, dmsg)
-                runs = _runs(plan, src, k, v, msg)
-                for qs, r, inp in _pair_inputs(plan, ctx.mask, ctx.scale, q, src, runs):
-                    dlse_p = None if dlse is None else dlse[:, :, qs]
-                    dq_p, dk_p, dv_p = backends.select_partial(inp).partial_backward(
-                        inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], dlse_p
-                    )
-                    dq[:, :, qs] += dq_p
-                    targets[r][0].add_(dk_p)
-                    targets[r][1].add_(dv_p)
-                if dmsg is not None:
-                    send = (src, dmsg)
-            # rank dst used this rank's keys/values at this step and sends their gradient back
-            dst = (me + step) % g.size
-            recv = None
-            if dst != me and (link := plan.link(dst, me)) is not None:
-                shape = (*k.shape[:2], link.tokens, k.shape[-1] + v.shape[-1])
-                recv = (dst, torch.empty(shape, dtype=ct, device=q.device))
-            fold(previous)
-            previous = (grads.post(send=send, recv=recv, step=step), dst)
+        # At most _AHEAD positions' gradient transfers in flight: the oldest is received and
+        # added before another is posted, so a rank holds a few pieces' gradients, never P - 1.
+        in_flight: list[tuple[list[int], _Piece | None]] = []
+        for pos, kv in _walk(plan, k, v, ex):
+            send = recv = None
+            if kv is not None:
+                piece = pos.recv
+                # own keys take their gradient in place; another rank's go into a piece for it
+                if pos.src == me:
+                    dkv, dk_t, dv_t = None, dk[:, :, piece.local], dv[:, :, piece.local]
+                else:
+                    dkv = torch.zeros((*kv[0].shape[:3], D + v.shape[-1]), dtype=ct, device=q.device)
+                    dk_t, dv_t = dkv[..., :D], dkv[..., D:]
+                for qs, ks, inp in _tiles(plan, ctx.mask, ctx.scale, q, pos, kv):
+                    dlse_t = None if dlse is None else dlse[:, :, qs]
+                    backends.select_partial(inp).partial_backward(
+                        inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], dlse_t,
+                        into=(dq[:, :, qs], dk_t[:, :, ks], dv_t[:, :, ks]),
+                    )  # fmt: skip
+                if dkv is not None:
+                    send = (pos.src, dkv)
+            if pos.send is not None:  # rank dst used this piece of this rank's keys here
+                shape = (*k.shape[:2], pos.send.hi - pos.send.lo, D + v.shape[-1])
+                recv = (pos.dst, torch.empty(shape, dtype=ct, device=q.device))
+            if len(in_flight) == _AHEAD:
+                fold(in_flight.pop(0))
+            in_flight.append((grads.post(send=send, recv=recv, step=pos.tag), pos.send))
         ex.finish()
-        fold(previous)
+        for posted in in_flight:
+            fold(posted)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+#: Tag offsets that keep the ring's key/value, gradient and all-to-all transfers apart.
+_GRADIENT_TAGS = 1 << 28
+_ALL_TO_ALL_TAGS = 2 << 28
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -967,33 +1134,9 @@ class _Exchanges:
         self.pending = {}
         return got
 
-    def rotate(self, k: Tensor, v: Tensor, plan: _Plan):
-        """Yield ``(step, src, message)`` for every step: first this rank itself (message
-        None: its own keys are at hand), then rank ``me - step`` with what it sent, or None
-        when this rank's queries see none of its keys (nothing is sent then). Meanwhile this
-        rank sends rank ``me + step`` the part of its keys/values that rank sees. Step
-        ``t + 1``'s transfers are in flight while the caller computes step ``t``."""
-        me, P = self.g.rank, self.g.size
-
-        def post(step):
-            src, dst = (me - step) % P, (me + step) % P
-            recv = None
-            if (link := plan.link(me, src)) is not None:
-                shape = (*k.shape[:2], link.tokens, k.shape[-1] + v.shape[-1])
-                recv = (src, torch.empty(shape, dtype=k.dtype, device=k.device))
-            msg = _message(k, v, plan, dst)
-            return self.post(None if msg is None else (dst, msg), recv, step)
-
-        ahead = post(1) if P > 1 else None
-        yield 0, me, None
-        for step in range(1, P):
-            current = ahead
-            ahead = post(step + 1) if step + 1 < P else None
-            yield step, (me - step) % P, self.collect(current)
-
 
 def _exchange_all(
-    g: _Group, chunks: list[Tensor], shape_of, dtype, what: str, tag_base: int = 2 << 20
+    g: _Group, chunks: list[Tensor], shape_of, dtype, what: str, tag_base: int = _ALL_TO_ALL_TAGS
 ) -> list[Tensor]:
     """All-to-all by point-to-point: send ``chunks[r]`` to rank ``r``; return what each rank
     sent here (a buffer of ``shape_of(r)``), in rank order."""

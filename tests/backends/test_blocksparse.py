@@ -324,16 +324,61 @@ def test_partial_pieces_add_up_to_the_whole(pattern, heads):
         o, s = BlockSparseBackend.partial_forward(inp)
         out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    added = [torch.zeros_like(t) for t in (q, k, v)]  # the same through ``into=``
     for qs, ks, inp in pieces:
         a, b, c = BlockSparseBackend.partial_backward(inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs])
         dq[:, :, qs] += a
         dk[:, :, ks] += b
         dv[:, :, ks] += c
+        into = (added[0][:, :, qs], added[1][:, :, ks], added[2][:, :, ks])
+        BlockSparseBackend.partial_backward(inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], into=into)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want, want_grads = grads(lambda: attention_ref(*leaves, pattern=pattern), leaves, dout)
     assert max_err(out, want) < 1e-5
-    for got, ref in zip((dq, dk, dv), want_grads, strict=True):
+    for got, into_got, ref in zip((dq, dk, dv), added, want_grads, strict=True):
         assert max_err(got, ref) < 1e-5
+        assert max_err(into_got, ref) < 1e-5
+
+
+def test_partial_backward_adds_in_place_into_views_of_the_callers_gradients(monkeypatch):
+    """A tiled piece whose rows and keys fill whole tiles (one query per key head) accumulates
+    straight into ``into`` — views of the caller's gradients, no piece-sized copies — and
+    the sums equal the float64 oracle's; a piece run as one fused call is not in place."""
+    from attnkit.backends import _rows
+    from attnkit.backends.blocksparse import _tile_views
+
+    monkeypatch.setattr(BlockSparseBackend, "block", 8)
+    monkeypatch.setattr(BlockSparseBackend, "backward_block", 8)
+    n, pattern = 48, P.SlidingWindow(5, 2)
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(1, 3, n, 16, generator=g) for _ in range(4))
+    cuts = [(0, 16), (16, n)]
+    pieces = []
+    for rows in cuts:
+        for cols in cuts:
+            part = P.crop(pattern, n, n, rows, cols)
+            if part.num_allowed(rows[1] - rows[0], cols[1] - cols[0]):
+                pieces.append((slice(*rows), slice(*cols), build_inputs(q[:, :, slice(*rows)], k[:, :, slice(*cols)], v[:, :, slice(*cols)], pattern=part)))  # fmt: skip
+    out, lse = torch.zeros(1, 3, n, 16), torch.full((1, 3, n), float("-inf"))
+    for qs, _, inp in pieces:
+        o, s = BlockSparseBackend.partial_forward(inp)
+        out[:, :, qs], lse[:, :, qs] = _rows.combine(out[:, :, qs], lse[:, :, qs], o, s)
+    added = [torch.zeros_like(t) for t in (q, k, v)]
+    for qs, ks, inp in pieces:
+        assert BlockSparseBackend.partial_in_place(inp)
+        into = (added[0][:, :, qs], added[1][:, :, ks], added[2][:, :, ks])
+        job, parts = BlockSparseBackend._job(inp, backward=True, whole_ok=True)
+        views = _tile_views(job, parts[0].backward_plan, into)
+        assert all(
+            vw is not None and vw.data_ptr() == t.data_ptr() for vw, t in zip(views, into, strict=True)
+        )
+        BlockSparseBackend.partial_backward(inp, out[:, :, qs], lse[:, :, qs], dout[:, :, qs], into=into)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    _, want_grads = grads(lambda: attention_ref(*leaves, pattern=pattern), leaves, dout)
+    for got, ref in zip(added, want_grads, strict=True):
+        assert max_err(got, ref) < 1e-5
+    whole = build_inputs(q, k, v, pattern=P.Causal())
+    assert not BlockSparseBackend.partial_in_place(whole)
 
 
 def test_tiles_priced_near_the_best_are_timed_on_the_call_and_the_fastest_kept(monkeypatch):

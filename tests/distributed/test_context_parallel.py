@@ -41,11 +41,11 @@ def _cases():
     ]
 
 
-def _inputs(s: int, mask_kind):
+def _inputs(s: int, mask_kind, kv_heads: int = HKV):
     g = torch.Generator().manual_seed(7)
     q = torch.randn(B, H, N, D, generator=g)
-    k = torch.randn(B, HKV, s, D, generator=g)
-    v = torch.randn(B, HKV, s, D, generator=g)
+    k = torch.randn(B, kv_heads, s, D, generator=g)
+    v = torch.randn(B, kv_heads, s, D, generator=g)
     dout = torch.randn(B, H, N, D, generator=g)
     mask = None
     if mask_kind == "bool":
@@ -63,11 +63,11 @@ def _loss(out, lse, dout, dlse):
     return (out * dout).sum() + torch.where(torch.isfinite(lse), lse * dlse, 0.0).sum()
 
 
-def _compare(rank: int, world: int, layouts, methods) -> dict:
+def _compare(rank: int, world: int, layouts, methods, kv_heads: int = HKV) -> dict:
     """Max errors of this rank's output and gradients against the single-process result."""
     errors = {}
     for name, pattern, mask_kind, s in _cases():
-        q, k, v, dout, mask = _inputs(s, mask_kind)
+        q, k, v, dout, mask = _inputs(s, mask_kind, kv_heads)
         dlse = _lse_weights(N)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         want, want_lse = attention(*leaves, pattern=pattern, mask=mask, return_lse=True)
@@ -114,6 +114,29 @@ def test_context_parallel_equals_single_process(world):
     methods = {key[2] for key in worst}
     assert methods == ({"ring", "all_to_all"} if H % world == 0 else {"ring"})
     assert len(worst) == len(_cases()) * 2 * len(methods) * 2
+    bad = {key: err for key, err in worst.items() if not err <= 1e-5}
+    assert not bad, bad
+
+
+def _compare_in_small_tiles(rank: int, world: int, layouts, methods, kv_heads: int) -> dict:
+    """:func:`_compare` with the ring cutting shards into tiles of 2-3 tokens: many pieces per
+    transfer step, many query tiles per piece, pieces that hold no work for some tiles."""
+    import attnkit.distributed as cp
+
+    cp._MIN_TILE, cp._TILES_PER_SHARD = 2, 8
+    return _compare(rank, world, layouts, methods, kv_heads)
+
+
+@pytest.mark.parametrize(("world", "kv_heads"), [(2, HKV), (3, HKV), (2, H)])
+def test_ring_in_small_tiles_equals_single_process(world, kv_heads):
+    """GQA pieces run in tiles; with one query head per key head, block-sparse pieces run whole
+    and add their gradients in place."""
+    results = values(run_ranks(_compare_in_small_tiles, world, ("contiguous", "zigzag"), ("ring",), kv_heads))
+    worst = {}
+    for errors in results:
+        for key, err in errors.items():
+            worst[key] = max(err, worst.get(key, 0.0))
+    assert len(worst) == len(_cases()) * 2 * 2
     bad = {key: err for key, err in worst.items() if not err <= 1e-5}
     assert not bad, bad
 
@@ -332,7 +355,9 @@ def _caches_cleared_on_one_rank(rank: int, world: int) -> list[float]:
     for step in range(3):
         if step == 1 and rank == 0:  # rank 0 alone forgets auto's choice
             caches.clear()
-        out = context_parallel_attention(*local, pattern=P.Causal(), layout="zigzag", method="auto", timeout=20)
+        out = context_parallel_attention(
+            *local, pattern=P.Causal(), layout="zigzag", method="auto", timeout=20
+        )
         errors.append((out - mine).abs().max().item())
     return errors
 

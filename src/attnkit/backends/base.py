@@ -187,13 +187,39 @@ class Backend:
 
     @classmethod
     def partial_backward(
-        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None = None
+        cls,
+        inp: AttentionInputs,
+        out: Tensor,
+        lse: Tensor,
+        dout: Tensor,
+        dlse: Tensor | None = None,
+        *,
+        into: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)`` (compute dtype) of this piece when ``out``/``lse`` are the *merged*
         output and log-sum-exp of the whole softmax it belongs to and ``dout``/``dlse`` (or None)
         their gradients: probabilities are recomputed against the whole row's normalizer, so the
-        pieces' gradients add up to the whole's (as in ring attention)."""
+        pieces' gradients add up to the whole's (as in ring attention).
+
+        ``into``: compute-dtype tensors shaped like ``q``, ``k``, ``v`` that the gradients are
+        added to (and returned); where :meth:`partial_in_place` says so, without temporaries
+        the size of the piece."""
         raise NotImplementedError
+
+    @classmethod
+    def partial_in_place(cls, inp: AttentionInputs) -> bool:
+        """Whether :meth:`partial_backward` with ``into`` adds the gradients of ``inp`` without
+        piece-sized temporaries (so a caller bounding its memory need not cut the piece)."""
+        return False
+
+
+def add_into(into: tuple[Tensor, Tensor, Tensor] | None, grads: tuple[Tensor, Tensor, Tensor]):
+    """``grads``, or, with ``into``, ``into`` after adding ``grads`` to it."""
+    if into is None:
+        return grads
+    for acc, g in zip(into, grads, strict=True):
+        acc.add_(g)
+    return into
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

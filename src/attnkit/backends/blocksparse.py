@@ -51,7 +51,7 @@ from ._masks import reduce_to
 from ._residue import regroup, residue_split, ungroup
 from ._sparse_plan import Segment, SparsePlan, block_and_cost, plan_cost, runs, sparse_plan
 from ._tuning import TILES
-from .base import AttentionInputs, AttentionResult, Backend, compute_dtype, lse_dtype
+from .base import AttentionInputs, AttentionResult, Backend, add_into, compute_dtype, lse_dtype
 
 __all__ = ["BlockSparseBackend"]
 
@@ -69,6 +69,9 @@ class BlockSparseBackend(Backend):
     backward_block: int | None = None
     #: Memory one batched call may use for gathered keys, biases and gradients.
     chunk_bytes = 64 * 2**20
+    #: For a piece of a larger softmax (``partial_*``, the context-parallel ring), whose caller
+    #: bounds its memory by the piece: a quarter of the piece's query bytes, at least this.
+    piece_chunk_min = 2 * 2**20
 
     @classmethod
     def auto_reasons(cls, inp: AttentionInputs) -> list[str]:
@@ -108,28 +111,27 @@ class BlockSparseBackend(Backend):
             return _run_forward(job, parts, inp.q, inp.k, inp.v, inp.bias)
 
     @classmethod
-    def partial_backward(
-        cls, inp: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """See :meth:`Backend.partial_backward`."""
+    def partial_backward(cls, inp: AttentionInputs, out, lse, dout, dlse=None, *, into=None):
+        """See :meth:`Backend.partial_backward`; tiled pieces accumulate straight into ``into``
+        where its layout allows (:meth:`partial_in_place`)."""
         job, parts = cls._job(inp, backward=True, whole_ok=True, lse_grad=dlse is not None)
         with torch.no_grad():
             if job.whole is not None:
-                return _whole_backward(job, out.to(inp.dtype), lse, dout)
+                return add_into(into, _whole_backward(job, out.to(inp.dtype), lse, dout))
             grads = _run_backward(
-                job,
-                parts,
-                inp.q,
-                inp.k,
-                inp.v,
-                dout.contiguous(),
-                out.to(inp.dtype),
-                lse,
-                dlse,
-                inp.bias,
-                False,
-            )
-        return grads[0], grads[1], grads[2]
+                job, parts, inp.q, inp.k, inp.v, dout, out.to(inp.dtype), lse, dlse, inp.bias,
+                False, into,
+            )  # fmt: skip
+        return into if into is not None else (grads[0], grads[1], grads[2])
+
+    @classmethod
+    def partial_in_place(cls, inp: AttentionInputs) -> bool:
+        """Pieces that run in tiles (not as one fused dense/causal call), one query per key head
+        and no regrouped periodic parts accumulate in place."""
+        if inp.G != 1:
+            return False
+        job, parts = cls._job(inp, backward=True, whole_ok=True)
+        return job.whole is None and all(p.stride is None for p in parts)
 
     @classmethod
     def _job(
@@ -148,7 +150,10 @@ class BlockSparseBackend(Backend):
         )
         pattern, lengths = split_key_lengths(inp.pattern if inp.pattern is not None else Full())
         key_lengths = None if lengths is None else torch.tensor(lengths, device=inp.device)
-        job = _Job(inp=inp, fused=fused, chunk_bytes=cls.chunk_bytes, key_lengths=key_lengths)
+        chunk = cls.chunk_bytes
+        if whole_ok:  # a piece of a larger softmax: workspace in proportion to the piece
+            chunk = min(chunk, max(cls.piece_chunk_min, inp.q.numel() * inp.q.element_size() // 4))
+        job = _Job(inp=inp, fused=fused, chunk_bytes=chunk, key_lengths=key_lengths)
         if whole_ok and (whole := _whole_kind(job)) is not None:
             return dataclasses.replace(job, whole=whole), ()  # one fused call, no tiles to plan
         measure = None
@@ -634,9 +639,13 @@ def _forward_plan(job: _Job, plan: SparsePlan, q, k, v, user_bias) -> tuple[Tens
     return job.from_rows(out_acc, plan), job.from_rows(lse_acc[..., None], plan)[..., 0]
 
 
-def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, dlse, user_bias, want_dbias: bool):
+def _backward_plan(
+    job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, dlse, user_bias, want_dbias: bool, into=None
+):
     """Gradients of one plan's keys, given the final ``out`` and ``lse`` and the gradients of
-    both (``dlse`` may be None; then the fused engine may run), in the compute dtype."""
+    both (``dlse`` may be None; then the fused engine may run), in the compute dtype. With
+    ``into`` (compute-dtype tensors shaped like q, k, v), they are added there, in place where
+    the tensors can be seen in the tiles' layout, and ``(None, None, None, dbias)`` returned."""
     inp = job.inp
     ct = compute_dtype(q.dtype)
     b = plan.block
@@ -646,10 +655,12 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, dlse, u
     dlse_rows = None if dlse is None else job.to_rows(dlse[..., None], plan)[..., 0]
     k_flat, v_flat = job.flat_keys(k), job.flat_keys(v)
     X, T, M, _ = q_rows.shape
-    dq_rows = torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
+    direct = (None, None, None) if into is None else _tile_views(job, plan, into)
+    dq_rows = direct[0] if direct[0] is not None else torch.zeros(X, T, M, inp.D, dtype=ct, device=q.device)
     # key gradients, padded to whole tiles so the band can add tile-shifted slabs
-    dk_acc = torch.zeros(X, plan.num_k_tiles * b, inp.D, dtype=ct, device=q.device)
-    dv_acc = torch.zeros(X, plan.num_k_tiles * b, inp.Dv, dtype=ct, device=q.device)
+    keys = plan.num_k_tiles * b
+    dk_acc = direct[1] if direct[1] is not None else torch.zeros(X, keys, inp.D, dtype=ct, device=q.device)
+    dv_acc = direct[2] if direct[2] is not None else torch.zeros(X, keys, inp.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(user_bias.shape, dtype=ct, device=q.device) if want_dbias else None
     for seg in plan.segments:
         for call in job.calls(seg, backward=True):
@@ -675,8 +686,38 @@ def _backward_plan(job: _Job, plan: SparsePlan, q, k, v, dout, out, lse, dlse, u
             _fold(dv_acc[xs], seg, lo, hi, dv_c.to(ct), b)
             if dbias is not None:
                 _scatter_bias_grad(dbias, job, seg, lo, hi, ds)
-    dq = job.from_rows(dq_rows, plan)
-    return dq, dk_acc[:, : inp.S].reshape(k.shape), dv_acc[:, : inp.S].reshape(v.shape), dbias
+    grads = (
+        job.from_rows(dq_rows, plan),
+        dk_acc[:, : inp.S].reshape(k.shape),
+        dv_acc[:, : inp.S].reshape(v.shape),
+    )
+    if into is None:
+        return (*grads, dbias)
+    for acc, view, g in zip(into, direct, grads, strict=True):
+        if view is None:  # computed in a temporary: add it
+            acc.add_(g)
+    return None, None, None, dbias
+
+
+def _tile_views(job: _Job, plan: SparsePlan, into) -> tuple[Tensor | None, ...]:
+    """``into``'s ``(dq, dk, dv)`` seen without a copy in the layout the tiles accumulate in:
+    ``(B*Hkv, tiles, b, D)`` and ``(B*Hkv, key tiles * b, E)``; None for one that cannot be
+    (query groups, a ragged last tile, strides that do not merge)."""
+    b, (dq, dk, dv) = plan.block, into
+
+    def view(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        try:
+            return x.view(shape)
+        except RuntimeError:  # not expressible as a view of x's memory
+            return None
+
+    rows = None
+    if job.inp.G == 1 and plan.num_q_tiles * b == dq.shape[2]:
+        rows = view(dq, (dq.shape[0] * dq.shape[1], plan.num_q_tiles, b, dq.shape[3]))
+    if plan.num_k_tiles * b != dk.shape[2]:
+        return rows, None, None
+    flat = [view(t, (t.shape[0] * t.shape[1], t.shape[2], t.shape[3])) for t in (dk, dv)]
+    return rows, flat[0], flat[1]
 
 
 def _run_forward(job: _Job, parts: tuple[_Part, ...], q, k, v, user_bias) -> tuple[Tensor, Tensor]:
@@ -692,18 +733,26 @@ def _run_forward(job: _Job, parts: tuple[_Part, ...], q, k, v, user_bias) -> tup
     return out, lse
 
 
-def _run_backward(job: _Job, parts: tuple[_Part, ...], q, k, v, dout, out, lse, dlse, user_bias, want_dbias):
+def _run_backward(
+    job: _Job, parts: tuple[_Part, ...], q, k, v, dout, out, lse, dlse, user_bias, want_dbias, into=None
+):
     """Every part's backward from the final ``out``/``lse`` and their gradients (``dlse`` may
-    be None), summed: ``(dq, dk, dv, dbias)``."""
+    be None), summed: ``(dq, dk, dv, dbias)``; with ``into``, the gradients are added there
+    (:func:`_backward_plan`) and returned as None."""
     grads = None
     for part in parts:
         s = part.stride
         tensors = (q, k, v, dout, out, lse, dlse)
         if s is not None:
             tensors = tuple(None if t is None else regroup(t, s) for t in tensors)
-        g = _backward_plan(job, part.backward_plan, *tensors, user_bias, want_dbias)
+        g = _backward_plan(
+            job, part.backward_plan, *tensors, user_bias, want_dbias, into if s is None else None
+        )
         if s is not None:
             g = (ungroup(g[0], s), ungroup(g[1], s), ungroup(g[2], s), g[3])
+            if into is not None:  # regrouped: computed apart, added here
+                add_into(into, g[:3])
+                g = (None, None, None, g[3])
         grads = (
             g if grads is None else tuple(a if b_ is None else a + b_ for a, b_ in zip(grads, g, strict=True))
         )

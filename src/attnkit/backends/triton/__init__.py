@@ -28,7 +28,7 @@ import os
 import torch
 
 from ...patterns import Causal, Full, KeyPadding
-from ..base import AttentionInputs, AttentionResult, Backend
+from ..base import AttentionInputs, AttentionResult, Backend, add_into
 from ._tables import KernelTables, kernel_tables
 
 __all__ = ["KernelTables", "TritonBackend", "interpreting", "kernel_tables", "launch_config"]
@@ -163,7 +163,7 @@ class TritonBackend(Backend):
         return out.float(), lse
 
     @classmethod
-    def partial_backward(cls, inp, out, lse, dout, dlse=None):
+    def partial_backward(cls, inp, out, lse, dout, dlse=None, *, into=None):
         from ._op import block_sparse_attention_backward
 
         config, tables = cls._tables(inp)
@@ -173,7 +173,7 @@ class TritonBackend(Backend):
                 dout.to(inp.dtype), dlse.float(), inp.q, inp.k, inp.v, out.to(inp.dtype), lse.float(),
                 *tables.tensors, inp.scale, *config,
             )  # fmt: skip
-        return tuple(g.float() for g in grads)
+        return add_into(into, tuple(g.float() for g in grads))
 
     @staticmethod
     def _tables(inp: AttentionInputs) -> tuple[tuple[int, int, int], KernelTables]:
