@@ -121,9 +121,9 @@ def test_context_parallel_equals_single_process(world):
 def _compare_in_small_tiles(rank: int, world: int, layouts, methods, kv_heads: int) -> dict:
     """:func:`_compare` with the ring cutting shards into tiles of 2-3 tokens: many pieces per
     transfer step, many query tiles per piece, pieces that hold no work for some tiles."""
-    import attnkit.distributed as cp
+    from attnkit.distributed import ring
 
-    cp._MIN_TILE, cp._TILES_PER_SHARD = 2, 8
+    ring._MIN_TILE, ring._TILES_PER_SHARD = 2, 8
     return _compare(rank, world, layouts, methods, kv_heads)
 
 
@@ -370,7 +370,7 @@ def test_auto_agrees_when_one_rank_cleared_its_caches():
 
 
 class _DeviceChecked:
-    """Stands in for ``torch`` inside ``attnkit.distributed``: every tensor the module creates
+    """Stands in for ``torch`` inside ``attnkit.distributed``: every tensor the package creates
     must name its device (NCCL moves only CUDA tensors, so a buffer made on the default device,
     the CPU, fails there). Everything else is torch's."""
 
@@ -395,10 +395,12 @@ class _DeviceChecked:
 
 
 def _device_named(rank: int, world: int) -> list[str]:
-    import attnkit.distributed as D
+    from attnkit.distributed import all_to_all, attention, layouts, ring, transport
 
+    modules = (transport, layouts, ring, all_to_all, attention)
     checked = _DeviceChecked(torch)
-    D.torch = checked
+    for module in modules:
+        module.torch = checked
     try:
         q, k, v, _, _ = _inputs(N, None)
         cp = ContextParallel(layout="zigzag")
@@ -411,7 +413,8 @@ def _device_named(rank: int, world: int) -> list[str]:
             (out.sum() + lse.sum()).backward()
             gather_sequence(out.detach(), n=N, layout="zigzag", timeout=20)
     finally:
-        D.torch = torch
+        for module in modules:
+            module.torch = torch
     return checked.missing
 
 
