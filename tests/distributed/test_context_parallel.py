@@ -129,8 +129,8 @@ def _compare_in_small_tiles(rank: int, world: int, layouts, methods, kv_heads: i
 
 @pytest.mark.parametrize(("world", "kv_heads"), [(2, HKV), (3, HKV), (2, H)])
 def test_ring_in_small_tiles_equals_single_process(world, kv_heads):
-    """GQA pieces run in tiles; with one query head per key head, block-sparse pieces run whole
-    and add their gradients in place."""
+    """GQA pieces run in tiles; with one query head per key head, block-sparse pieces take the
+    one-call path that adds into the rank's gradients (``into=``)."""
     results = values(run_ranks(_compare_in_small_tiles, world, ("contiguous", "zigzag"), ("ring",), kv_heads))
     worst = {}
     for errors in results:
