@@ -13,12 +13,13 @@ repository): chunks of ``--tokens`` tokens of some plays to fit on, of other pla
 2. Sensitivity: the rise of the fitting chunks' loss when one layer alone runs a 64-key window
    plus 4 sinks (the effect the fit spends its budget by).
 3. Per budget (mean density over layers and heads, of the ``N x N`` square: dense causal is about
-   0.5): the effect-based fit (:func:`attnkit.fit.allocate`, its sensitivity strength chosen by
-   :func:`attnkit.fit.choose_strength` on the fitting chunks), the mass-based fit
+   0.5): the effect-based fit (:func:`attnkit.fit.allocate`, its weighting -- sensitivity
+   strength, exponent of the mass dropped, calibration to the probe -- chosen by
+   :func:`attnkit.fit.choose_allocation` on the fitting chunks), the same allocation with the
+   plain weighting (strength 1, linear, uncalibrated), the mass-based fit
    (:func:`attnkit.fit.fit_patterns` with ``budget``), and one window + 4 sinks for every head at
-   the fitted density; held-out perplexity of each and of dense attention. The held-out
-   perplexity of every strength tried is reported too (to show whether the choice on the
-   fitting text carries over).
+   the fitted density; held-out perplexity of each and of dense attention. The fitting-chunk
+   loss of every weighting tried is reported too.
 4. Speed: one forward pass of ``--speed-tokens`` tokens (logits of the last position only) of
    dense, each fitted model and each uniform pattern, in turns.
 
@@ -141,25 +142,27 @@ def main() -> None:
     settings = {"dense": None}
     strengths = {}
     for budget in args.budgets:
-        effect, strength, fit_losses = fit.choose_strength(
-            model, fit_ids[:2], cov, sens, budget, loss=lambda m, ids: nll(m, ids)
+        found = fit.choose_allocation(
+            model, fit_ids[:2], cov, sens, budget, loss=lambda m, ids: nll(m, ids), probe=probe, own=own
         )
-        tried = {}
-        for a in fit_losses:
-            model.set_patterns(fit.allocate(cov, sens, budget, strength=a))
-            tried[a] = {"fit_nll": fit_losses[a], "held_out_perplexity": perplexity(model, held)}
-        strengths[budget] = {"chosen": strength, "tried": tried}
-        print(f"budget {budget}: strengths {tried}, chosen {strength}", flush=True)
+        effect = found.patterns
+        strengths[budget] = {"chosen": str(found.weighting),
+                             "tried": {str(w): {"strength": w.strength, "exponent": w.exponent,
+                                                "calibrated": w.calibrated, "fit_nll": v}
+                                       for w, v in found.losses.items()}}  # fmt: skip
+        print(f"budget {budget}: chose {found.weighting}", flush=True)
+        plain = fit.allocate(cov, sens, budget)
         mass = fit.fit_patterns(cov, budget=budget)
-        for name, layers in ((f"effect {budget}", effect), (f"mass {budget}", mass)):
+        for name, layers in ((f"effect {budget}", effect), (f"effect, plain weighting {budget}", plain),
+                             (f"mass {budget}", mass)):  # fmt: skip
             model.set_patterns(layers)
             row = {"name": name, "budget": budget, "density": mean_density(layers, n)}
             row |= {"perplexity": perplexity(model, held), "patterns": [repr(p) for p in layers]}
-            if name.startswith("effect"):
-                row["strength"] = strength
+            if name.startswith("effect "):
+                row["weighting"] = str(found.weighting)
             rows.append(row)
             print({k: v for k, v in rows[-1].items() if k != "patterns"}, flush=True)
-        w = matching_window(own, rows[-2]["density"], n)
+        w = matching_window(own, next(r["density"] for r in rows if r["name"] == f"effect {budget}"), n)
         uniform = baseline(w, own, SINKS)
         model.set_patterns(uniform)
         rows.append({"name": f"window {w} + {SINKS} sinks (all heads)", "budget": budget,
@@ -211,22 +214,23 @@ def page(out: dict) -> str:
         "|---|---|---|",
     ]
     for r in out["rows"]:
-        name = r["name"] + (f" (strength {r['strength']:g})" if "strength" in r else "")
+        name = r["name"] + (f" ({r['weighting']})" if "weighting" in r else "")
         lines.append(f"| {name} | {r['density']:.3f} | {r['perplexity']:.2f} |")
     if out.get("strengths"):
         lines += [
             "",
-            "The effect-based fit at every sensitivity strength tried (`fit.choose_strength` picks the "
-            "lowest loss on 2 of the fitting chunks; the held-out column shows whether that carries over):",
+            "The effect-based fit under every weighting tried (`fit.choose_allocation` keeps the lowest "
+            "summed next-token loss on 2 of the fitting chunks):",
             "",
-            "| budget | strength | fitting-chunk NLL | held-out perplexity | chosen |",
-            "|---|---|---|---|---|",
+            "| budget | strength | exponent | calibrated to the probe | fitting-chunk NLL | chosen |",
+            "|---|---|---|---|---|---|",
         ]
         for budget, info in out["strengths"].items():
-            for a, t in info["tried"].items():
-                chosen = "yes" if float(a) == float(info["chosen"]) else ""
-                held = t["held_out_perplexity"]
-                lines.append(f"| {budget} | {float(a):g} | {t['fit_nll']:.0f} | {held:.2f} | {chosen} |")
+            for name, t in info["tried"].items():
+                chosen = "yes" if name == info["chosen"] else ""
+                calibrated = "yes" if t["calibrated"] else "no"
+                lines.append(f"| {budget} | {t['strength']:g} | {t['exponent']:g} | {calibrated} | "
+                             f"{t['fit_nll']:.0f} | {chosen} |")  # fmt: skip
     if out.get("speed"):
         s = out["speed"]
         lines += [

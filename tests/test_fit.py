@@ -246,13 +246,59 @@ def test_the_effect_based_fit_spends_the_budget_where_the_loss_needs_it():
     with pytest.raises(ValueError, match=r"expected sens of shape \(L,\)=\(2,\)"):
         fit.allocate(cov, sens[:1], budget)
     # strength 0 weighs both layers alike: the masses being equal, both get the same choice,
-    # which the model's loss rates far worse; choose_strength tries both and keeps strength 1
+    # which the model's loss rates far worse; choose_allocation tries both and keeps strength 1
     even = fit.allocate(cov, sens, budget, strength=0.0)
     assert even[0].heads == even[1].heads
     model.set_patterns(own)
-    best, strength, losses = fit.choose_strength(
-        model, range(2), cov, sens, budget, loss=loss, strengths=(0.0, 1.0), own=own
+    best = fit.choose_allocation(
+        model, range(2), cov, sens, budget, loss=loss, strengths=(0.0, 1.0), exponents=(1.0,), own=own
     )
-    assert strength == 1.0 and [p.heads for p in best] == [p.heads for p in layers]
-    assert losses[1.0] == pytest.approx(fitted) and losses[0.0] > 10 * losses[1.0]
+    assert best.weighting == fit.Weighting(strength=1.0) and [p.heads for p in best.patterns] == [
+        p.heads for p in layers
+    ]
+    assert best.losses[fit.Weighting(1.0)] == pytest.approx(fitted)
+    assert best.losses[fit.Weighting(0.0)] > 10 * best.losses[fit.Weighting(1.0)]
     assert [m.pattern for m in model.attn] == own  # restored
+
+
+def _coverage(mass, density) -> fit.Coverage:
+    """A Coverage of one layer with the given ``(H, C)`` masses and densities (candidates:
+    windows 1..C), for checking :func:`fit.allocate`'s arithmetic on known answers."""
+    mass, density = torch.tensor([mass], dtype=torch.float64), torch.tensor([density], dtype=torch.float64)
+    H, C = mass.shape[1:]
+    return fit.Coverage(
+        layers=["layer0"], candidates=[P.SlidingWindow(c + 1, c + 1) for c in range(C)], mass=mass,
+        density=density, rows=torch.ones(1, H), own=[None], own_density=torch.ones(1, H),
+    )  # fmt: skip
+
+
+def test_the_exponent_weighs_large_drops_more_than_many_small_ones():
+    # two alike heads; candidates dense (keeps all, density 0.5), middle (0.75, 0.25) and
+    # sparse (0.55, 0): at budget 0.25, one middle window per head drops 0.25 + 0.25 of mass,
+    # while linear pricing never picks the middle (it lies above the line from dense to sparse)
+    # and spends nothing; squared drops (0.0625 each against 0.2025) make the middle the answer
+    cov = _coverage([[1.0, 0.75, 0.55]] * 2, [[0.5, 0.25, 0.0]] * 2)
+    sens = torch.ones(1, dtype=torch.float64)
+    _, middle, sparse = cov.candidates
+    assert fit.allocate(cov, sens, 0.25)[0].heads == (sparse, sparse)
+    assert fit.allocate(cov, sens, 0.25, exponent=2.0)[0].heads == (middle, middle)
+    with pytest.raises(ValueError, match="exponent > 0"):
+        fit.allocate(cov, sens, 0.25, exponent=0.0)
+
+
+def test_calibrated_heads_are_priced_against_what_the_probe_drops():
+    # head 1 drops a tenth of what head 0 drops under every candidate: raw, it looks cheap to
+    # cut and gets the sparsest window while head 0 keeps the widest; calibrated to the probe
+    # (the sparsest candidate, where the sensitivity was measured) the two heads are alike
+    # and split nothing apart
+    mass0 = [1.0, 0.9, 0.6]
+    mass1 = [1 - (1 - m) / 10 for m in mass0]
+    cov = _coverage([mass0, mass1], [[0.5, 0.3, 0.1]] * 2)
+    sens = torch.ones(1, dtype=torch.float64)
+    wide, _, narrow = cov.candidates
+    raw = fit.allocate(cov, sens, 0.3)[0].heads
+    assert raw == (wide, narrow)
+    calibrated = fit.allocate(cov, sens, 0.3, probe=narrow)[0].heads
+    assert calibrated[0] == calibrated[1]
+    with pytest.raises(ValueError, match="probe to be one of the coverage's candidates"):
+        fit.allocate(cov, sens, 0.3, probe=P.Causal())

@@ -20,17 +20,19 @@ measure, lose at most 5% of what it attended to; whether the model's outputs sur
 separate measurement (perplexity, embedding agreement) that the caller makes.
 :func:`sensitivity` and :func:`allocate` put that measurement in the loop: the loss each layer
 adds under a sparse probe decides where a density budget is spent, and
-:func:`choose_strength` checks on the caller's texts how far to trust it.
+:func:`choose_allocation` chooses on the caller's texts how to weigh the two measurements.
 """
 
 from .choose import fit_patterns
-from .effect import allocate, choose_strength, sensitivity
+from .effect import Allocation, Weighting, allocate, choose_allocation, sensitivity
 from .measure import Coverage, coverage, default_candidates
 
 __all__ = [
+    "Allocation",
     "Coverage",
+    "Weighting",
     "allocate",
-    "choose_strength",
+    "choose_allocation",
     "coverage",
     "default_candidates",
     "fit_patterns",

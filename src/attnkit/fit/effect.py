@@ -4,19 +4,23 @@ Attention mass kept is a proxy: a layer whose heads lose 10% of their mass may c
 predictions a lot or not at all. :func:`sensitivity` measures, per layer, how much the model's
 loss rises when that layer alone runs a sparse probe pattern (the rest dense), on the caller's
 texts; :func:`allocate` then spends a density budget across layers and heads, choosing per head
-the candidate that minimizes ``sensitivity[layer] * mass lost`` plus a price per unit of density,
-the price set so that the whole model meets the budget (a Lagrangian allocation: MoA, Fu et al.
-2024, searches a similar space per head with the loss in the loop). The mass-based
-:func:`~attnkit.fit.fit_patterns` stays the fast first guess.
+the candidate that minimizes its predicted loss rise (the layer's sensitivity times a power of
+the mass the candidate drops) plus a price per unit of density, the price set so that the whole
+model meets the budget (a Lagrangian allocation: MoA, Fu et al. 2024, searches a similar space
+per head with the loss in the loop). How the two measurements combine is itself chosen with the
+loss in the loop: :func:`choose_allocation` runs the model under each weighting and keeps the
+best. The mass-based :func:`~attnkit.fit.fit_patterns` stays the fast first guess.
 
     cov = fit.coverage(model, batches, candidates)
     sens = fit.sensitivity(model, batches, probe, loss=lm_loss)    # (L,) loss rise per layer
-    layers = fit.allocate(cov, sens, budget=0.15)                  # [PerHead, ...]
+    best = fit.choose_allocation(model, batches, cov, sens, budget=0.15, loss=lm_loss, probe=probe)
+    model.set_patterns(best.patterns)                              # [PerHead, ...]
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +29,7 @@ from ..patterns import Pattern, PerHead
 from .choose import within_layer
 from .measure import Coverage
 
-__all__ = ["allocate", "choose_strength", "sensitivity"]
+__all__ = ["Allocation", "Weighting", "allocate", "choose_allocation", "sensitivity"]
 
 
 def sensitivity(
@@ -74,40 +78,74 @@ def _total(model: nn.Module, batches: list, patterns: list, loss) -> float:
 
 
 def allocate(
-    cov: Coverage, sens: Tensor, budget: float, *, strength: float = 1.0, floor: float = 1e-6
+    cov: Coverage,
+    sens: Tensor,
+    budget: float,
+    *,
+    strength: float = 1.0,
+    exponent: float = 1.0,
+    probe: Pattern | None = None,
+    floor: float = 1e-6,
 ) -> list[PerHead]:
     """One candidate per head, per layer, spending at most ``budget`` of density in all.
 
-    Each head ``(l, h)`` takes the candidate ``c`` minimizing
-    ``sens[l] ** strength * (1 - mass[l, h, c]) + price * density[l, h, c]``; ``price`` is the
-    smallest whose choices meet ``budget`` (their mean density over layers and heads), found by
-    bisection. ``strength`` says how far to trust the per-layer sensitivities: 1 spends by them
-    as measured, 0 weighs every layer alike (heads still differ by the mass they keep). One
+    Each head ``(l, h)`` takes the candidate ``c`` minimizing its predicted loss rise plus a
+    price per unit of density, ``sens[l] ** strength * lost[l, h, c] ** exponent + price *
+    density[l, h, c]``, where ``lost = 1 - mass`` is the attention mass the candidate drops;
+    ``price`` is the smallest whose choices meet ``budget`` (their mean density over layers and
+    heads), found by bisection.
+
+    ``strength`` says how far to trust the per-layer sensitivities: 1 spends by them as
+    measured, 0 weighs every layer alike (heads still differ by the mass they keep). One
     layer's loss rise is measured with the others dense; when many layers are cut at once their
-    effects compound, so a smaller strength can do better at small budgets
-    (:func:`choose_strength` picks it on the caller's texts).
+    effects compound, so a smaller strength can do better at small budgets. ``exponent`` shapes
+    the loss against the mass dropped: 1 linear; 2 as a second-order expansion predicts near a
+    trained optimum, where the first-order term averages out over many tokens and the loss grows
+    with the square of the change to the attention output, so large drops weigh more than many
+    small ones. With ``probe``, the pattern the sensitivity was measured with (one of the
+    candidates), each head's drop is counted in units of what the probe drops for that head:
+    ``sens[l]`` is then what the layer's heads cost at the probe, as measured, and every other
+    candidate is priced relative to it. :func:`choose_allocation` picks these on the caller's
+    texts.
 
     Args:
         cov: Coverage of the candidates (densities in the square, as :func:`coverage` gives).
         sens: ``(L,)`` loss rise per layer (:func:`sensitivity`); values below ``floor`` count
             as ``floor``, so a layer that seemed not to care still keeps what is cheap to keep.
         budget: Mean density over every head of every layer.
+        strength: Exponent of the per-layer sensitivities (>= 0).
+        exponent: Exponent of the mass dropped (> 0).
+        probe: The candidate ``sens`` was measured with, to calibrate each head against.
 
     Returns:
         A :class:`~attnkit.patterns.PerHead` per layer, each candidate within the layer's own
         pattern.
 
     Raises:
-        ValueError: A budget below the sparsest choice, or a sensitivity per layer that does not
-            match the coverage.
+        ValueError: A budget below the sparsest choice, a sensitivity per layer that does not
+            match the coverage, a negative strength or exponent, or a probe that is not a
+            candidate.
     """
     L = cov.mass.shape[0]
     if tuple(sens.shape) != (L,):
         raise ValueError(f"allocate(): expected sens of shape (L,)=({L},), but got {tuple(sens.shape)}.")
+    if not strength >= 0 or not exponent > 0:
+        raise ValueError(
+            f"allocate(): expected strength >= 0 and exponent > 0, but got strength={strength!r}, "
+            f"exponent={exponent!r}."
+        )
     lost = (1.0 - cov.mass.double()).clamp(min=0.0)  # (L, H, C)
+    if probe is not None:
+        if probe not in cov.candidates:
+            raise ValueError(
+                f"allocate(): expected probe to be one of the coverage's candidates, but got {probe!r}."
+            )
+        at_probe = lost[..., cov.candidates.index(probe)]
+        # a head the probe costs nothing keeps its raw drop (the probe says nothing about it)
+        lost = torch.where(at_probe[..., None] > floor, lost / at_probe.clamp(min=floor)[..., None], lost)
     weight = sens.double().clamp(min=floor)
     weight = (weight / weight.max()) ** strength
-    cost = weight[:, None, None] * lost
+    cost = weight[:, None, None] * lost**exponent
     density = cov.density.double()
     sparsest = float(density.min(-1).values.mean())
     if budget < sparsest:
@@ -134,7 +172,32 @@ def allocate(
     ]
 
 
-def choose_strength(
+@dataclass(frozen=True)
+class Weighting:
+    """How :func:`allocate` weighs the loss: its ``strength``, ``exponent`` and whether each
+    head is calibrated against the sensitivity's probe."""
+
+    strength: float = 1.0
+    exponent: float = 1.0
+    calibrated: bool = False
+
+    def __str__(self) -> str:
+        return f"strength {self.strength:g}, exponent {self.exponent:g}" + (
+            ", calibrated to the probe" if self.calibrated else ""
+        )
+
+
+@dataclass
+class Allocation:
+    """What :func:`choose_allocation` found: the best ``patterns`` on the caller's texts, its
+    ``weighting``, and the summed loss of every weighting tried (``losses``)."""
+
+    patterns: list[PerHead]
+    weighting: Weighting
+    losses: dict[Weighting, float]
+
+
+def choose_allocation(
     model: nn.Module,
     batches: Iterable,
     cov: Coverage,
@@ -142,24 +205,46 @@ def choose_strength(
     budget: float,
     *,
     loss: Callable[[nn.Module, object], float],
-    strengths: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+    probe: Pattern | None = None,
+    strengths: Sequence[float] = (0.0, 0.5, 1.0),
+    exponents: Sequence[float] = (1.0, 2.0, 3.0),
     own: Sequence[Pattern | None] | None = None,
-) -> tuple[list[PerHead], float, dict[float, float]]:
-    """:func:`allocate` at each of ``strengths``, each allocation's ``loss`` summed over
-    ``batches`` (the model runs it), and the best: ``(patterns, strength, {strength: loss})``.
-    The model is left with its own patterns (``own``, default: those it runs now)."""
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Allocation:
+    """:func:`allocate` under every weighting (each of ``strengths`` x ``exponents``, each raw
+    and, with ``probe``, calibrated to it), the model run with each allocation and its ``loss``
+    summed over ``batches``: the loss in the loop decides how the measured sensitivities and
+    masses are combined. Allocations that come out identical are run once. The model is left
+    with its own patterns (``own``, default: those it runs now).
+
+    Measured on SmolLM2-135M (``bench/fit_llm.py``), the best weighting depends on the budget:
+    linear and as measured at a generous budget, calibrated and steeper at a small one.
+    """
     from ..models.loading import self_attention_patterns
 
     batches = list(batches)
     if not batches:
-        raise ValueError("choose_strength(): expected at least one batch, but got none.")
+        raise ValueError("choose_allocation(): expected at least one batch, but got none.")
     own = list(self_attention_patterns(model) if own is None else own)
-    tried: dict[float, tuple[float, list[PerHead]]] = {}
+    weightings = [
+        Weighting(float(a), float(p), c)
+        for c in ((False, True) if probe is not None else (False,))
+        for p in exponents
+        for a in strengths
+    ]
+    seen: dict[tuple, float] = {}
+    tried: dict[Weighting, tuple[float, list[PerHead]]] = {}
     try:
-        for a in strengths:
-            layers = allocate(cov, sens, budget, strength=a)
-            tried[a] = (_total(model, batches, layers, loss), layers)
+        for w in progress(weightings) if progress else weightings:
+            layers = allocate(
+                cov, sens, budget, strength=w.strength, exponent=w.exponent,
+                probe=probe if w.calibrated else None,
+            )  # fmt: skip
+            key = tuple(p.heads for p in layers)
+            if key not in seen:
+                seen[key] = _total(model, batches, layers, loss)
+            tried[w] = (seen[key], layers)
     finally:
         model.set_patterns(own)
-    best = min(tried, key=lambda a: tried[a][0])
-    return tried[best][1], best, {a: t[0] for a, t in tried.items()}
+    best = min(tried, key=lambda w: tried[w][0])
+    return Allocation(tried[best][1], best, {w: t[0] for w, t in tried.items()})
