@@ -145,3 +145,39 @@ def test_a_budget_no_candidate_fits_is_refused_before_the_coverage_pass(tmp_path
     err = capsys.readouterr().err
     assert "--budget: " in err and "no candidate has density <= budget=0.05 (the sparsest is" in err, err
     assert err.count("\n") == 1
+
+
+def test_fit_by_effect_spends_the_budget_by_the_models_loss(tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(PARAGRAPHS))
+    out = tmp_path / "out"
+    argv = [
+        "fit",
+        "--texts",
+        str(texts),
+        "--windows",
+        "2,4,8",
+        "--budget",
+        "0.6",
+        "--by",
+        "effect",
+        "--max-texts",
+        "3",
+    ]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Fitted patterns (by the effect on the loss; strength " in printed
+    report = json.loads((out / "fit.json").read_text())
+    assert report["fitted_by"].startswith("effect (strength ")
+    fitted = report["comparison"][1]
+    assert fitted["name"] == "fitted per head" and fitted["density"] <= 0.6 + 0.05  # held-out lengths
+    # every head's choice is a candidate, and the fitted patterns are those candidates in its layer
+    chosen = {report["candidates"][c] for row in report["choice"] for c in row}
+    assert chosen and all(any(c in f for f in report["fitted"]) for c in chosen)
+
+
+def test_fit_by_effect_needs_a_budget(tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(PARAGRAPHS))
+    assert main(["fit", "--texts", str(texts), "--by", "effect"]) == 2
+    assert "--by effect: expected --budget" in capsys.readouterr().err

@@ -37,7 +37,8 @@ def _fit(a: argparse.Namespace) -> int:
     from .apps import fit
 
     return fit.run(a.model, a.texts, heldout=a.heldout, keep=a.keep, budget=a.budget, windows=a.windows,
-                   max_texts=a.max_texts, out=a.out, save=a.save, progress=not a.no_progress)  # fmt: skip
+                   max_texts=a.max_texts, out=a.out, save=a.save, by=a.by,
+                   progress=not a.no_progress)  # fmt: skip
 
 
 def _demo(a: argparse.Namespace) -> int:
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     choose.add_argument(
         "--budget", type=float, default=None,
         help="instead, the pattern keeping the most attention at this density or less",
+    )  # fmt: skip
+    ft.add_argument(
+        "--by", choices=("mass", "effect"), default="mass",
+        help="choose by attention mass kept (default), or, with --budget, by the model's loss on "
+        "the fitting texts (one pass per layer and per weighting tried)",
     )  # fmt: skip
     ft.add_argument("--windows", default="16,32,64,128,256", help="candidate window sizes (default 16..256)")
     ft.add_argument("--max-texts", type=int, default=200, help="at most this many texts per side")

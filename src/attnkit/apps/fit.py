@@ -2,7 +2,13 @@
 
 1. Coverage (:func:`attnkit.fit.coverage`) on the fitting texts: the share of each head's real
    attention mass each candidate keeps.
-2. Fitting (:func:`attnkit.fit.fit_patterns`): one pattern per head, per layer.
+2. Fitting: one pattern per head, per layer -- by attention mass kept
+   (:func:`attnkit.fit.fit_patterns`), or, with ``by="effect"`` and a budget, by the effect on
+   the model's output: each layer's loss rise under the sparsest window + sinks candidate
+   (:func:`attnkit.fit.sensitivity`), the budget spent by :func:`attnkit.fit.allocate` under
+   the weighting :func:`attnkit.fit.choose_allocation` finds best on the fitting texts. The
+   loss is the next-token negative log-likelihood for decoders, and for encoders how far the
+   pooled embeddings move from the dense ones (one minus their cosine).
 3. Quality on held-out texts, against dense attention and against one pattern for every head at
    the same density (a window; a window plus the first tokens, StreamingLLM's "sinks"):
    sentence encoders -- cosine similarity of the embeddings to the dense ones, and agreement of
@@ -24,11 +30,11 @@ from torch import Tensor, nn
 
 from .._files import atomic_write
 from .._timing import time_in_turns
-from ..fit import Coverage, coverage, default_candidates, fit_patterns
+from ..fit import Coverage, choose_allocation, coverage, default_candidates, fit_patterns, sensitivity
 from ..fit.choose import check_budget, choose, within_layer
 from ..models import BertEncoder, DecoderLM
 from ..models.loading import LoadedModel, load, self_attention_patterns
-from ..patterns import Full, Global, Pattern, PerHead, SlidingWindow
+from ..patterns import Full, Global, Or, Pattern, PerHead, SlidingWindow
 from .errors import UsageError, argument, positive, read_text_file, reading, share
 
 __all__ = ["FitReport", "baseline", "check_fit_budget", "fit_model", "run", "split_texts"]
@@ -60,6 +66,8 @@ class FitReport:
     comparison: list[dict] = field(default_factory=list)
     speed: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
+    #: With ``by="effect"``: the weighting ``choose_allocation`` kept, as text.
+    weighting: str | None = None
 
     def to_dict(self) -> dict:
         cov = self.coverage
@@ -75,6 +83,7 @@ class FitReport:
             "own_density": _rounded(cov.own_density),
             "fitted": [repr(p) for p in self.fitted],
             "choice": self.choice,
+            "fitted_by": "mass" if self.weighting is None else f"effect ({self.weighting})",
             "comparison": self.comparison,
             "speed": self.speed,
         }
@@ -100,6 +109,7 @@ def fit_model(
     budget: float | None = None,
     candidates: Sequence[Pattern] | None = None,
     speed_tokens: int | None = None,
+    by: str = "mass",
     progress: bool = True,
 ) -> FitReport:
     """Coverage, fitting, held-out quality and speed for a loaded model (see the module
@@ -118,6 +128,10 @@ def fit_model(
         raise ValueError("fit: pass keep= or budget=, not both.")
     if keep is not None and not 0 < keep <= 1:
         raise ValueError(f"fit: expected 0 < keep <= 1, but got keep={keep!r}.")
+    if by not in ("mass", "effect"):
+        raise ValueError(f"fit: expected by to be 'mass' or 'effect', but got {by!r}.")
+    if by == "effect" and budget is None:
+        raise ValueError("fit: by='effect' spends a density budget; pass budget=.")
     candidates = list(candidates or default_candidates())
     batches = [_ids(tokenizer, t, max_tokens) for t in fit_texts]
     own = self_attention_patterns(model)
@@ -126,9 +140,20 @@ def fit_model(
     model.eval()
     bar = _bar(batches, "coverage", "text", progress)
     cov = coverage(model, bar, candidates)
-    fitted = fit_patterns(cov, keep=keep, budget=budget)
-    choice = choose(cov, keep=keep, budget=budget).tolist()
     held = [_ids(tokenizer, t, max_tokens) for t in heldout_texts]
+    weighting = None
+    if by == "effect":
+        loss = _loss(model, kind, batches)
+        probe = _probe(candidates)
+        texts = range(len(batches))
+        sens = sensitivity(model, texts, probe, loss=loss, own=own,
+                           progress=lambda xs: _bar(xs, "sensitivity", "layer", progress))  # fmt: skip
+        found = choose_allocation(model, texts, cov, sens, budget, loss=loss, probe=probe, own=own,
+                                  progress=lambda xs: _bar(xs, "weighting", "try", progress))  # fmt: skip
+        fitted, choice, weighting = found.patterns, found.choice.tolist(), str(found.weighting)
+    else:
+        fitted = fit_patterns(cov, keep=keep, budget=budget)
+        choice = choose(cov, keep=keep, budget=budget).tolist()
     lengths = [ids.shape[1] for ids in held]
     density = _density(fitted, lengths)
     w_plain = _matching_window(lambda w: baseline(w, own), density, lengths)
@@ -139,7 +164,7 @@ def fit_model(
         (f"window {w_plain} (all heads)", baseline(w_plain, own)),
         (f"window {w_sinks} + {SINKS} sinks (all heads)", baseline(w_sinks, own, SINKS)),
     ]
-    report = FitReport(name, kind, cov, fitted, choice)
+    report = FitReport(name, kind, cov, fitted, choice, weighting=weighting)
     report.texts = {"fit": len(fit_texts), "heldout": len(heldout_texts), "heldout_tokens": sum(lengths)}
     dense_out = None
     for label, patterns in _bar(settings, "held-out", "setting", progress):
@@ -157,6 +182,40 @@ def fit_model(
     report.speed = _speed(model, settings[:3], tokens.repeat(1, -(-n // tokens.shape[1]))[:, :n])
     model.set_patterns(None)
     return report
+
+
+def _probe(candidates: Sequence[Pattern]) -> Pattern:
+    """The candidate the sensitivity is measured with: the sparsest window + sinks (a window
+    alone where there is none), so that no fitted head is sparser than what was measured."""
+    local = [c for c in candidates if not isinstance(c, Full)]
+    with_sinks = [c for c in local if isinstance(c, Or) and any(isinstance(p, Global) for p in c.parts)]
+    return min(with_sinks or local, key=lambda c: c.density(1024))
+
+
+def _loss(model: nn.Module, kind: str, batches: list[Tensor]):
+    """``loss(model, i)`` for fitting text ``i``: the summed next-token NLL of a decoder; for an
+    encoder, one minus the cosine of its pooled embedding to the dense model's."""
+    if kind == "decoder":
+
+        def nll(m: nn.Module, i: int) -> float:
+            ids = batches[i]
+            if ids.shape[1] < 2:
+                return 0.0
+            with torch.no_grad():
+                logits = m(ids)[0, :-1].float()
+                return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+
+        return nll
+    model.set_patterns(None)
+    with torch.no_grad():
+        dense = [model.pool(model(ids), torch.ones_like(ids)).double() for ids in batches]
+
+    def distance(m: nn.Module, i: int) -> float:
+        with torch.no_grad():
+            e = m.pool(m(batches[i]), torch.ones_like(batches[i])).double()
+        return float(1 - torch.nn.functional.cosine_similarity(e, dense[i], dim=-1).sum())
+
+    return distance
 
 
 def check_fit_budget(budget: float, own: Sequence[Pattern | None], candidates: Sequence[Pattern],
@@ -177,6 +236,7 @@ def run(
     max_texts: int = 200,
     out: str = "fit",
     save: str | None = None,
+    by: str = "mass",
     progress: bool = True,
 ) -> int:
     """``attnkit fit``: fit, measure, print the report and write ``fit.json``, ``fit.png`` and
@@ -184,6 +244,8 @@ def run(
     is checked before the coverage pass."""
     share(keep=keep, budget=budget)
     positive(max_texts=max_texts)
+    if by == "effect" and budget is None:
+        raise UsageError("--by effect: expected --budget (the density to spend), but got none.")
     with argument("--windows"):
         sizes = [int(w) for w in windows.split(",")]
         if not sizes or min(sizes) < 0:
@@ -206,11 +268,12 @@ def run(
             check_fit_budget(budget, self_attention_patterns(loaded.model), candidates, lengths)
     print(f"{loaded.name}: fitting on {len(fit_texts)} texts, measuring on {len(held)} held-out texts",
           flush=True)  # fmt: skip
-    report = fit_model(loaded, fit_texts, held, keep=keep, budget=budget, candidates=candidates,
+    report = fit_model(loaded, fit_texts, held, keep=keep, budget=budget, candidates=candidates, by=by,
                        progress=progress)  # fmt: skip
     if budget is None:
         print(report.coverage.table(keep or 0.95))
-    print("\nFitted patterns:")
+    how = f" (by the effect on the loss; {report.weighting})" if report.weighting else ""
+    print(f"\nFitted patterns{how}:")
     for i, p in enumerate(report.fitted):
         print(f"  layer {i}: {p!r}")
     print("\nHeld-out quality against dense attention:")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..patterns import Pattern, PerHead
+from ..patterns import Full, Pattern, PerHead
 from .choose import within_layer
 from .measure import Coverage
 
@@ -67,12 +67,22 @@ def sensitivity(
             patterns[layer] = within_layer(probe, own[layer])
             rises.append(_total(model, batches, patterns, loss) - base)
     finally:
-        model.set_patterns(own)
+        _set_patterns(model, own)
     return torch.tensor(rises, dtype=torch.float64)
 
 
+def _set_patterns(model: nn.Module, patterns: Sequence[Pattern | None]) -> None:
+    """``model.set_patterns`` with None (a layer without a pattern, e.g. an encoder's) as
+    :class:`~attnkit.patterns.Full`, and None for the model when no layer has one."""
+    patterns = list(patterns)
+    if all(p is None for p in patterns):
+        model.set_patterns(None)
+    else:
+        model.set_patterns([Full() if p is None else p for p in patterns])
+
+
 def _total(model: nn.Module, batches: list, patterns: list, loss) -> float:
-    model.set_patterns(patterns)
+    _set_patterns(model, patterns)
     with torch.no_grad():
         return float(sum(loss(model, b) for b in batches))
 
@@ -126,6 +136,32 @@ def allocate(
             match the coverage, a negative strength or exponent, or a probe that is not a
             candidate.
     """
+    return patterns_of(
+        cov,
+        allocation_choice(cov, sens, budget, strength=strength, exponent=exponent, probe=probe, floor=floor),
+    )
+
+
+def patterns_of(cov: Coverage, choice: Tensor) -> list[PerHead]:
+    """A :class:`~attnkit.patterns.PerHead` per layer from ``(L, H)`` candidate indices, each
+    candidate within the layer's own pattern."""
+    return [
+        PerHead(within_layer(cov.candidates[c], own, h) for h, c in enumerate(row))
+        for row, own in zip(choice.tolist(), cov.own, strict=True)
+    ]
+
+
+def allocation_choice(
+    cov: Coverage,
+    sens: Tensor,
+    budget: float,
+    *,
+    strength: float = 1.0,
+    exponent: float = 1.0,
+    probe: Pattern | None = None,
+    floor: float = 1e-6,
+) -> Tensor:
+    """``(L, H)``: the index of each head's candidate, as :func:`allocate` chooses it."""
     L = cov.mass.shape[0]
     if tuple(sens.shape) != (L,):
         raise ValueError(f"allocate(): expected sens of shape (L,)=({L},), but got {tuple(sens.shape)}.")
@@ -165,11 +201,7 @@ def allocate(
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if spent(choose(mid)) <= budget else (mid, hi)
-    choice = choose(hi)
-    return [
-        PerHead(within_layer(cov.candidates[c], own, h) for h, c in enumerate(row))
-        for row, own in zip(choice.tolist(), cov.own, strict=True)
-    ]
+    return choose(hi)
 
 
 @dataclass(frozen=True)
@@ -189,10 +221,12 @@ class Weighting:
 
 @dataclass
 class Allocation:
-    """What :func:`choose_allocation` found: the best ``patterns`` on the caller's texts, its
-    ``weighting``, and the summed loss of every weighting tried (``losses``)."""
+    """What :func:`choose_allocation` found: the best ``patterns`` on the caller's texts (and
+    ``choice``, ``(L, H)`` candidate indices), its ``weighting``, and the summed loss of every
+    weighting tried (``losses``)."""
 
     patterns: list[PerHead]
+    choice: Tensor
     weighting: Weighting
     losses: dict[Weighting, float]
 
@@ -233,18 +267,19 @@ def choose_allocation(
         for a in strengths
     ]
     seen: dict[tuple, float] = {}
-    tried: dict[Weighting, tuple[float, list[PerHead]]] = {}
+    tried: dict[Weighting, tuple[float, Tensor]] = {}
     try:
         for w in progress(weightings) if progress else weightings:
-            layers = allocate(
+            choice = allocation_choice(
                 cov, sens, budget, strength=w.strength, exponent=w.exponent,
                 probe=probe if w.calibrated else None,
             )  # fmt: skip
-            key = tuple(p.heads for p in layers)
+            key = tuple(choice.flatten().tolist())
             if key not in seen:
-                seen[key] = _total(model, batches, layers, loss)
-            tried[w] = (seen[key], layers)
+                seen[key] = _total(model, batches, patterns_of(cov, choice), loss)
+            tried[w] = (seen[key], choice)
     finally:
-        model.set_patterns(own)
+        _set_patterns(model, own)
     best = min(tried, key=lambda w: tried[w][0])
-    return Allocation(tried[best][1], best, {w: t[0] for w, t in tried.items()})
+    choice = tried[best][1]
+    return Allocation(patterns_of(cov, choice), choice, best, {w: t[0] for w, t in tried.items()})
