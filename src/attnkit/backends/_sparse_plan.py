@@ -57,10 +57,12 @@ class Segment:
         cols: ``(R, L)`` key-tile indices (outside ``[0, S / b)`` or -1: padding, masked).
         band: ``cols[i] == cols[0] + (rows[i] - rows[0])`` and every key exists: the keys are
             a strided view of ``K``. Otherwise they are gathered through ``key_index``.
-        allowed: ``(R, b, L * b)`` bool (``(B, R, b, L * b)`` for per-batch patterns), the
-            pattern's element mask, False outside the matrix.
+        allowed: ``(R, b, K)`` bool (``(B, R, b, K)`` for per-batch patterns), the pattern's
+            element mask, False outside the matrix. ``K = L * b`` for the band; a gathered
+            segment keeps only the key positions some query of it sees (the 4 sinks of a
+            64-key tile, not all 64), so ``K <= L * b``.
         query_index: ``(R, b)`` query position of each row element, clamped into ``[0, N)``.
-        key_index: ``(R, L * b)`` key position of each key element, clamped into ``[0, S)``.
+        key_index: ``(R, K)`` key position of each key element, clamped into ``[0, S)``.
         same: ``(R,)`` bool, rows whose mask equals ``allowed[ref]`` (one shared mask).
         ref: Index of the reference row for ``same``.
         key_lo: ``(R,)`` smallest key position any query of the row may see (``S`` if none).
@@ -83,6 +85,11 @@ class Segment:
     def length(self) -> int:
         """Key tiles per row, ``L``."""
         return self.cols.shape[1]
+
+    @property
+    def keys_per_row(self) -> int:
+        """Key positions per row, ``K`` (``L * b`` for the band, at most that when gathered)."""
+        return self.key_index.shape[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,10 +286,17 @@ def _segment(
             view[partial[:, 0], :, partial[:, 1], :] = masks
         else:
             view[:, partial[:, 0], :, partial[:, 1], :] = masks.transpose(0, 1)
+    if not band:  # keys no query of the segment sees (a global column's other tile positions,
+        # padding) are dropped: gathered keys are copied per row anyway, so fewer cost less
+        used = allowed.reshape(-1, L * b).any(0)
+        if not bool(used.all()):
+            used[int(used.float().argmax())] = True  # at least one key, even for an empty segment
+            allowed, k_pos = allowed[..., used].contiguous(), k_pos[:, used]
+    K = k_pos.shape[1]
     ref = R // 2
-    flat = allowed.reshape(-1, R, b * L * b) if batch is not None else allowed.reshape(1, R, -1)
+    flat = allowed.reshape(-1, R, b * K) if batch is not None else allowed.reshape(1, R, -1)
     same = (flat == flat[:, ref : ref + 1]).all(-1).all(0)
-    seen = allowed.reshape(-1, R, b, L * b).any(-2).any(0)  # (R, K): keys some query sees
+    seen = allowed.reshape(-1, R, b, K).any(-2).any(0)  # (R, K): keys some query sees
     key_pos = k_pos.clamp(0, s - 1)
     key_lo = torch.where(seen, key_pos, s).amin(-1)
     key_hi = torch.where(seen, key_pos, -1).amax(-1)

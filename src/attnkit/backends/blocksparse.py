@@ -409,7 +409,7 @@ class _Job:
 
     # -- per-chunk operands
     def keys(self, flat: Tensor, seg: Segment, lo: int, hi: int, b: int) -> Tensor:
-        """Keys (or values) of rows ``lo:hi`` of ``seg``: ``(X, hi - lo, L * b, E)``."""
+        """Keys (or values) of rows ``lo:hi`` of ``seg``: ``(X, hi - lo, K, E)``."""
         X, _, E = flat.shape
         L = seg.length
         if seg.band:  # row i+1's keys start one tile after row i's: a strided view, no copy
@@ -418,7 +418,7 @@ class _Job:
                 (X, hi - lo, L * b, E), (flat.stride(0), b * E, E, 1), flat.storage_offset() + first * b * E
             )
         idx = seg.key_index[lo:hi].flatten().to(flat.device)  # clamped: padding reads a masked key
-        return flat[:, idx].view(X, hi - lo, L * b, E)
+        return flat[:, idx].view(X, hi - lo, seg.keys_per_row, E)
 
     @staticmethod
     def rows_of(x: Tensor, seg: Segment, lo: int, hi: int) -> Tensor:
@@ -785,7 +785,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def _fold(acc: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor, b: int) -> None:
-    """Add per-row key gradients ``(X, R', L*b, E)`` back onto the keys ``(X, tiles * b, E)``."""
+    """Add per-row key gradients ``(X, R', K, E)`` back onto the keys ``(X, tiles * b, E)``."""
     X, _, E = acc.shape
     L, R = seg.length, hi - lo
     if seg.band:  # row i's tile t is key tile first + i + t: L shifted, non-overlapping adds
@@ -794,7 +794,7 @@ def _fold(acc: Tensor, seg: Segment, lo: int, hi: int, grad: Tensor, b: int) -> 
         for t in range(L):
             tiles[:, first + t : first + t + R] += g[:, :, t]
     else:  # padding positions point at clamped keys but carry exactly zero gradient
-        acc.index_add_(1, seg.key_index[lo:hi].flatten().to(acc.device), grad.reshape(X, R * L * b, E))
+        acc.index_add_(1, seg.key_index[lo:hi].flatten().to(acc.device), grad.reshape(X, -1, E))
 
 
 def _scatter_bias_grad(dbias: Tensor, job: _Job, seg: Segment, lo: int, hi: int, ds: Tensor) -> None:
