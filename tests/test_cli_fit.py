@@ -147,7 +147,7 @@ def test_a_budget_no_candidate_fits_is_refused_before_the_coverage_pass(tmp_path
     assert err.count("\n") == 1
 
 
-def test_fit_by_effect_spends_the_budget_by_the_models_loss(tmp_path, capsys):
+def test_fit_by_effect_writes_a_fit_within_the_budget_and_its_weighting(tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n\n".join(PARAGRAPHS))
     out = tmp_path / "out"
