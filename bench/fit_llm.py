@@ -26,7 +26,7 @@ repository): chunks of ``--tokens`` tokens of some plays to fit on, of other pla
 
 Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md``. ``--speed-only`` re-times the
 patterns recorded there with the code as it is now (after a change to the engine) and replaces
-only the speed section and its environment.
+only the speed section and its environment, keeping the replaced ones under ``earlier_speed``.
 """
 
 from __future__ import annotations
@@ -224,6 +224,8 @@ def retime(model, tok, texts: dict[str, str], tokens: int) -> None:
         elif r["name"].startswith("window "):
             w = r.get("window") or int(re.match(r"window (\d+)", r["name"]).group(1))
             settings[f"uniform {budget}"] = baseline(w, own, SINKS)
+    earlier = {"speed": out["speed"], "environment": out.get("speed_environment", out["environment"])}
+    out["earlier_speed"] = [*out.get("earlier_speed", []), earlier]  # what this re-timing replaces
     out["speed"] = timed(model, chunks(tok, [texts[p] for p in HELD_PLAYS], tokens, 1)[0], settings)
     out["speed_environment"] = environment()
     save("fit-llm", out)

@@ -144,7 +144,7 @@ def fit_model(
     weighting = None
     if by == "effect":
         loss = _loss(model, kind, batches)
-        probe = _probe(candidates)
+        probe = _probe(cov)
         texts = range(len(batches))
         sens = sensitivity(model, texts, probe, loss=loss, own=own,
                            progress=lambda xs: _bar(xs, "sensitivity", "layer", progress))  # fmt: skip
@@ -184,36 +184,31 @@ def fit_model(
     return report
 
 
-def _probe(candidates: Sequence[Pattern]) -> Pattern:
-    """The candidate the sensitivity is measured with: the sparsest window + sinks (a window
-    alone where there is none), so that no fitted head is sparser than what was measured."""
-    local = [c for c in candidates if not isinstance(c, Full)]
-    with_sinks = [c for c in local if isinstance(c, Or) and any(isinstance(p, Global) for p in c.parts)]
-    return min(with_sinks or local, key=lambda c: c.density(1024))
+def _probe(cov: Coverage) -> Pattern:
+    """The candidate the sensitivity is measured with: the window + sinks candidate with the
+    lowest density measured on the fitting texts (a window alone where there is none), so that
+    no fitted head is sparser than what was measured."""
+    local = [i for i, c in enumerate(cov.candidates) if not isinstance(c, Full)]
+    with_sinks = [
+        i for i in local
+        if isinstance(c := cov.candidates[i], Or) and any(isinstance(p, Global) for p in c.parts)
+    ]  # fmt: skip
+    mean = cov.density.mean(dim=(0, 1))
+    return cov.candidates[min(with_sinks or local, key=lambda i: float(mean[i]))]
 
 
 def _loss(model: nn.Module, kind: str, batches: list[Tensor]):
     """``loss(model, i)`` for fitting text ``i``: the summed next-token NLL of a decoder; for an
     encoder, one minus the cosine of its pooled embedding to the dense model's."""
     if kind == "decoder":
-
-        def nll(m: nn.Module, i: int) -> float:
-            ids = batches[i]
-            if ids.shape[1] < 2:
-                return 0.0
-            with torch.no_grad():
-                logits = m(ids)[0, :-1].float()
-                return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-
-        return nll
+        return lambda m, i: _nll(m, batches[i])[0]
     model.set_patterns(None)
-    with torch.no_grad():
-        dense = [model.pool(model(ids), torch.ones_like(ids)).double() for ids in batches]
+    dense = [_embedding(model, ids) for ids in batches]
 
     def distance(m: nn.Module, i: int) -> float:
-        with torch.no_grad():
-            e = m.pool(m(batches[i]), torch.ones_like(batches[i])).double()
-        return float(1 - torch.nn.functional.cosine_similarity(e, dense[i], dim=-1).sum())
+        return float(
+            1 - torch.nn.functional.cosine_similarity(_embedding(m, batches[i]), dense[i], dim=-1).sum()
+        )
 
     return distance
 
@@ -381,21 +376,29 @@ def _matching_window(make, density: float, lengths: Sequence[int]) -> int:
     return min((below, lo), key=lambda w: abs(_density(make(w), lengths) - density))
 
 
-def _evaluate(model: nn.Module, held: list[Tensor], kind: str):
+def _nll(model: nn.Module, ids: Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of ``ids (1, T)`` and the tokens it scores."""
+    if ids.shape[1] < 2:
+        return 0.0, 0
     with torch.no_grad():
-        if kind == "decoder":
-            nll = tokens = 0.0
-            for ids in held:
-                if ids.shape[1] < 2:
-                    continue
-                logits = model(ids)[:, :-1].float()
-                nll += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-                ).item()
-                tokens += ids.shape[1] - 1
-            return math.exp(nll / tokens)
-        vectors = [model.pool(model(ids), torch.ones_like(ids)) for ids in held]
-        return torch.cat(vectors).double()
+        logits = model(ids)[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+    return nll.item(), ids.shape[1] - 1
+
+
+def _embedding(model: nn.Module, ids: Tensor) -> Tensor:
+    """An encoder's pooled embedding of ``ids``, float64."""
+    with torch.no_grad():
+        return model.pool(model(ids), torch.ones_like(ids)).double()
+
+
+def _evaluate(model: nn.Module, held: list[Tensor], kind: str):
+    if kind == "decoder":
+        scored = [_nll(model, ids) for ids in held]
+        return math.exp(sum(n for n, _ in scored) / sum(t for _, t in scored))
+    return torch.cat([_embedding(model, ids) for ids in held])
 
 
 def _agreement(dense: Tensor, other: Tensor) -> dict:

@@ -136,13 +136,11 @@ def allocate(
             match the coverage, a negative strength or exponent, or a probe that is not a
             candidate.
     """
-    return patterns_of(
-        cov,
-        allocation_choice(cov, sens, budget, strength=strength, exponent=exponent, probe=probe, floor=floor),
-    )
+    w = Weighting(strength, exponent, calibrated=probe is not None)
+    return _patterns_of(cov, _choice(cov, sens, budget, w, probe, floor))
 
 
-def patterns_of(cov: Coverage, choice: Tensor) -> list[PerHead]:
+def _patterns_of(cov: Coverage, choice: Tensor) -> list[PerHead]:
     """A :class:`~attnkit.patterns.PerHead` per layer from ``(L, H)`` candidate indices, each
     candidate within the layer's own pattern."""
     return [
@@ -151,27 +149,21 @@ def patterns_of(cov: Coverage, choice: Tensor) -> list[PerHead]:
     ]
 
 
-def allocation_choice(
-    cov: Coverage,
-    sens: Tensor,
-    budget: float,
-    *,
-    strength: float = 1.0,
-    exponent: float = 1.0,
-    probe: Pattern | None = None,
-    floor: float = 1e-6,
+def _choice(
+    cov: Coverage, sens: Tensor, budget: float, w: Weighting, probe: Pattern | None, floor: float = 1e-6
 ) -> Tensor:
     """``(L, H)``: the index of each head's candidate, as :func:`allocate` chooses it."""
     L = cov.mass.shape[0]
     if tuple(sens.shape) != (L,):
         raise ValueError(f"allocate(): expected sens of shape (L,)=({L},), but got {tuple(sens.shape)}.")
+    strength, exponent = w.strength, w.exponent
     if not strength >= 0 or not exponent > 0:
         raise ValueError(
             f"allocate(): expected strength >= 0 and exponent > 0, but got strength={strength!r}, "
             f"exponent={exponent!r}."
         )
     lost = (1.0 - cov.mass.double()).clamp(min=0.0)  # (L, H, C)
-    if probe is not None:
+    if w.calibrated:
         if probe not in cov.candidates:
             raise ValueError(
                 f"allocate(): expected probe to be one of the coverage's candidates, but got {probe!r}."
@@ -270,16 +262,13 @@ def choose_allocation(
     tried: dict[Weighting, tuple[float, Tensor]] = {}
     try:
         for w in progress(weightings) if progress else weightings:
-            choice = allocation_choice(
-                cov, sens, budget, strength=w.strength, exponent=w.exponent,
-                probe=probe if w.calibrated else None,
-            )  # fmt: skip
+            choice = _choice(cov, sens, budget, w, probe)
             key = tuple(choice.flatten().tolist())
             if key not in seen:
-                seen[key] = _total(model, batches, patterns_of(cov, choice), loss)
+                seen[key] = _total(model, batches, _patterns_of(cov, choice), loss)
             tried[w] = (seen[key], choice)
     finally:
         _set_patterns(model, own)
     best = min(tried, key=lambda w: tried[w][0])
     choice = tried[best][1]
-    return Allocation(patterns_of(cov, choice), choice, best, {w: t[0] for w, t in tried.items()})
+    return Allocation(_patterns_of(cov, choice), choice, best, {w: t[0] for w, t in tried.items()})
