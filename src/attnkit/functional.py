@@ -232,10 +232,12 @@ def build_inputs(
 
 
 def _per_head(inp: AttentionInputs, backend: str) -> AttentionResult:
-    """A :class:`~attnkit.patterns.PerHead` pattern: each distinct pattern runs once, on the
-    heads that use it, and the heads are put back in order."""
+    """A :class:`~attnkit.patterns.PerHead` pattern: each distinct pattern runs on the heads
+    that use it, in calls that keep GQA (:func:`_gqa_parts`), and the heads are put back in
+    order."""
     results, order = [], []
-    for i, (pattern, heads) in enumerate(inp.pattern.groups()):
+    calls = [(p, part) for p, heads in inp.pattern.groups() for part in _gqa_parts(heads, inp.G)]
+    for i, (pattern, heads) in enumerate(calls):
         sub = _heads_of(inp, pattern, heads, i)
         results.append(backends.select(sub, backend).forward(sub))
         order.extend(heads)
@@ -253,13 +255,26 @@ def _per_head(inp: AttentionInputs, backend: str) -> AttentionResult:
     )
 
 
-def _heads_of(inp: AttentionInputs, pattern: Pattern, heads: tuple[int, ...], group: int) -> AttentionInputs:
-    """``inp`` restricted to the query heads ``heads`` (ascending) under ``pattern``. Key/value
-    heads whose query heads all share the pattern stay shared (GQA); otherwise each query head
-    gets its own copy of its key/value head."""
-    G = inp.G
-    kv_heads = sorted({h // G for h in heads})
-    kv = kv_heads if len(kv_heads) * G == len(heads) else [h // G for h in heads]
+def _gqa_parts(heads: tuple[int, ...], G: int) -> list[tuple[int, ...]]:
+    """``heads`` (ascending query heads sharing a pattern, ``G`` query heads per key/value
+    head) split so that in each part every key/value head serves the same number of them: each
+    part then runs as one GQA call on its key/value heads, with no per-query-head copies. With
+    ``G = 3``, heads ``1, 2, 3, 4, 5`` give ``(1, 2)`` (2 heads of key/value head 0) and
+    ``(3, 4, 5)`` (all 3 of head 1)."""
+    per_kv: dict[int, list[int]] = {}
+    for h in heads:
+        per_kv.setdefault(h // G, []).append(h)
+    by_count: dict[int, list[int]] = {}
+    for hs in per_kv.values():
+        by_count.setdefault(len(hs), []).extend(hs)
+    return [tuple(hs) for hs in by_count.values()]
+
+
+def _heads_of(inp: AttentionInputs, pattern: Pattern, heads: tuple[int, ...], part: int) -> AttentionInputs:
+    """``inp`` restricted to the query heads ``heads`` (ascending; every key/value head among
+    theirs serves as many of them, see :func:`_gqa_parts`) under ``pattern``: their key/value
+    heads, shared as GQA."""
+    kv = sorted({h // inp.G for h in heads})
 
     def take(t: Tensor | None, index: list[int]) -> Tensor | None:
         if t is None or t.shape[1] == 1:
@@ -269,8 +284,8 @@ def _heads_of(inp: AttentionInputs, pattern: Pattern, heads: tuple[int, ...], gr
         return t.index_select(1, torch.tensor(index, device=t.device))
 
     seed = inp.dropout_seed
-    if seed is not None:  # another seed per group, so heads of different groups drop independently
-        seed = (seed + 0x9E3779B1 * (group + 1)) % (2**31 - 1)
+    if seed is not None:  # another seed per call, so heads of different calls drop independently
+        seed = (seed + 0x9E3779B1 * (part + 1)) % (2**31 - 1)
     return dataclasses.replace(
         inp,
         q=take(inp.q, list(heads)),

@@ -96,6 +96,17 @@ def test_cache_decoding_equals_the_full_pass_and_local_caches_stay_at_the_window
     assert [cache[i].self_attn.nbytes for i in range(5)] == [(WINDOW - 1) * per_position] * 5
 
 
+def test_long_prompts_in_row_blocks_equal_transformers(tiny, monkeypatch):
+    """A prefill long enough to run its token-wise work in blocks of rows (every norm,
+    projection and feed-forward; forced here with a small block) gives transformers' logits."""
+    hf, ours, _ = tiny
+    ids = _ids(40)
+    monkeypatch.setattr("attnkit.nn._rows.BLOCK_BYTES", 7 * 80 * 4 * 2)  # 7 rows of the FFN, B = 2
+    with torch.no_grad():
+        got, want = ours(ids), hf(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
 def test_greedy_generation_equals_transformers(tiny):
     hf, ours, _ = tiny
     ids = _ids(4)

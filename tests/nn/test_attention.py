@@ -277,3 +277,53 @@ def test_qk_norm_and_scale():
         MultiHeadAttention(32, 2, scale=-1)
     with pytest.raises(ValueError, match=r"expected window >= 1 or None, but got window=0"):
         KVCache(window=0)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_long_inputs_in_row_blocks_equal_one_pass(cached, monkeypatch):
+    """Without autograd, a long self-attention input is projected, normed, rotated and
+    projected out in blocks of rows (a ragged last block too): the same numbers as one pass,
+    with GQA, QK-norm, rotary positions per batch item and a KV cache that already holds
+    tokens."""
+    from attnkit.nn import RMSNorm
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(
+        32, 4, num_kv_heads=2, head_dim=8, bias=True, pattern=P.Causal(),
+        rotary=RotaryEmbedding(8), qk_norm=lambda d: RMSNorm(d, unit_offset=True),
+    ).eval()  # fmt: skip
+    x, past = torch.randn(2, 23, 32), torch.randn(2, 5, 32)
+    positions = torch.arange(5, 28).repeat(2, 1) - torch.tensor([[0], [2]])  # left padding
+    calls = []
+    monkeypatch.setattr("attnkit.nn.attention.MultiHeadAttention._project_rows",
+                        _counting(MultiHeadAttention._project_rows, calls))  # fmt: skip
+
+    def run():
+        cache = None
+        if cached:
+            cache = KVCache()
+            mha(past, cache=cache)
+        return mha(x, cache=cache, positions=positions), cache
+
+    with torch.no_grad():
+        whole, whole_cache = run()
+        assert not calls  # 23 rows fit in one block
+        monkeypatch.setattr("attnkit.nn._rows.BLOCK_BYTES", 2 * 5 * 32 * 4)  # 5 rows a block
+        blocked, blocked_cache = run()
+    assert calls, "the long input did not take the row-block path"
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    if cached:
+        torch.testing.assert_close(blocked_cache.keys, whole_cache.keys, atol=1e-6, rtol=0)
+        torch.testing.assert_close(blocked_cache.values, whole_cache.values, atol=1e-6, rtol=0)
+    x.requires_grad_(True)  # autograd recording: one pass, whatever the length
+    calls.clear()
+    mha(x).sum().backward()
+    assert not calls and x.grad is not None
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped

@@ -263,5 +263,5 @@ def test_feed_forward_in_row_blocks_equals_one_call(activation, monkeypatch):
     x = torch.randn(2, 37, 16)
     with torch.no_grad():
         whole = ffn(x)
-        monkeypatch.setattr(FeedForward, "block_bytes", 5 * 40 * 4)  # 5 rows a block
+        monkeypatch.setattr("attnkit.nn._rows.BLOCK_BYTES", 5 * 40 * 4)  # 5 rows a block
         assert torch.allclose(ffn(x), whole, atol=1e-6)

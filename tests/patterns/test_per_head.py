@@ -15,7 +15,7 @@ from ..reference import attention_ref, grads, max_err, naive_eager, report
 
 WINDOW, CAUSAL, BIGBIRD = P.SlidingWindow(5, 2), P.Causal(), P.SlidingWindow(3) | P.Global((0, 7))
 LAYOUTS = {
-    # query heads of one key/value group differ: each head gets its own key/value copy
+    # query heads of one key/value group differ: each pattern's heads run as GQA parts
     "mixed-groups": [WINDOW, CAUSAL, WINDOW, BIGBIRD],
     # whole key/value groups share a pattern: GQA is kept
     "whole-groups": [CAUSAL, CAUSAL, BIGBIRD, BIGBIRD],
@@ -63,6 +63,25 @@ def test_each_head_equals_running_it_alone():
         )
         assert torch.allclose(out[:, h : h + 1], alone, atol=1e-6)
         assert torch.allclose(lse[:, h : h + 1], alone_lse, atol=1e-6)
+
+
+def test_patterns_that_split_a_key_value_group_keep_gqa():
+    """Heads of one pattern run in parts where every key/value head serves as many query heads
+    (so each part is one GQA call on shared keys, no per-query-head copies), and a layer whose
+    groups split that way equals its heads run alone."""
+    from attnkit.functional import _gqa_parts
+
+    assert _gqa_parts((1, 2, 3, 4, 5, 6, 7, 8), 3) == [(1, 2), (3, 4, 5, 6, 7, 8)]
+    assert _gqa_parts((0,), 3) == [(0,)]
+    assert _gqa_parts((0, 2, 3, 5), 2) == [(0, 5), (2, 3)]
+    assert _gqa_parts((0, 1, 2, 3), 1) == [(0, 1, 2, 3)]
+    wide, narrow = P.SlidingWindow(6) | P.Global((0,)), P.SlidingWindow(2) | P.Global((0,))
+    pattern = P.PerHead([narrow] + [wide] * 8)  # 9 heads, 3 per key/value head
+    q, k, v = torch.randn(2, 9, 19, 8), torch.randn(2, 3, 19, 8), torch.randn(2, 3, 19, 8)
+    out = attention(q, k, v, pattern=pattern)
+    for h, p in enumerate(pattern.heads):
+        alone = attention(q[:, h : h + 1], k[:, h // 3 : h // 3 + 1], v[:, h // 3 : h // 3 + 1], pattern=p)
+        assert torch.allclose(out[:, h : h + 1], alone, atol=1e-6), h
 
 
 def test_weights_mask_and_padding_per_head():

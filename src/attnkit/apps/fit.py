@@ -32,7 +32,8 @@ from .._files import atomic_write
 from .._timing import time_in_turns
 from ..fit import Coverage, choose_allocation, coverage, default_candidates, fit_patterns, sensitivity
 from ..fit.choose import check_budget, choose, within_layer
-from ..models import BertEncoder, DecoderLM
+from ..models import BertEncoder
+from ..models._lm import CausalLM
 from ..models.loading import LoadedModel, load, self_attention_patterns
 from ..patterns import Full, Global, Or, Pattern, PerHead, SlidingWindow
 from .errors import UsageError, argument, positive, read_text_file, reading, share
@@ -116,8 +117,10 @@ def fit_model(
     docstring). Arguments are checked before anything runs; a ``budget`` below every
     candidate's density on these texts is an error before the coverage pass."""
     model, tokenizer, name, max_tokens = loaded.model, loaded.tokenizer, loaded.name, loaded.max_tokens
-    if not isinstance(model, (DecoderLM, BertEncoder)):
-        raise TypeError(f"fit: expected a BertEncoder or DecoderLM, but got {type(model).__name__}.")
+    if not isinstance(model, (CausalLM, BertEncoder)):
+        raise TypeError(
+            f"fit: expected a BertEncoder, DecoderLM or Gemma3LM, but got {type(model).__name__}."
+        )
     kind = loaded.kind
     if not fit_texts or len(heldout_texts) < 2:
         raise ValueError(
@@ -422,9 +425,11 @@ def _speed(model: nn.Module, settings, ids: Tensor, repeats: int = 3) -> dict:
     """Median seconds of one forward pass of ``ids (1, n)`` per setting, timed in turns after a
     warm-up (:func:`attnkit._timing.time_in_turns`)."""
 
-    def forward(patterns) -> None:
+    last_only = {"logits_to_keep": 1} if isinstance(model, CausalLM) else {}
+
+    def forward(patterns) -> None:  # a decoder's logits for the last position: what attention changes
         model.set_patterns(patterns)
-        model(ids)
+        model(ids, **last_only)
 
     with torch.no_grad():
         timed = time_in_turns({label: (lambda p=p: forward(p)) for label, p in settings}, repeats=repeats)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import DecoderCache, FeedForward, KVCache, MultiHeadAttention, RMSNorm, RotaryEmbedding
+from ..nn._rows import in_row_blocks
 from ..patterns import Causal, Pattern, SlidingWindow
 from ._io import (
     ModelConfig,
@@ -166,9 +167,15 @@ class Gemma3Layer(nn.Module):
     def forward(
         self, x: Tensor, *, key_mask: Tensor | None, positions: Tensor, cache: KVCache | None
     ) -> Tensor:
-        x = x + self.post_attn_norm(
-            self.self_attn(self.input_norm(x), key_mask=key_mask, positions=positions, cache=cache)
-        )
+        width = x.shape[-1]
+        h = in_row_blocks(self.input_norm, x, widest=width)
+        a = self.self_attn(h, key_mask=key_mask, positions=positions, cache=cache)
+        return in_row_blocks(self._after_attention, x, a, widest=self.ffn.up_proj.out_features)
+
+    def _after_attention(self, x: Tensor, a: Tensor) -> Tensor:
+        """The attention's residual and the feed-forward, token by token (so long inputs run
+        in blocks of rows: ``attnkit.nn._rows``)."""
+        x = x + self.post_attn_norm(a)
         return x + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(x)))
 
 

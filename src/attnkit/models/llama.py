@@ -138,6 +138,7 @@ class DecoderLM(CausalLM):
     @staticmethod
     def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
         return rename(weights, _HF_RULES, drop=r"rotary_emb\.inv_freq$")
+
     #: Set by :func:`attnkit.distributed.set_context_parallel`: inputs are then this rank's
     #: shard of the tokens, and positions count over the whole sequence.
     context_parallel = None

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .._hooks import AttentionCall, call_attention_hooks, hooks_active
 from ..functional import attention
 from ..patterns import Pattern
+from ._rows import row_blocks
 from .kv_cache import KVCache
 from .positional import RotaryEmbedding
 
@@ -210,28 +211,16 @@ class MultiHeadAttention(nn.Module):
         cp = self.context_parallel
         if cp is not None:
             self._check_context_parallel(cache, return_weights, key_mask)
-        q = _split_heads(self.q_proj(x), self.num_heads)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if cache is not None and cache.static:  # cross-attention, later steps: reuse
-            k, v = cache.keys, cache.values
-        else:
-            source = x if context is None else context
-            if context is not None:
-                self._check_input("context", context, self.context_dim, batch=x.shape[0])
-            k = _split_heads(self.k_proj(source), self.num_kv_heads)
-            v = _split_heads(self.v_proj(source), self.num_kv_heads)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            if self.rotary is not None and context is None:
-                offset = 0 if cache is None else cache.length
-                if positions is None and cp is not None:
-                    positions = cp.positions(x.shape[1], x.device)
-                elif positions is None:
-                    positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-                q, k = self.rotary(q, positions), self.rotary(k, positions)
+        blocks = None
+        if context is None and cp is None and not (cache is not None and cache.static):
+            widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
+            blocks = row_blocks(x.shape[1], widest, x.element_size() * x.shape[0])
+        if blocks is not None:  # a long self-attention input without autograd: in blocks of rows
+            q, k, v = self._project_rows(x, blocks, positions, cache)
             if cache is not None:
-                k, v = cache.update(k, v) if context is None else cache.fill(k, v)
+                k, v = cache.update(k, v)
+        else:
+            q, k, v = self._project(x, context, cache, positions, cp)
         attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
         pattern = self.pattern if pattern is None else pattern
         if cp is not None:
@@ -246,8 +235,66 @@ class MultiHeadAttention(nn.Module):
         if hooks_active():
             call = AttentionCall(self, q, k, v, out, pattern, attn_mask, self.scale, x, context)
             call_attention_hooks(call)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
+        if blocks is None:
+            out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
+        else:
+            heads = out
+            out = x.new_empty(x.shape[0], x.shape[1], self.out_proj.out_features)
+            for sl in blocks:
+                out[:, sl] = self.out_proj(heads[:, :, sl].transpose(1, 2).flatten(2))
         return (out, weights) if return_weights else out
+
+    def _project(self, x: Tensor, context: Tensor | None, cache: KVCache | None,
+                 positions: Tensor | None, cp) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Queries ``(B, H, N, D)``, keys and values ``(B, Hkv, S, D)`` (the cache's, when
+        there is one), normed and rotated."""
+        q = _split_heads(self.q_proj(x), self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if cache is not None and cache.static:  # cross-attention, later steps: reuse
+            return q, cache.keys, cache.values
+        source = x if context is None else context
+        if context is not None:
+            self._check_input("context", context, self.context_dim, batch=x.shape[0])
+        k = _split_heads(self.k_proj(source), self.num_kv_heads)
+        v = _split_heads(self.v_proj(source), self.num_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.rotary is not None and context is None:
+            if positions is None and cp is not None:
+                positions = cp.positions(x.shape[1], x.device)
+            elif positions is None:
+                positions = _default_positions(x, cache)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if cache is not None:
+            k, v = cache.update(k, v) if context is None else cache.fill(k, v)
+        return q, k, v
+
+    def _project_rows(
+        self, x: Tensor, blocks: list[slice], positions: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's queries ``(B, H, N, D)``, keys and values ``(B, Hkv, N, D)`` made
+        block of rows by block (each block projected, normed, rotated and written into the
+        results), so that no step allocates an ``N``-row temporary (see ``_rows``). The cache
+        is left to the caller."""
+        B, N, _ = x.shape
+        q = x.new_empty(B, self.num_heads, N, self.head_dim)
+        k = x.new_empty(B, self.num_kv_heads, N, self.head_dim)
+        v = x.new_empty(B, self.num_kv_heads, N, self.head_dim)
+        if self.rotary is not None and positions is None:
+            positions = _default_positions(x, cache)
+        for sl in blocks:
+            xb = x[:, sl]
+            qb = _split_heads(self.q_proj(xb), self.num_heads)
+            kb = _split_heads(self.k_proj(xb), self.num_kv_heads)
+            if self.q_norm is not None:
+                qb, kb = self.q_norm(qb), self.k_norm(kb)
+            if self.rotary is not None:
+                at = positions[..., sl]
+                qb, kb = self.rotary(qb, at), self.rotary(kb, at)
+            q[:, :, sl], k[:, :, sl] = qb, kb
+            v[:, :, sl] = _split_heads(self.v_proj(xb), self.num_kv_heads)
+        return q, k, v
 
     def _check_context_parallel(self, cache, return_weights: bool, key_mask) -> None:
         for bad, what in (
@@ -307,6 +354,12 @@ class MultiHeadAttention(nn.Module):
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def _default_positions(x: Tensor, cache: KVCache | None) -> Tensor:
+    """Rotary positions ``L, ..., L + N - 1`` of ``x (B, N, C)``, ``L`` the cache's length."""
+    offset = 0 if cache is None else cache.length
+    return torch.arange(offset, offset + x.shape[1], device=x.device)
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
