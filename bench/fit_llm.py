@@ -148,12 +148,12 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     args = ap.parse_args()
     torch.manual_seed(0)
-    path, name = MODELS[args.model]
+    path, result_name = MODELS[args.model]
     loaded = load(path())
     model, tok = loaded.model, loaded.tokenizer
     texts = plays()
     if args.speed_only:
-        retime(model, tok, texts, args.speed_tokens, name)
+        retime(model, tok, texts, args.speed_tokens, result_name)
         return
     fit_ids = chunks(tok, [texts[p] for p in FIT_PLAYS], args.tokens, args.fit_chunks)
     held = chunks(tok, [texts[p] for p in HELD_PLAYS], args.tokens, args.held_chunks)
@@ -205,11 +205,11 @@ def main() -> None:
     out = {"environment": env, "model": loaded.name, "tokens": n, "fit_chunks": len(fit_ids),
            "held_chunks": len(held), "fit_plays": FIT_PLAYS, "held_plays": HELD_PLAYS,
            "candidates": [repr(c) for c in candidates], "sensitivity": sens.tolist(), "rows": rows,
-           "strengths": strengths, "speed": speed, "result_name": name,
+           "strengths": strengths, "speed": speed, "result_name": result_name,
            "command_options": "" if args.model == "smollm2" else f" --model {args.model}"}  # fmt: skip
-    save(name, out)
-    (DOCS / f"{name}.md").write_text(page(out))
-    print(f"wrote bench/results/{name}.json and docs/bench/{name}.md")
+    save(result_name, out)
+    (DOCS / f"{result_name}.md").write_text(page(out))
+    print(f"wrote bench/results/{result_name}.json and docs/bench/{result_name}.md")
 
 
 def timed(model, ids: torch.Tensor, settings: dict) -> dict:
