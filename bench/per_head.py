@@ -12,10 +12,14 @@ forward call each, in turns (medians of 5 after a warm-up):
 - ``groups_alone``: the sum of each distinct pattern's call on just its heads (what the
   ``PerHead`` call does, minus its head selection and reassembly);
 - ``uniform``: one window + 4 sinks for all 9 heads, the window chosen so that it allows as
-  many pairs at this length as the ``PerHead`` layer.
+  many pairs at this length as the ``PerHead`` layer;
+- ``copies``: the ``PerHead`` call as attnkit ran it before its GQA parts (commit 3c29351): a
+  pattern that splits a key/value group gave each of its query heads its own key/value copy.
 
-``per_head / groups_alone`` is the overhead of running the heads together; ``per_head /
-uniform`` is what mixing window sizes costs over one window at equal work.
+``per_head / groups_alone`` is the overhead of running the heads together (the groups alone
+run one query head per key/value head, so they skip the GQA layout); ``per_head / uniform`` is
+what mixing window sizes costs over one window at equal work; ``per_head / copies`` what the
+GQA parts changed.
 
 Writes ``bench/results/per-head.json``.
 """
@@ -23,6 +27,8 @@ Writes ``bench/results/per-head.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,10 +37,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, alternate, environment, save
-from attnkit import attention
+from attnkit import attention, functional
 from attnkit import patterns as P
 
 H, HKV, D, SINKS = 9, 3, 64, 4
+
+
+@contextlib.contextmanager
+def per_query_head_copies():
+    """``attention()`` with PerHead run as before its GQA parts: one call per distinct pattern,
+    and where a pattern's heads split a key/value group, a key/value copy per query head."""
+
+    def heads_of(inp, pattern, heads, part):
+        G = inp.G
+        kv = sorted({h // G for h in heads})
+        kv = kv if len(kv) * G == len(heads) else [h // G for h in heads]
+        take = lambda t, i: t.index_select(1, torch.tensor(i)) if t.shape[1] > 1 else t  # noqa: E731
+        return dataclasses.replace(inp, q=take(inp.q, list(heads)), k=take(inp.k, kv), v=take(inp.v, kv),
+                                   pattern=pattern)  # fmt: skip
+
+    saved = functional._gqa_parts, functional._heads_of
+    functional._gqa_parts, functional._heads_of = (lambda heads, G: [heads]), heads_of
+    try:
+        yield
+    finally:
+        functional._gqa_parts, functional._heads_of = saved
 
 
 def uniform(w: int) -> P.Pattern:
@@ -66,9 +93,14 @@ def main() -> None:
         pairs = pattern.num_allowed(n, n)
         w = matching_window(pairs, n)
         groups = [(p, torch.randn(1, len(hs), n, D)) for p, hs in pattern.groups()]
+        def copies(p=pattern):
+            with per_query_head_copies():
+                return attention(q, k, v, pattern=p)
+
         calls = {
             "per_head": lambda p=pattern: attention(q, k, v, pattern=p),
             "uniform": lambda w=w: attention(q, k, v, pattern=uniform(w)),
+            "copies": copies,
         }
         for j, (p, x) in enumerate(groups):
             calls[f"group {j}"] = lambda p=p, x=x: attention(x, x, x, pattern=p)
@@ -81,6 +113,7 @@ def main() -> None:
                "uniform_s": timing["uniform"]["median_s"], "timing": timing}  # fmt: skip
         row["per_head_over_groups"] = row["per_head_s"] / alone
         row["per_head_over_uniform"] = row["per_head_s"] / row["uniform_s"]
+        row["per_head_over_copies"] = row["per_head_s"] / timing["copies"]["median_s"]
         rows.append(row)
         print({key: val for key, val in row.items() if key not in ("pattern", "timing")}, flush=True)
     save("per-head", {"environment": environment(), "tokens": n, "budget": budget, "rows": rows})

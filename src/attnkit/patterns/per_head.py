@@ -3,9 +3,10 @@
 Heads of one layer do different jobs -- some look at their neighbours, some at the first tokens,
 some everywhere (Fu et al. 2024, MoA; Xiao et al. 2024, DuoAttention) -- so the cheapest pattern
 that keeps a model's quality is chosen per head. ``PerHead([p_0, ..., p_{H-1}])`` says head ``h``
-uses ``p_h``. :func:`attnkit.attention` runs each distinct pattern once, on the heads that use it
+uses ``p_h``. :func:`attnkit.attention` runs each distinct pattern on the heads that use it
 (heads sharing a pattern share one plan, so the cost is the sum of what each group needs), on
-any backend, with GQA kept wherever a key/value head's query heads all share a pattern.
+any backend, and keeps GQA: a pattern's heads run in as many calls as there are distinct counts
+of them per key/value head, each call sharing its key/value heads without copies.
 """
 
 from __future__ import annotations
