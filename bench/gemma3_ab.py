@@ -6,7 +6,7 @@
 Each round runs one fresh process per tree (``PYTHONPATH`` picking it), the other tree first:
 load ``gemma-3-270m-q4_k_m.gguf`` in float32, a 1,024-token warm-up, then one prefill of
 ``--tokens`` random token ids (seed 0; the last position's logits only, as ``bench/gemma3.py``)
-timed. The two trees' logits are compared. Writes ``bench/results/gemma3-ab.json``.
+timed. The two trees' logits are compared. Writes ``bench/results/gemma3-ab-TOKENS.json``.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def main() -> None:
         "ratio": med["this"] / med["other"],
         "max_abs_logit_difference": diff,
     }
-    save("gemma3-ab", out)
+    save(f"gemma3-ab-{args.tokens}", out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("environment", "rounds")}, indent=1))
-    print("wrote bench/results/gemma3-ab.json")
+    print(f"wrote bench/results/gemma3-ab-{args.tokens}.json")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
    the same density (a window; a window plus the first tokens, StreamingLLM's "sinks"):
    sentence encoders -- cosine similarity of the embeddings to the dense ones, and agreement of
    nearest-neighbour retrieval among the held-out texts; decoder LMs -- perplexity.
-4. Speed of one forward pass at the longest length the model takes (up to 4096 tokens).
+4. Speed of one forward pass at the longest length the model takes (up to 4096 tokens; a
+   decoder computes the last position's logits only).
 """
 
 from __future__ import annotations

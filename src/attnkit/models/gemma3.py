@@ -167,8 +167,7 @@ class Gemma3Layer(nn.Module):
     def forward(
         self, x: Tensor, *, key_mask: Tensor | None, positions: Tensor, cache: KVCache | None
     ) -> Tensor:
-        width = x.shape[-1]
-        h = in_row_blocks(self.input_norm, x, widest=width)
+        h = in_row_blocks(self.input_norm, x, widest=x.shape[-1])
         a = self.self_attn(h, key_mask=key_mask, positions=positions, cache=cache)
         return in_row_blocks(self._after_attention, x, a, widest=self.ffn.up_proj.out_features)
 
