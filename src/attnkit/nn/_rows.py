@@ -2,9 +2,8 @@
 
 A model's norms, projections, rotary embedding and feed-forward treat every token alone, so a
 prefill of ``N`` tokens can run them on blocks of rows. Run whole, each of those steps makes a
-fresh ``N x width`` tensor: at 32k tokens a Gemma 3 layer allocates, fills (the kernel's page
-faults: ~4x the cost of a copy into memory already held, measured on a 2-core EPYC) and streams
-about 2 GB through memory. In blocks, each step's temporaries are a few MiB that the allocator
+fresh ``N x width`` tensor, whose pages the kernel must fault in before the step writes them,
+and streams it through memory. In blocks, each step's temporaries are a few MiB that the allocator
 hands back block after block, near the caches, and only each step's result is ``N`` rows long.
 
 With autograd recording, blocks would keep every block's graph: those calls run whole.
