@@ -99,11 +99,25 @@ def test_cache_decoding_equals_the_full_pass_and_local_caches_stay_at_the_window
 def test_long_prompts_in_row_blocks_equal_transformers(tiny, monkeypatch):
     """A prefill long enough to run its token-wise work in blocks of rows (every norm,
     projection and feed-forward; forced here with a small block) gives transformers' logits."""
+    from attnkit.nn import _rows, attention
+
     hf, ours, _ = tiny
     ids = _ids(40)
-    monkeypatch.setattr("attnkit.nn._rows.BLOCK_BYTES", 7 * 80 * 4 * 2)  # 7 rows of the FFN, B = 2
+    blocked, row_blocks = [], _rows.row_blocks
+
+    def recording(*args):
+        blocks = row_blocks(*args)
+        blocked.append(blocks is not None)
+        return blocks
+
+    monkeypatch.setattr(_rows, "BLOCK_BYTES", 7 * 80 * 4 * 2)  # 7 rows of the FFN, B = 2
+    monkeypatch.setattr(_rows, "row_blocks", recording)  # the norms' and feed-forward's blocks
+    monkeypatch.setattr(attention, "row_blocks", recording)  # the attention's projections'
     with torch.no_grad():
         got, want = ours(ids), hf(ids).logits
+    # per layer: its input norm, its attention's projections, and what follows the attention
+    # (the feed-forward inside a block is then one block already)
+    assert sum(blocked) == 3 * len(ours.layers), "a token-wise step ran whole"
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 

@@ -18,8 +18,9 @@ from torch import Tensor
 
 __all__ = ["BLOCK_BYTES", "in_row_blocks", "row_blocks"]
 
-#: A block holds at most this many bytes of its widest activation: a rule (16 MiB, half an L3
-#: of the CPUs this was measured on) that keeps a block's temporaries near the caches.
+#: A block holds at most this many bytes of its widest activation: a fixed rule, not a measured
+#: constant -- thousands of rows, so the matrix products run at full speed, in a few tens of MiB
+#: at most, within the last-level cache of common server CPUs.
 BLOCK_BYTES = 16 * 2**20
 
 

@@ -284,16 +284,8 @@ class MultiHeadAttention(nn.Module):
         if self.rotary is not None and positions is None:
             positions = _default_positions(x, cache)
         for sl in blocks:
-            xb = x[:, sl]
-            qb = _split_heads(self.q_proj(xb), self.num_heads)
-            kb = _split_heads(self.k_proj(xb), self.num_kv_heads)
-            if self.q_norm is not None:
-                qb, kb = self.q_norm(qb), self.k_norm(kb)
-            if self.rotary is not None:
-                at = positions[..., sl]
-                qb, kb = self.rotary(qb, at), self.rotary(kb, at)
-            q[:, :, sl], k[:, :, sl] = qb, kb
-            v[:, :, sl] = _split_heads(self.v_proj(xb), self.num_kv_heads)
+            at = None if positions is None else positions[..., sl]
+            q[:, :, sl], k[:, :, sl], v[:, :, sl] = self._project(x[:, sl], None, None, at, None)
         return q, k, v
 
     def _check_context_parallel(self, cache, return_weights: bool, key_mask) -> None:
