@@ -121,6 +121,37 @@ def test_long_prompts_in_row_blocks_equal_transformers(tiny, monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
+def test_last_logits_equal_transformers_and_the_last_layer_runs_those_rows_alone(tiny, monkeypatch):
+    """``logits_to_keep`` leaves the last (global) layer only the kept rows to compute, through
+    the row-block path too, with transformers' logits; with attention hooks recording (what
+    ``attnkit.fit`` and ``attnkit.viz`` use), every layer keeps every row."""
+    from attnkit.nn import _rows
+    from attnkit.viz import record
+
+    hf, ours, _ = tiny
+    ids = _ids(40)
+    rows = []
+    handle = ours.layers[-1].self_attn.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
+    try:
+        with torch.no_grad():
+            want = hf(ids).logits
+            for keep in (1, 3):
+                torch.testing.assert_close(ours(ids, logits_to_keep=keep), want[:, -keep:], atol=2e-5, rtol=0)
+            monkeypatch.setattr(_rows, "BLOCK_BYTES", 7 * 80 * 4 * 2)  # long-input path: blocks of rows
+            torch.testing.assert_close(ours(ids, logits_to_keep=1), want[:, -1:], atol=2e-5, rtol=0)
+            monkeypatch.undo()
+            assert rows == [1, 3, 1]
+            rows.clear()
+            torch.testing.assert_close(ours(ids, logits_to_keep=0), want, atol=2e-5, rtol=0)  # 0: all
+            with record(ours):
+                ours(ids, logits_to_keep=1)
+            assert rows == [40, 40]
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match=r"expected logits_to_keep to be None or an int >= 0, but got -1"):
+        ours(ids, logits_to_keep=-1)
+
+
 def test_greedy_generation_equals_transformers(tiny):
     hf, ours, _ = tiny
     ids = _ids(4)

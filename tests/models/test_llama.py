@@ -76,6 +76,38 @@ def test_kv_cache_decoding_equals_full_forward(which, request):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["llama", "mistral"])
+def test_last_logits_are_the_full_passes_and_the_last_layer_computes_only_them(which, request):
+    """``logits_to_keep`` runs the last layer on the kept rows alone (queries, attention,
+    feed-forward; its keys and values still from every position, and into the cache), with
+    the full pass's logits, left padding included; per-layer weights keep every row."""
+    _, ours, _ = request.getfixturevalue(which)
+    ids = _ids(t=16)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    rows = []
+    def hook(module, args, out):
+        rows.append((out[0] if isinstance(out, tuple) else out).shape[1])
+
+    handle = ours.decoder.layers[-1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            full = ours(ids, mask)
+            assert rows == [16]
+            torch.testing.assert_close(ours(ids, mask, logits_to_keep=2), full[:, -2:], atol=1e-5, rtol=0)
+            cache = ours.new_cache()
+            first = ours(ids[:, :10], mask[:, :10], cache=cache, logits_to_keep=1)
+            rest = ours(ids[:, 10:], mask, cache=cache)
+            assert rows == [16, 2, 1, 6]
+            logits, _ = ours(ids, mask, logits_to_keep=1, need_weights=True)
+            assert rows[-1] == 16
+    finally:
+        handle.remove()
+    torch.testing.assert_close(first, full[:, 9:10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rest, full[:, 10:], atol=1e-5, rtol=0)  # the cache got every key
+    torch.testing.assert_close(logits, full[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_left_padded_batch_generates_like_single_prompts(llama):
     _, ours, _ = llama
     a, b = _ids(1, 7, seed=3), _ids(1, 4, seed=4)

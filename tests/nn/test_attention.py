@@ -321,6 +321,44 @@ def test_long_inputs_in_row_blocks_equal_one_pass(cached, monkeypatch):
     assert not calls and x.grad is not None
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_last_rows_equal_the_last_rows_of_the_whole_output(blocks, monkeypatch):
+    """``last_rows`` computes only the last queries' output, attending to every key (as the
+    newest tokens of a cache do): float64, GQA, rotary, a window, a mask over (N, S), a key
+    mask, a cache that already holds tokens (which still receives every new key), and the
+    row-block path for long inputs."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(
+        32, 4, num_kv_heads=2, head_dim=8, pattern=P.SlidingWindow(9), rotary=RotaryEmbedding(8)
+    ).double().eval()  # fmt: skip
+    x, past = torch.randn(2, 23, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    mask = torch.rand(23, 28) > 0.2
+    mask[:, :5] = True  # every row keeps a key
+    key_mask = torch.ones(2, 28, dtype=torch.bool)
+    key_mask[1, :3] = False
+
+    def run(last_rows=None):
+        cache = KVCache()
+        mha(past, cache=cache)
+        out = mha(x, cache=cache, mask=mask, key_mask=key_mask, last_rows=last_rows)
+        return out, cache
+
+    with torch.no_grad():
+        whole, whole_cache = run()
+        if blocks:
+            monkeypatch.setattr("attnkit.nn._rows.BLOCK_BYTES", 2 * 5 * 32 * 8)  # 5 rows a block
+        for last in (1, 7, 23):
+            got, cache = run(last)
+            assert got.shape == (2, last, 32)
+            torch.testing.assert_close(got, whole[:, -last:], atol=1e-12, rtol=0)
+            torch.testing.assert_close(cache.keys, whole_cache.keys, atol=1e-12, rtol=0)
+    for bad in (0, 24, True, 1.0):
+        with pytest.raises(ValueError, match=rf"expected last_rows to be an int in \[1, N=23\], but got {bad!r}"):
+            mha(x, last_rows=bad)
+    with pytest.raises(ValueError, match="last_rows is for self-attention on one process, not cross-attention"):
+        mha(x, torch.randn(2, 4, 32, dtype=torch.float64), last_rows=1)
+
+
 def _counting(fn, calls):
     def wrapped(*args, **kwargs):
         calls.append(1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._hooks import hooks_active
 from ._io import checkpoint_dir, from_state, load_weights, own_config, read_json, save_checkpoint
 from .generation import generate
 
@@ -28,6 +29,29 @@ class CausalLM(nn.Module):
     @staticmethod
     def _from_hf_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
         return weights
+
+    def _last_rows(
+        self, logits_to_keep: int | None, tokens: int, *, all_rows_needed: bool = False
+    ) -> int | None:
+        """The rows the last layer computes: ``logits_to_keep`` when it keeps fewer than all
+        ``tokens`` positions' logits, so the last layer runs those rows' queries, attention and
+        feed-forward alone (every layer before it must run on all positions: their outputs are
+        the next layer's keys and values). None where every row is needed: all logits kept,
+        per-layer weights asked (``all_rows_needed``), attention hooks recording every call
+        (``attnkit.fit``, ``attnkit.viz``), or context parallelism (each rank holds a shard).
+        Also checks ``logits_to_keep`` (None or an int >= 0; 0 keeps all, as in transformers)."""
+        if logits_to_keep is None:
+            return None
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(
+                f"{type(self).__name__}: expected logits_to_keep to be None or an int >= 0, but got "
+                f"{logits_to_keep!r}."
+            )
+        if not 0 < logits_to_keep < tokens or all_rows_needed or hooks_active():
+            return None
+        if getattr(self, "context_parallel", None) is not None:
+            return None
+        return logits_to_keep
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **options) -> Tensor:

@@ -165,10 +165,20 @@ class Gemma3Layer(nn.Module):
         self.ffn = FeedForward(c.hidden_size, c.intermediate_size, "geglu_tanh", bias=False)
 
     def forward(
-        self, x: Tensor, *, key_mask: Tensor | None, positions: Tensor, cache: KVCache | None
+        self,
+        x: Tensor,
+        *,
+        key_mask: Tensor | None,
+        positions: Tensor,
+        cache: KVCache | None,
+        last_rows: int | None = None,
     ) -> Tensor:
+        """``x (B, N, C)`` -> ``(B, N, C)``; with ``last_rows``, the last ``last_rows``
+        positions' output only (every position's keys and values still attended)."""
         h = in_row_blocks(self.input_norm, x, widest=x.shape[-1])
-        a = self.self_attn(h, key_mask=key_mask, positions=positions, cache=cache)
+        a = self.self_attn(h, key_mask=key_mask, positions=positions, cache=cache, last_rows=last_rows)
+        if last_rows is not None:
+            x = x[:, -last_rows:]
         return in_row_blocks(self._after_attention, x, a, widest=self.ffn.up_proj.out_features)
 
     def _after_attention(self, x: Tensor, a: Tensor) -> Tensor:
@@ -269,7 +279,8 @@ class Gemma3LM(CausalLM):
                 has seen plus these tokens (left padding); None = all real.
             position_ids: ``(B, T)`` or ``(T,)``; default counts on from the cache length.
             cache: A :meth:`new_cache`.
-            logits_to_keep: Project only the last this many positions onto the vocabulary.
+            logits_to_keep: Project only the last this many positions onto the vocabulary;
+                the last layer then computes only those positions (0 or None: every position).
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
@@ -290,12 +301,14 @@ class Gemma3LM(CausalLM):
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids)
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        last = self._last_rows(logits_to_keep, input_ids.shape[1])
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i].self_attn
             mask = key_mask
             if mask is not None and layer_cache is not None and layer_cache.window is not None:
                 mask = mask[:, -min(mask.shape[1], layer_cache.window + input_ids.shape[1]) :]
-            x = layer(x, key_mask=mask, positions=position_ids, cache=layer_cache)
+            x = layer(x, key_mask=mask, positions=position_ids, cache=layer_cache,
+                      last_rows=last if i == len(self.layers) - 1 else None)  # fmt: skip
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x))

@@ -210,7 +210,8 @@ class DecoderLM(CausalLM):
             cache: A :meth:`new_cache`; these tokens' keys and values are appended to it.
             need_weights: Also return per-layer self-attention weights.
             logits_to_keep: Project only the last this many positions onto the vocabulary
-                (``generate`` needs the last one): logits ``(B, logits_to_keep, V)``.
+                (``generate`` needs the last one): logits ``(B, logits_to_keep, V)``; the last
+                layer then computes only those positions (0 or None: every position).
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
@@ -237,9 +238,10 @@ class DecoderLM(CausalLM):
             position_ids = cp.positions(input_ids.shape[1], input_ids.device)
         elif position_ids is None:  # one tensor for every layer, so their rotary angles are shared
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        last = self._last_rows(logits_to_keep, input_ids.shape[1], all_rows_needed=need_weights)
         out = self.decoder(
             self.embed(input_ids), key_mask=key_mask, positions=position_ids, cache=cache,
-            need_weights=need_weights,
+            need_weights=need_weights, **({"last_rows": last} if last is not None else {}),
         )  # fmt: skip
         hidden, weights = out if need_weights else (out, None)
         if logits_to_keep is not None:

@@ -172,6 +172,7 @@ class MultiHeadAttention(nn.Module):
         return_weights: bool = False,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
+        last_rows: int | None = None,
         **unknown: object,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``x`` to itself or to ``context``.
@@ -196,9 +197,14 @@ class MultiHeadAttention(nn.Module):
             positions: Integer positions ``(N,)`` or ``(B, N)`` of ``x``'s tokens for the rotary
                 embedding; default ``L, ..., L + N - 1`` where ``L`` is the cache's length
                 (0 without a cache). Left-padded batches pass their own.
+            last_rows: Self-attention only: compute the output of the last ``last_rows``
+                positions of ``x`` alone. Keys and values still come from every position
+                (and go into the cache); only those rows' queries attend, as the last
+                positions of a cache would, and only they are projected out. A decoder's last
+                layer needs no more when only the last logits are wanted.
 
         Returns:
-            ``out (B, N, C)``, or ``(out, weights)`` if ``return_weights``.
+            ``out (B, N, C)`` (``(B, last_rows, C)``), or ``(out, weights)`` if ``return_weights``.
 
         torch's keywords that mean something else here are refused by name with the
         replacement: ``key_padding_mask``/``attn_mask`` (the opposite boolean meaning; see
@@ -211,17 +217,25 @@ class MultiHeadAttention(nn.Module):
         cp = self.context_parallel
         if cp is not None:
             self._check_context_parallel(cache, return_weights, key_mask)
+        if last_rows is not None:
+            self._check_last_rows(last_rows, x, context, cp)
         blocks = None
         if context is None and cp is None and not (cache is not None and cache.static):
             widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
             blocks = row_blocks(x.shape[1], widest, x.element_size() * x.shape[0])
         if blocks is not None:  # a long self-attention input without autograd: in blocks of rows
-            q, k, v = self._project_rows(x, blocks, positions, cache)
+            q, k, v = self._project_rows(x, blocks, positions, cache, last_rows)
             if cache is not None:
                 k, v = cache.update(k, v)
         else:
-            q, k, v = self._project(x, context, cache, positions, cp)
+            q, k, v = self._project(x, context, cache, positions, cp, last_rows)
         attn_mask = _merge_masks(mask, key_mask, batch=x.shape[0], s=k.shape[2])
+        if last_rows is not None:  # the last queries attend, as the newest tokens of a cache do
+            if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1:
+                attn_mask = attn_mask[..., -last_rows:, :]
+            if blocks is not None:
+                widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
+                blocks = row_blocks(last_rows, widest, x.element_size() * x.shape[0])
         pattern = self.pattern if pattern is None else pattern
         if cp is not None:
             out, weights = cp.attention(q, k, v, pattern=pattern, mask=attn_mask, scale=self.scale), None
@@ -239,16 +253,19 @@ class MultiHeadAttention(nn.Module):
             out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, H * Dv)
         else:
             heads = out
-            out = x.new_empty(x.shape[0], x.shape[1], self.out_proj.out_features)
+            out = x.new_empty(x.shape[0], heads.shape[2], self.out_proj.out_features)
             for sl in blocks:
                 out[:, sl] = self.out_proj(heads[:, :, sl].transpose(1, 2).flatten(2))
         return (out, weights) if return_weights else out
 
-    def _project(self, x: Tensor, context: Tensor | None, cache: KVCache | None,
-                 positions: Tensor | None, cp) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        """Queries ``(B, H, N, D)``, keys and values ``(B, Hkv, S, D)`` (the cache's, when
-        there is one), normed and rotated."""
-        q = _split_heads(self.q_proj(x), self.num_heads)
+    def _project(
+        self, x: Tensor, context: Tensor | None, cache: KVCache | None, positions: Tensor | None, cp,
+        q_rows: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Queries ``(B, H, N, D)`` (of the last ``q_rows`` rows of ``x`` only, none for 0),
+        keys and values ``(B, Hkv, S, D)`` (the cache's, when there is one), normed and rotated."""
+        q_from = 0 if q_rows is None else x.shape[1] - q_rows
+        q = _split_heads(self.q_proj(x[:, q_from:]), self.num_heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if cache is not None and cache.static:  # cross-attention, later steps: reuse
@@ -265,27 +282,32 @@ class MultiHeadAttention(nn.Module):
                 positions = cp.positions(x.shape[1], x.device)
             elif positions is None:
                 positions = _default_positions(x, cache)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            q, k = self.rotary(q, positions[..., q_from:]), self.rotary(k, positions)
         if cache is not None:
             k, v = cache.update(k, v) if context is None else cache.fill(k, v)
         return q, k, v
 
     def _project_rows(
-        self, x: Tensor, blocks: list[slice], positions: Tensor | None, cache: KVCache | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention's queries ``(B, H, N, D)``, keys and values ``(B, Hkv, N, D)`` made
-        block of rows by block (each block projected, normed, rotated and written into the
-        results), so that no step allocates an ``N``-row temporary (see ``_rows``). The cache
-        is left to the caller."""
+        self, x: Tensor, blocks: list[slice], positions: Tensor | None, cache: KVCache | None,
+        q_rows: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Self-attention's queries ``(B, H, N, D)`` (of the last ``q_rows`` rows only), keys
+        and values ``(B, Hkv, N, D)`` made block of rows by block (each block projected, normed,
+        rotated and written into the results), so that no step allocates an ``N``-row
+        temporary (see ``_rows``). The cache is left to the caller."""
         B, N, _ = x.shape
-        q = x.new_empty(B, self.num_heads, N, self.head_dim)
+        q_from = 0 if q_rows is None else N - q_rows
+        q = x.new_empty(B, self.num_heads, N - q_from, self.head_dim)
         k = x.new_empty(B, self.num_kv_heads, N, self.head_dim)
         v = x.new_empty(B, self.num_kv_heads, N, self.head_dim)
         if self.rotary is not None and positions is None:
             positions = _default_positions(x, cache)
         for sl in blocks:
             at = None if positions is None else positions[..., sl]
-            q[:, :, sl], k[:, :, sl], v[:, :, sl] = self._project(x[:, sl], None, None, at, None)
+            wanted = max(0, sl.stop - max(sl.start, q_from))  # the block's rows among the queries
+            q_block, k[:, :, sl], v[:, :, sl] = self._project(x[:, sl], None, None, at, None, wanted)
+            if wanted:
+                q[:, :, sl.stop - wanted - q_from : sl.stop - q_from] = q_block
         return q, k, v
 
     def _check_context_parallel(self, cache, return_weights: bool, key_mask) -> None:
@@ -297,6 +319,18 @@ class MultiHeadAttention(nn.Module):
         ):
             if bad:
                 raise ValueError(f"MultiHeadAttention: context parallelism does not support {what}.")
+
+    def _check_last_rows(self, last_rows: object, x: Tensor, context: Tensor | None, cp) -> None:
+        if isinstance(last_rows, bool) or not isinstance(last_rows, int) or not 1 <= last_rows <= x.shape[1]:
+            raise ValueError(
+                f"MultiHeadAttention: expected last_rows to be an int in [1, N={x.shape[1]}], but got "
+                f"{last_rows!r}."
+            )
+        for bad, what in ((context is not None, "cross-attention"), (cp is not None, "context parallelism")):
+            if bad:
+                raise ValueError(
+                    f"MultiHeadAttention: last_rows is for self-attention on one process, not {what}."
+                )
 
     def _check_input(self, name: str, t: Tensor, width: int, batch: int | None = None) -> None:
         if t.dim() != 3 or t.shape[-1] != width:
@@ -358,7 +392,7 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
     """``(B, N, heads * D)`` -> ``(B, heads, N, D)`` (a view; einops' rearrange costs more per
     call than a whole decode step's attention on small models)."""
     B, N, _ = t.shape
-    return t.view(B, N, heads, -1).transpose(1, 2)
+    return t.view(B, N, heads, t.shape[-1] // heads).transpose(1, 2)
 
 
 def _merge_masks(mask: Tensor | None, key_mask: Tensor | None, *, batch: int, s: int) -> Tensor | None:

@@ -207,11 +207,16 @@ class _Block(nn.Module):
 
     norm_first: bool
 
-    def _sublayer(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def _sublayer(
+        self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor], last_rows: int | None = None
+    ) -> Tensor:
+        """``fn``'s residual sub-layer; with ``last_rows``, ``fn`` returns only the last rows
+        (self-attention's ``last_rows``) and so does the sub-layer."""
         drop = self.dropout if self.training else _identity
+        residual = x if last_rows is None else x[:, -last_rows:]
         if self.norm_first:
-            return x + drop(fn(norm(x)))
-        return norm(x + drop(fn(x)))
+            return residual + drop(fn(norm(x)))
+        return norm(residual + drop(fn(x)))
 
     def _ffn_sublayer(self, x: Tensor) -> Tensor:
         """The feed-forward with its norm and residual, token by token: long inputs without
@@ -391,6 +396,7 @@ class DecoderLayer(_Block):
         positions: Tensor | None = None,
         cache: LayerCache | None = None,
         need_weights: bool | str = False,
+        last_rows: int | None = None,
         **unknown: object,
     ) -> Tensor | tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
         """Decode ``x`` against ``memory``.
@@ -400,6 +406,8 @@ class DecoderLayer(_Block):
         holds only the new positions. ``need_weights`` also returns
         ``(self_weights, cross_weights)``: ``True`` computes both, ``"self"`` or ``"cross"``
         only that one (the other is None, and its attention keeps the fused kernels).
+        ``last_rows``: the output of the last ``last_rows`` positions only ``(B, last_rows,
+        C)``; every position's keys and values still feed the self-attention (and the cache).
         """
         reject_unknown_keywords(type(self).__name__, unknown)
         _check_need_weights(type(self).__name__, need_weights)
@@ -418,6 +426,7 @@ class DecoderLayer(_Block):
             out = self.self_attn(
                 h, mask=mask, key_mask=key_mask, pattern=pattern, positions=positions,
                 cache=None if cache is None else cache.self_attn, return_weights=want_self,
+                last_rows=last_rows,
             )  # fmt: skip
             if want_self:
                 out, weights[0] = out
@@ -432,7 +441,7 @@ class DecoderLayer(_Block):
                 out, weights[1] = out
             return out
 
-        x = self._sublayer(x, self.norm1, self_attend)
+        x = self._sublayer(x, self.norm1, self_attend, last_rows)
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm_cross, cross_attend)
         x = self._ffn_sublayer(x)
@@ -534,7 +543,11 @@ class Decoder(_Stack):
     ``"self"`` or ``"cross"`` as in :class:`DecoderLayer`, and ``weights_layers`` (indices,
     negative ones from the end; default all) names the layers that compute them. The others
     give ``(None, None)`` and keep the fused kernels. ``pattern`` in ``forward`` is one
-    self-attention pattern for every layer or a sequence of one per layer.
+    self-attention pattern for every layer or a sequence of one per layer. ``last_rows``
+    returns the last ``last_rows`` positions only ``(B, last_rows, C)``: every layer but the
+    last runs on all positions (their outputs are the next layer's keys and values), the last
+    one on those rows alone (:meth:`DecoderLayer.forward`), as a language model's prefill
+    needs for its last logits.
     """
 
     def __init__(self, layer: DecoderLayer, num_layers: int, norm: nn.Module | None = None) -> None:
@@ -558,6 +571,7 @@ class Decoder(_Stack):
         cache: DecoderCache | None = None,
         need_weights: bool | str = False,
         weights_layers: Sequence[int] | None = None,
+        last_rows: int | None = None,
         **unknown: object,
     ) -> Tensor | tuple[Tensor, list]:
         reject_unknown_keywords(type(self).__name__, unknown)
@@ -580,6 +594,7 @@ class Decoder(_Stack):
                 x, memory, mask=mask, key_mask=key_mask,
                 memory_key_mask=memory_key_mask, pattern=layer_pattern, positions=positions,
                 cache=None if cache is None else cache[i], need_weights=need_weights if i in asked else False,
+                **({"last_rows": last_rows} if last_rows is not None and i == n - 1 else {}),
             )  # fmt: skip
             if i in asked:
                 x, w = x
