@@ -243,6 +243,21 @@ def _gather(rank: int, world: int) -> bool:
     return bool(ok)
 
 
+def test_ring_groups_whole_tiles_and_keeps_the_others_alone():
+    """In one key column, runs of whole tiles share a call (at most _FULL_TILES_PER_CALL
+    tiles), partial tiles (a causal diagonal) run alone, empty ones not at all."""
+    from attnkit.distributed.ring import _FULL_TILES_PER_CALL, _row_runs
+    from attnkit.patterns import EMPTY, FULL, PARTIAL
+
+    assert _FULL_TILES_PER_CALL == 2
+    assert _row_runs([FULL] * 5) == [(0, 2), (2, 4), (4, 5)]
+    assert _row_runs([EMPTY, PARTIAL, FULL, FULL, PARTIAL, FULL, EMPTY, FULL]) == [
+        (1, 2), (2, 4), (4, 5), (5, 6), (7, 8)
+    ]  # fmt: skip
+    assert _row_runs([PARTIAL, PARTIAL]) == [(0, 1), (1, 2)]
+    assert _row_runs([EMPTY, EMPTY]) == []
+
+
 def test_shard_and_gather_round_trip():
     assert values(run_ranks(_gather, 3)) == [True, True, True]
 

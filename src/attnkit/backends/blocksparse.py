@@ -325,16 +325,20 @@ def _whole_kind(job: _Job) -> str | None:
 
 
 def _whole_rows(x: Tensor, job: _Job) -> Tensor:
-    """``(B, H, N, E)`` -> ``(B, Hkv, G * N, E)``: a group's query heads stacked as rows (a view
-    for contiguous inputs), so they share their key head without copying it."""
+    """``(B, H, N, E)`` -> ``(B, Hkv, G * N, E)``: a group's query heads stacked as rows, so
+    they share their key head without copying it. With one query head per key head, ``x``
+    itself, strides and all (the fused kernel reads any strides, so a ring's slice of a shard's
+    rows is not copied); otherwise a view of contiguous rows."""
+    if job.inp.G == 1:
+        return x
     B, _, N, E = x.shape
-    return x.reshape(B, job.inp.Hkv, job.inp.G * N, E)
+    return x.contiguous().reshape(B, job.inp.Hkv, job.inp.G * N, E)
 
 
 def _whole_forward(job: _Job) -> tuple[Tensor, Tensor]:
     inp = job.inp
     ct = compute_dtype(inp.dtype)
-    q = _whole_rows(inp.q.contiguous(), job)
+    q = _whole_rows(inp.q, job)
     out, lse = FusedCPU.forward(q, inp.k, inp.v, None, inp.scale, causal=job.whole == "causal")
     return out.to(ct).reshape(inp.B, inp.H, inp.N, inp.Dv), lse.to(ct).reshape(inp.B, inp.H, inp.N)
 
@@ -342,7 +346,7 @@ def _whole_forward(job: _Job) -> tuple[Tensor, Tensor]:
 def _whole_backward(job: _Job, out: Tensor, lse: Tensor, dout: Tensor):
     inp = job.inp
     ct = compute_dtype(inp.dtype)
-    rows = (_whole_rows(t.contiguous(), job) for t in (dout, inp.q, out))
+    rows = (_whole_rows(t, job) for t in (dout, inp.q, out))
     do_r, q_r, out_r = rows
     lse_r = lse.reshape(inp.B, inp.Hkv, inp.G * inp.N)
     dq, dk, dv, _ = FusedCPU.backward(

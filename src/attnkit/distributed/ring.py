@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backends, caches, functional
 from ..backends import _rows
 from ..backends.base import compute_dtype
-from ..patterns import EMPTY, Pattern, crop
+from ..patterns import EMPTY, FULL, Pattern, crop
 from .layouts import BalancedLayout, Ranges, _offsets
 from .transport import _GRADIENT_TAGS, _Exchanges, _Group
 
@@ -303,8 +303,22 @@ def _live_tiles(
 ) -> Tensor:
     """``(row tiles, key tiles)`` bool: which ``c x c`` tiles of ``rows x keys`` (counted from
     their starts) hold a pair the pattern allows; from the cropped block map, exact."""
+    return _tile_states(pattern, n, s, rows, keys, c) != EMPTY
+
+
+def _tile_states(
+    pattern: Pattern, n: int, s: int, rows: tuple[int, int], keys: tuple[int, int], c: int
+) -> Tensor:
+    """``(row tiles, key tiles)`` block-map states (``EMPTY``/``PARTIAL``/``FULL``) of the
+    ``c x c`` tiles of ``rows x keys``."""
     h, w = rows[1] - rows[0], keys[1] - keys[0]
-    return crop(pattern, n, s, rows, keys).block_map(h, w, (min(h, c), min(w, c))).states != EMPTY
+    return crop(pattern, n, s, rows, keys).block_map(h, w, (min(h, c), min(w, c))).states
+
+
+#: Whole tiles (every pair allowed) of one key column run as one call of up to this many tiles'
+#: rows: a fused call's temporaries are a few tiles' rows, and calls on a piece's keys are
+#: fewer. Tiles holding only some pairs run one at a time (a causal diagonal tile stays causal).
+_FULL_TILES_PER_CALL = 2
 
 
 def _tiles(plan: _Plan, mask, scale: float, q: Tensor, pos: _Position, kv: tuple[Tensor, Tensor]):
@@ -334,12 +348,29 @@ def _tiles(plan: _Plan, mask, scale: float, q: Tensor, pos: _Position, kv: tuple
         if backends.select_partial(whole[2]).partial_in_place(whole[2]):
             yield whole
             continue
-        live = _live_tiles(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi), c)
+        states = _tile_states(plan.pattern, plan.N, plan.S, (row_lo, row_hi), (lo, hi), c)
         first, last = (piece.lo - lo) // c, (piece.hi - 1 - lo) // c
         for column in range(first, last + 1):
             keys = (max(piece.lo, lo + column * c), min(piece.hi, lo + (column + 1) * c))
-            for x in live[:, column].nonzero().flatten().tolist():
-                yield inputs(i, (row_lo + x * c, min(row_lo + (x + 1) * c, row_hi)), keys)
+            for x0, x1 in _row_runs(states[:, column].tolist()):
+                yield inputs(i, (row_lo + x0 * c, min(row_lo + x1 * c, row_hi)), keys)
+
+
+def _row_runs(column: list[int]) -> list[tuple[int, int]]:
+    """Row-tile ranges ``[x0, x1)`` to compute in one key column of tile states: consecutive
+    ``FULL`` tiles in runs of at most :data:`_FULL_TILES_PER_CALL`, every other live tile
+    alone, empty tiles not at all."""
+    runs: list[tuple[int, int]] = []
+    for x, state in enumerate(column):
+        if state == EMPTY:
+            continue
+        if runs and state == FULL:
+            x0, x1 = runs[-1]
+            if x1 == x and column[x0] == FULL and x1 - x0 < _FULL_TILES_PER_CALL:
+                runs[-1] = (x0, x + 1)
+                continue
+        runs.append((x, x + 1))
+    return runs
 
 
 class _Ring(torch.autograd.Function):
