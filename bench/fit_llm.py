@@ -241,7 +241,12 @@ def retime(model, tok, texts: dict[str, str], tokens: int, name: str) -> None:
     for r in out["rows"]:
         budget = r.get("budget")
         if r["name"] == f"effect {budget}":
-            settings[r["name"]] = [P.parse_pattern(p) for p in r["patterns"]]
+            settings[r["name"]] = fitted = [P.parse_pattern(p) for p in r["patterns"]]
+            # one window + sinks allowing as many pairs as the fit at the timed length itself
+            # (the recorded windows match it at the fitting length, where a fit reaching far
+            # allows fewer pairs than at longer ones)
+            w = matching_window(own, mean_density(fitted, tokens), tokens)
+            settings[f"uniform {budget} at {tokens}"] = baseline(w, own, SINKS)
         elif r["name"].startswith("window "):
             w = r.get("window") or int(re.match(r"window (\d+)", r["name"]).group(1))
             settings[f"uniform {budget}"] = baseline(w, own, SINKS)
