@@ -241,7 +241,7 @@ class DecoderLM(CausalLM):
         last = self._last_rows(logits_to_keep, input_ids.shape[1], all_rows_needed=need_weights)
         out = self.decoder(
             self.embed(input_ids), key_mask=key_mask, positions=position_ids, cache=cache,
-            need_weights=need_weights, **({"last_rows": last} if last is not None else {}),
+            need_weights=need_weights, last_rows=last,
         )  # fmt: skip
         hidden, weights = out if need_weights else (out, None)
         if logits_to_keep is not None:

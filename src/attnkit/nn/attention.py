@@ -220,8 +220,8 @@ class MultiHeadAttention(nn.Module):
         if last_rows is not None:
             self._check_last_rows(last_rows, x, context, cp)
         blocks = None
+        widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
         if context is None and cp is None and not (cache is not None and cache.static):
-            widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
             blocks = row_blocks(x.shape[1], widest, x.element_size() * x.shape[0])
         if blocks is not None:  # a long self-attention input without autograd: in blocks of rows
             q, k, v = self._project_rows(x, blocks, positions, cache, last_rows)
@@ -234,7 +234,6 @@ class MultiHeadAttention(nn.Module):
             if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1:
                 attn_mask = attn_mask[..., -last_rows:, :]
             if blocks is not None:
-                widest = max(self.num_heads, self.num_kv_heads) * self.head_dim
                 blocks = row_blocks(last_rows, widest, x.element_size() * x.shape[0])
         pattern = self.pattern if pattern is None else pattern
         if cp is not None:

@@ -594,7 +594,7 @@ class Decoder(_Stack):
                 x, memory, mask=mask, key_mask=key_mask,
                 memory_key_mask=memory_key_mask, pattern=layer_pattern, positions=positions,
                 cache=None if cache is None else cache[i], need_weights=need_weights if i in asked else False,
-                **({"last_rows": last_rows} if last_rows is not None and i == n - 1 else {}),
+                last_rows=last_rows if i == n - 1 else None,
             )  # fmt: skip
             if i in asked:
                 x, w = x
